@@ -1,0 +1,5 @@
+import sys
+
+from evmm.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,96 @@
+"""Address buses: port I/O and MMIO ranges mapped to devices.
+
+A device sees offsets into its own range, never absolute addresses, and two devices may not claim overlapping
+ranges (Firecracker's bus does the same).  The buses are filled by the machine builder before the first vCPU
+runs; lookups are then read-only, so vCPU threads may resolve addresses without taking a lock.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Protocol
+
+from evmm.errors import ConfigError
+
+
+class BusDevice(Protocol):
+    """A register-level device: reads and writes at an offset inside its range.
+
+    ``size`` is the access width in bytes (1, 2 or 4 for port I/O; 1, 2, 4 or 8 for MMIO); values are
+    little-endian integers of that width.  A device must never raise on guest input: undefined registers read
+    as all ones or zero and ignore writes, as hardware does.
+    """
+
+    def read(self, offset: int, size: int) -> int: ...
+
+    def write(self, offset: int, size: int, value: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class Mapping:
+    base: int
+    length: int
+    device: BusDevice
+    name: str
+    # Handled on the vCPU thread that trapped the access instead of on the reactor.  Only for devices that
+    # guard their own state with a lock and do no blocking I/O: the UART, whose console output costs several
+    # exits per byte, and the ACPI power block, which must work even while the reactor is busy.
+    inline: bool = False
+
+    @property
+    def end(self) -> int:
+        return self.base + self.length
+
+
+class Bus:
+    """Non-overlapping ``[base, base+length)`` ranges, looked up by binary search."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._bases: list[int] = []
+        self._maps: list[Mapping] = []
+
+    def insert(self, base: int, length: int, device: BusDevice, name: str, *, inline: bool = False) -> None:
+        if length <= 0:
+            raise ConfigError(f"{self.name} bus: {name} has an empty range at {base:#x}")
+        m = Mapping(base, length, device, name, inline)
+        i = bisect.bisect_right(self._bases, base)
+        for other in self._maps[max(i - 1, 0) : i + 1]:
+            if other.base < m.end and m.base < other.end:
+                raise ConfigError(
+                    f"{self.name} bus: {name} at {base:#x}+{length:#x} overlaps {other.name} "
+                    f"at {other.base:#x}+{other.length:#x}"
+                )
+        self._bases.insert(i, base)
+        self._maps.insert(i, m)
+
+    def remove(self, base: int) -> None:
+        i = bisect.bisect_left(self._bases, base)
+        if i == len(self._bases) or self._bases[i] != base:
+            raise ConfigError(f"{self.name} bus: nothing is mapped at {base:#x}")
+        del self._bases[i]
+        del self._maps[i]
+
+    def find(self, addr: int) -> Mapping | None:
+        i = bisect.bisect_right(self._bases, addr) - 1
+        if i >= 0:
+            m = self._maps[i]
+            if addr < m.end:
+                return m
+        return None
+
+    def mappings(self) -> list[Mapping]:
+        return list(self._maps)
+
+    def read(self, addr: int, size: int) -> int:
+        """Dispatch a read; an access to no device reads as all ones (an unclaimed ISA/PCI bus floats high)."""
+        m = self.find(addr)
+        if m is None:
+            return (1 << (8 * size)) - 1
+        return m.device.read(addr - m.base, size)
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        m = self.find(addr)
+        if m is not None:
+            m.device.write(addr - m.base, size, value)
