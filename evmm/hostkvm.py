@@ -32,9 +32,13 @@ def probe(dev: str = "/dev/kvm", sysfs: str = "/sys") -> HostKvm:
     try:
         fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
-        return HostKvm(False, module, False, f"{dev} does not exist (no KVM on this host, or its module is not loaded)")
+        return HostKvm(
+            False, module, False, f"{dev} does not exist (no KVM on this host, or its module is not loaded)"
+        )
     except PermissionError:
-        return HostKvm(False, module, False, f"{dev} is not accessible to this user (add yourself to group kvm)")
+        return HostKvm(
+            False, module, False, f"{dev} is not accessible to this user (add yourself to group kvm)"
+        )
     except OSError as e:
         return HostKvm(False, module, False, f"cannot open {dev}: {e.strerror}")
     os.close(fd)

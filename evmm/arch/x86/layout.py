@@ -1,18 +1,18 @@
 """The guest-physical memory map of an evmm x86_64 machine.
 
-    0x0000_0000  real-mode IVT/BDA (unused by a 64-bit boot, kept as RAM)
-    0x0000_0500  GDT, then IDT
-    0x0000_6000  PVH hvm_start_info + memory map
-    0x0000_7000  zero page (struct boot_params)
-    0x0000_8ff0  boot stack top
-    0x0000_9000  identity-map page tables (PML4, PDPT, 4 x PD)
-    0x0002_0000  kernel command line
-    0x0009_fc00  EBDA: MP floating pointer + MP configuration table
-    0x000e_0000  ACPI: RSDP, XSDT, FADT, MADT, DSDT (reserved in e820)
-    0x0010_0000  kernel (bzImage protected-mode part; ELF segments at their p_paddr)
-    ...          RAM up to min(memory, MMIO32_START); initrd at the top of it
-    0xc000_0000  32-bit MMIO hole: virtio-mmio slots, ACPI power block, IOAPIC, LAPIC
-    0x1_0000_0000 RAM above 4 GiB when the guest has more than MMIO32_START bytes
+0x0000_0000  real-mode IVT/BDA (unused by a 64-bit boot, kept as RAM)
+0x0000_0500  GDT, then IDT
+0x0000_6000  PVH hvm_start_info + memory map
+0x0000_7000  zero page (struct boot_params)
+0x0000_8ff0  boot stack top
+0x0000_9000  identity-map page tables (PML4, PDPT, 4 x PD)
+0x0002_0000  kernel command line
+0x0009_fc00  EBDA: MP floating pointer + MP configuration table
+0x000e_0000  ACPI: RSDP, XSDT, FADT, MADT, DSDT (reserved in e820)
+0x0010_0000  kernel (bzImage protected-mode part; ELF segments at their p_paddr)
+...          RAM up to min(memory, MMIO32_START); initrd at the top of it
+0xc000_0000  32-bit MMIO hole: virtio-mmio slots, ACPI power block, IOAPIC, LAPIC
+0x1_0000_0000 RAM above 4 GiB when the guest has more than MMIO32_START bytes
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ def ram_layout(mem_size: int) -> list[tuple[int, int]]:
 def virtio_mmio_slot(index: int) -> int:
     """Base address of virtio-mmio slot ``index``."""
     return VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_SIZE
+
 
 # Registers of the hardware-reduced ACPI block at ACPI_PM_BASE (byte offsets; all 8-bit).  The FADT points its
 # sleep control/status and reset registers here (ACPI 6.5 §4.8.3.7 and §4.8.3.6), and the Generic Event Device

@@ -1,0 +1,116 @@
+"""A VM fd: memory slots, the in-kernel irqchip and PIT, ioeventfds and irqfds, vCPU creation."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from evmm.kvm._ffi import check, ffi, ioctl, ioctl_val, lib
+
+if TYPE_CHECKING:
+    from mmap import mmap
+
+    from evmm.kvm.system import Kvm
+    from evmm.kvm.vcpu import Vcpu
+
+
+class Vm:
+    def __init__(self, kvm: Kvm, fd: int) -> None:
+        self.kvm = kvm
+        self.fd = fd
+        self._slot_buffers: dict[int, object] = {}  # keep cffi buffer handles alive while KVM maps them
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def set_user_memory_region(self, slot: int, gpa: int, buffer: mmap, *, readonly: bool = False) -> None:
+        """Map ``buffer`` (a host mapping the VMM keeps) at guest-physical ``gpa`` as memory slot ``slot``."""
+        handle = ffi.from_buffer(buffer)
+        region = ffi.new(
+            "struct kvm_userspace_memory_region *",
+            {
+                "slot": slot,
+                "flags": lib.KVM_MEM_READONLY if readonly else 0,
+                "guest_phys_addr": gpa,
+                "memory_size": len(handle),
+                "userspace_addr": int(ffi.cast("uintptr_t", handle)),
+            },
+        )
+        ioctl(self.fd, lib.KVM_SET_USER_MEMORY_REGION, region, f"KVM_SET_USER_MEMORY_REGION (slot {slot})")
+        self._slot_buffers[slot] = handle
+
+    def set_tss_addr(self, addr: int) -> None:
+        ioctl_val(self.fd, lib.KVM_SET_TSS_ADDR, addr, "KVM_SET_TSS_ADDR")
+
+    def set_identity_map_addr(self, addr: int) -> None:
+        val = ffi.new("uint64_t *", addr)
+        ioctl(self.fd, lib.KVM_SET_IDENTITY_MAP_ADDR, val, "KVM_SET_IDENTITY_MAP_ADDR")
+
+    def create_irqchip(self) -> None:
+        """The in-kernel PIC pair, IOAPIC and per-vCPU LAPICs: interrupts never need the VMM's thread."""
+        ioctl_val(self.fd, lib.KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP")
+
+    def create_pit2(self) -> None:
+        cfg = ffi.new("struct kvm_pit_config *", {"flags": lib.KVM_PIT_SPEAKER_DUMMY})
+        ioctl(self.fd, lib.KVM_CREATE_PIT2, cfg, "KVM_CREATE_PIT2")
+
+    def irq_line(self, irq: int, level: bool) -> None:
+        """Drive GSI ``irq`` (PIC + IOAPIC pin) to ``level``; safe from any thread."""
+        lvl = ffi.new("struct kvm_irq_level *", {"irq": irq, "level": int(level)})
+        ioctl(self.fd, lib.KVM_IRQ_LINE, lvl, f"KVM_IRQ_LINE (irq {irq})")
+
+    def ioeventfd(
+        self,
+        fd: int,
+        addr: int,
+        length: int,
+        *,
+        datamatch: int | None = None,
+        pio: bool = False,
+        deassign: bool = False,
+    ) -> None:
+        """Let KVM signal eventfd ``fd`` on a guest write to ``addr`` instead of exiting to userspace."""
+        flags = 0
+        if datamatch is not None:
+            flags |= lib.KVM_IOEVENTFD_FLAG_DATAMATCH
+        if pio:
+            flags |= lib.KVM_IOEVENTFD_FLAG_PIO
+        if deassign:
+            flags |= lib.KVM_IOEVENTFD_FLAG_DEASSIGN
+        arg = ffi.new(
+            "struct kvm_ioeventfd *",
+            {"datamatch": datamatch or 0, "addr": addr, "len": length, "fd": fd, "flags": flags},
+        )
+        ioctl(self.fd, lib.KVM_IOEVENTFD, arg, f"KVM_IOEVENTFD ({addr:#x})")
+
+    def irqfd(self, fd: int, gsi: int, *, deassign: bool = False) -> None:
+        """Let a write to eventfd ``fd`` inject GSI ``gsi`` from the kernel, with no ioctl per interrupt."""
+        arg = ffi.new(
+            "struct kvm_irqfd *",
+            {"fd": fd, "gsi": gsi, "flags": lib.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0},
+        )
+        ioctl(self.fd, lib.KVM_IRQFD, arg, f"KVM_IRQFD (gsi {gsi})")
+
+    def signal_msi(self, address: int, data: int) -> None:
+        msi = ffi.new(
+            "struct kvm_msi *",
+            {"address_lo": address & 0xFFFFFFFF, "address_hi": address >> 32, "data": data},
+        )
+        check(lib.evmm_ioctl(self.fd, lib.KVM_SIGNAL_MSI, msi), "KVM_SIGNAL_MSI")
+
+    def get_clock(self) -> int:
+        data = ffi.new("struct kvm_clock_data *")
+        ioctl(self.fd, lib.KVM_GET_CLOCK, data, "KVM_GET_CLOCK")
+        return int(data.clock)
+
+    def set_clock(self, clock: int) -> None:
+        data = ffi.new("struct kvm_clock_data *", {"clock": clock})
+        ioctl(self.fd, lib.KVM_SET_CLOCK, data, "KVM_SET_CLOCK")
+
+    def create_vcpu(self, index: int) -> Vcpu:
+        from evmm.kvm.vcpu import Vcpu
+
+        fd = ioctl_val(self.fd, lib.KVM_CREATE_VCPU, index, f"KVM_CREATE_VCPU ({index})")
+        return Vcpu(self, index, fd, self.kvm.vcpu_mmap_size())
