@@ -126,7 +126,10 @@ def _validate(config: AcpiConfig) -> None:
                 f"virtio-mmio device {index}: window {dev.base:#x}+{dev.size:#x} is not below 4 GiB"
             )
         if not 0 <= dev.gsi < IOAPIC_PINS or dev.gsi in taken:
-            raise ConfigError(f"virtio-mmio device {index}: GSI {dev.gsi} is out of range or already in use")
+            raise ConfigError(
+                f"virtio-mmio device {index}: GSI {dev.gsi} is out of range or already in use;"
+                f" give it a free IOAPIC pin below {IOAPIC_PINS}"
+            )
         taken.add(dev.gsi)
 
 
