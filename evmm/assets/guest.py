@@ -1,0 +1,131 @@
+"""evmm's default guest: Debian's cloud kernel and a busybox initramfs with the virtio modules.
+
+Layout in the cache (see ``cache_root``): ``guest/VERSION/{vmlinuz,vmlinux,initramfs.cpio.gz,
+initramfs-tools.cpio.gz}`` and ``guest.json``, the manifest written last that marks the build complete.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from evmm.assets import bundle, debian
+from evmm.assets.cache import cache_root, read_manifest, write_atomic, write_manifest
+from evmm.assets.initramfs import Archive
+from evmm.assets.kernel import extract_vmlinux
+from evmm.assets.workspace import Step, Workspace, no_progress
+from evmm.errors import EvmmError
+
+KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
+KERNEL_PREFIX = "linux-image-"
+MODULES = (
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_net",
+    "virtio_console",
+    "virtio_rng",
+    "vmw_vsock_virtio_transport",
+)
+# Programs of the tools variant, for virtio tests: fio (block), iperf3 (net), socat (AF_VSOCK streams).
+TOOL_PACKAGES = ("fio", "iperf3", "socat")
+TOOL_PROGRAMS = ("/usr/bin/fio", "/usr/bin/iperf3", "/usr/bin/socat")
+MANIFEST = "guest.json"
+READY_LINE = "evmm-guest: ready"
+BOOT_MARKER_ADDRESS = 0xFEB01000
+BOOT_MARKER_VALUE = 123
+
+PROFILE = b"""# /etc/profile of evmm's default guest, read by the login shell on the console.
+export PATH=/sbin:/usr/sbin:/bin:/usr/bin HOME=/root
+export PS1='evmm:\\w# '
+cd /root
+"""
+
+
+@dataclass(frozen=True)
+class GuestAssets:
+    bzimage: Path  # the cloud kernel as Debian ships it (LZ4 bzImage)
+    vmlinux: Path  # the same kernel's uncompressed ELF, booted through its PVH entry
+    initramfs: Path  # gzip cpio: busybox-static, virtio modules, /init
+    kernel_version: str
+    tools_initramfs: Path  # initramfs plus fio, iperf3, socat and their libraries (may not exist)
+
+
+def _assets(root: Path, manifest: dict[str, str]) -> GuestAssets:
+    return GuestAssets(
+        bzimage=root / manifest["bzimage"],
+        vmlinux=root / manifest["vmlinux"],
+        initramfs=root / manifest["initramfs"],
+        kernel_version=manifest["kernel_version"],
+        tools_initramfs=root / manifest.get("tools_initramfs", "missing"),
+    )
+
+
+def default_guest(cache: Path | None = None) -> GuestAssets:
+    """The cached default guest, or an ``EvmmError`` telling the user to build it."""
+    root = cache_root(cache)
+    manifest = read_manifest(root / MANIFEST)
+    try:
+        assets = _assets(root, manifest) if manifest else None
+    except KeyError:
+        assets = None
+    if assets is None or not all(p.is_file() for p in (assets.bzimage, assets.vmlinux, assets.initramfs)):
+        raise EvmmError("no default guest: run `evmm assets` first")
+    return assets
+
+
+def _init_files(archive: Archive) -> None:
+    files = resources.files("evmm.assets")
+    archive.file("init", files.joinpath("init").read_bytes(), 0o755)
+    archive.file("etc/inittab", files.joinpath("inittab").read_bytes())
+    archive.file("etc/profile", PROFILE)
+    archive.file("etc/hostname", b"evmm\n")
+    archive.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
+    archive.file("etc/group", b"root:x:0:\ntty:x:5:\n")
+
+
+def build_default_guest(
+    cache: Path | None = None, *, force: bool = False, tools: bool = True, step: Step = no_progress
+) -> GuestAssets:
+    """Build (or find already built) the default guest; ``force`` downloads and rebuilds everything."""
+    root = cache_root(cache)
+    if not force:
+        try:
+            found = default_guest(root)
+        except EvmmError:
+            pass
+        else:
+            if not tools or found.tools_initramfs.is_file():
+                return found
+    with Workspace(root, step, refresh=force) as ws:
+        kroot, version = ws.fetch_kernel(KERNEL_METAPACKAGE, KERNEL_PREFIX)
+        busybox = ws.fetch_busybox()
+        out = root / "guest" / version
+        bzimage = (kroot / "boot" / f"vmlinuz-{version}").read_bytes()
+        write_atomic(out / "vmlinuz", bzimage)
+        step(f"extracting vmlinux from vmlinuz-{version}")
+        write_atomic(out / "vmlinux", extract_vmlinux(bzimage, f"vmlinuz-{version}"))
+
+        step("writing initramfs.cpio.gz")
+        archive = Archive()
+        bundle.base_layout(archive)
+        bundle.add_busybox(archive, busybox)
+        bundle.add_modules(archive, kroot, version, MODULES)
+        _init_files(archive)
+        write_atomic(out / "initramfs.cpio.gz", archive.to_gzip())
+        manifest = {
+            "kernel_version": version,
+            "bzimage": f"guest/{version}/vmlinuz",
+            "vmlinux": f"guest/{version}/vmlinux",
+            "initramfs": f"guest/{version}/initramfs.cpio.gz",
+        }
+        if tools:
+            step("resolving the library packages of " + ", ".join(TOOL_PACKAGES))
+            tools_root = ws.fetch(debian.library_closure(list(TOOL_PACKAGES)), into="tools")
+            step("writing initramfs-tools.cpio.gz")
+            for program in TOOL_PROGRAMS:
+                bundle.add_program(archive, tools_root, program)
+            write_atomic(out / "initramfs-tools.cpio.gz", archive.to_gzip())
+            manifest["tools_initramfs"] = f"guest/{version}/initramfs-tools.cpio.gz"
+        write_manifest(root / MANIFEST, manifest)
+    return default_guest(root)
