@@ -53,7 +53,7 @@ class Vcpu:
     def close(self) -> None:
         if self.fd >= 0:
             del self._run, self._io, self._mmio, self._internal, self._system_event, self._fail_entry
-            self._handle.release()
+            ffi.release(self._handle)
             self._page.close()
             os.close(self.fd)
             self.fd = -1

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from evmm.kvm._ffi import check, ffi, ioctl, ioctl_val, lib
 
@@ -18,12 +18,15 @@ class Vm:
     def __init__(self, kvm: Kvm, fd: int) -> None:
         self.kvm = kvm
         self.fd = fd
-        self._slot_buffers: dict[int, object] = {}  # keep cffi buffer handles alive while KVM maps them
+        self._slot_buffers: dict[int, Any] = {}  # keep cffi buffer handles alive while KVM maps them
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        for handle in self._slot_buffers.values():
+            ffi.release(handle)  # lets the owner close its mmap
+        self._slot_buffers.clear()
 
     def set_user_memory_region(self, slot: int, gpa: int, buffer: mmap, *, readonly: bool = False) -> None:
         """Map ``buffer`` (a host mapping the VMM keeps) at guest-physical ``gpa`` as memory slot ``slot``."""

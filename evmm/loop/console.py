@@ -124,8 +124,24 @@ class ConsoleIO:
 
     def _start_reading(self) -> None:
         if not self._reading and self._in_fd is not None:
+            try:
+                self._loop.add_reader(self._in_fd, self._on_input)
+            except PermissionError:
+                # epoll refuses regular files and /dev/null: take such input whole, as a script for the guest.
+                self._slurp()
+                return
             self._reading = True
-            self._loop.add_reader(self._in_fd, self._on_input)
+
+    def _slurp(self) -> None:
+        assert self._in_fd is not None
+        fd, self._in_fd = self._in_fd, None
+        os.set_blocking(fd, True)
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        self._pending_in += b"".join(chunks)
+        if self._pending_in:
+            self._loop.call_soon(self._push)
 
     def _stop_reading(self) -> None:
         if self._reading and self._in_fd is not None:

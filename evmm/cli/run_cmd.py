@@ -1,0 +1,128 @@
+"""``evmm run``: boot a Linux guest with the terminal (or pipes) as its serial console."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+from evmm import exitcodes
+from evmm.errors import ConfigError, EvmmError
+from evmm.hostkvm import probe
+from evmm.machine.config import MachineConfig, check_cpus, check_file, check_memory, parse_size
+
+TESTHOST_HINT = "evmm testhost run -- evmm run ..."
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "run",
+        help="boot a Linux guest on the terminal",
+        description="Boot a Linux kernel (bzImage or ELF vmlinux) with an initramfs. The serial console is "
+        "this terminal (raw mode; Ctrl-] q quits) or stdin/stdout when they are pipes. Exit status: 0 guest "
+        "poweroff, 1 error, 3 guest reboot, 4 triple fault, 5 KVM error, 6 guest panic, 130/143 signal.",
+    )
+    p.add_argument("--kernel", type=Path, help="kernel image (default: the guest built by `evmm assets`)")
+    p.add_argument("--initrd", type=Path, help="initramfs (default: evmm's, with the default kernel)")
+    p.add_argument("--append", default="", metavar="STR", help="kernel command line (added to the defaults)")
+    p.add_argument(
+        "--memory", default="256M", metavar="SIZE", help="guest RAM, e.g. 256M or 2G (default 256M)"
+    )
+    p.add_argument("--cpus", default="1", metavar="N", help="number of vCPUs (default 1)")
+    p.add_argument(
+        "--allow-slow-kvm",
+        action="store_true",
+        help="boot even where /dev/kvm cannot run guest kernels at speed (PVM)",
+    )
+    p.set_defaults(func=run)
+
+
+def _cpus(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise ConfigError(f"--cpus {text!r} is not a number") from None
+    return check_cpus(n)
+
+
+def config_from_args(args: argparse.Namespace) -> MachineConfig:
+    memory = check_memory(parse_size(args.memory))
+    cpus = _cpus(args.cpus)
+    kernel: Path | None = args.kernel
+    initrd: Path | None = args.initrd
+    if kernel is None:
+        from evmm.assets import default_guest
+
+        guest = default_guest()
+        kernel = guest.vmlinux if guest.vmlinux.exists() else guest.bzimage
+        if initrd is None:
+            initrd = guest.initramfs
+    check_file(kernel, "--kernel")
+    if initrd is not None:
+        check_file(initrd, "--initrd")
+    return MachineConfig(kernel=kernel, initrd=initrd, cmdline=args.append, memory=memory, cpus=cpus)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    host = probe()
+    if not host.present:
+        raise EvmmError(host.reason)
+    if not host.can_boot_linux and not args.allow_slow_kvm:
+        raise EvmmError(f"{host.reason}; boot it in the KVM test host instead: {TESTHOST_HINT}")
+    return run_machine(config)
+
+
+def run_machine(config: MachineConfig) -> int:
+    import uvloop
+
+    from evmm.loop.console import ConsoleIO
+    from evmm.loop.terminal import RawTerminal
+    from evmm.loop.vcpu_thread import KICK_SIGNAL
+    from evmm.machine.machine import Machine
+    from evmm.machine.microvm import build_microvm
+
+    # The kick signal must have a handler (any) so that it interrupts KVM_RUN instead of killing the process.
+    signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    in_fd = sys.stdin.fileno() if sys.stdin is not None else None
+    out_fd = sys.stdout.fileno()
+    interactive = in_fd is not None and os.isatty(in_fd)
+    machine: Machine | None = None
+    console: ConsoleIO | None = None
+
+    def on_escape(key: bytes) -> None:
+        if key in (b"q", b"x", b"\x11", b"\x18") and machine is not None:
+            machine.stop(exitcodes.EXIT_GUEST_POWEROFF, "quit from the console")
+
+    try:
+        with RawTerminal(in_fd if interactive and in_fd is not None else -1) as term:
+            console = ConsoleIO(loop, out_fd, in_fd, interactive=term.active, on_escape=on_escape)
+            machine = build_microvm(config, loop, console)
+            m = machine
+            loop.add_signal_handler(signal.SIGINT, m.stop, exitcodes.EXIT_SIGINT, "interrupted (SIGINT)")
+            loop.add_signal_handler(signal.SIGTERM, m.stop, exitcodes.EXIT_SIGTERM, "terminated (SIGTERM)")
+            loop.add_signal_handler(signal.SIGHUP, m.stop, exitcodes.EXIT_SIGTERM, "hung up (SIGHUP)")
+            result = loop.run_until_complete(machine.run())
+            stuck = machine.close()
+            machine = None
+            console.close()
+            console = None
+    finally:
+        if machine is not None:
+            machine.stop(exitcodes.EXIT_VMM_FAULT, "evmm failed")
+            machine.close()
+        if console is not None:
+            console.close()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        loop.close()
+    if stuck:
+        print(f"evmm: {', '.join(stuck)} did not stop", file=sys.stderr)
+    if result.code != exitcodes.EXIT_GUEST_POWEROFF:
+        print(f"evmm: {result.message}", file=sys.stderr)
+    return result.code

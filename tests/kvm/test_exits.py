@@ -1,0 +1,146 @@
+"""PIO and MMIO exits reach devices on the buses through the reactor, and results return to the guest."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import threading
+import time
+
+from evmm import exitcodes
+from tests.kvm.tiny import FINISH_PORT, tiny_guest
+
+
+class Recorder:
+    """A device that records accesses with the thread they ran on and answers reads with fixed values."""
+
+    def __init__(self, answers: dict[int, int] | None = None) -> None:
+        self.writes: list[tuple[int, int, int]] = []
+        self.reads: list[tuple[int, int]] = []
+        self.threads: set[str] = set()
+        self.answers = answers or {}
+
+    def read(self, offset: int, size: int) -> int:
+        self.threads.add(threading.current_thread().name)
+        self.reads.append((offset, size))
+        return self.answers.get(offset, 0)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.threads.add(threading.current_thread().name)
+        self.writes.append((offset, size, value))
+
+
+# 16-bit real-mode program: PIO write, PIO read stored at 0x500, MMIO write, MMIO read stored at 0x502,
+# a 5-byte `rep outsb`, then the finish port.
+PROGRAM = bytes.fromhex(
+    "b05a"  # mov al, 0x5a
+    "e640"  # out 0x40, al
+    "e441"  # in al, 0x41
+    "a20005"  # mov [0x500], al
+    "b80020"  # mov ax, 0x2000
+    "8ed8"  # mov ds, ax              (linear base 0x20000: not RAM, so MMIO)
+    "c70610003412"  # mov word [0x10], 0x1234
+    "a12000"  # mov ax, [0x20]
+    "31db"  # xor bx, bx
+    "8edb"  # mov ds, bx
+    "a30205"  # mov [0x502], ax
+    "be0006"  # mov si, 0x600
+    "b90500"  # mov cx, 5
+    "ba4300"  # mov dx, 0x43
+    "f36e"  # rep outsb
+    "b007"  # mov al, 7
+    f"e6{FINISH_PORT:02x}"  # out FINISH_PORT, al
+    "f4"
+)
+
+
+def test_pio_and_mmio_reach_reactor_devices_and_answers_reach_the_guest() -> None:
+    with tiny_guest(PROGRAM, data={0x600: b"hello"}) as t:
+        pio_dev = Recorder({1: 0xA7})
+        mmio_dev = Recorder({0x20: 0xBEEF})
+        string_dev = Recorder()
+        t.pio.insert(0x40, 2, pio_dev, "test-pio")
+        t.pio.insert(0x43, 1, string_dev, "test-string")
+        t.mmio.insert(0x20000, 0x100, mmio_dev, "test-mmio")
+        result = t.run()
+        assert result.code == 7
+        assert pio_dev.writes == [(0, 1, 0x5A)]
+        assert pio_dev.reads == [(1, 1)]
+        assert t.memory.read(0x500, 1) == b"\xa7"
+        assert mmio_dev.writes == [(0x10, 2, 0x1234)]
+        assert mmio_dev.reads == [(0x20, 2)]
+        assert struct.unpack("<H", t.memory.read(0x502, 2))[0] == 0xBEEF
+        assert [w[2] for w in string_dev.writes] == list(b"hello")
+        # Non-inline devices run on the reactor (this, the main thread), never on the vCPU thread.
+        assert pio_dev.threads == mmio_dev.threads == {threading.current_thread().name}
+
+
+def test_inline_devices_run_on_the_vcpu_thread() -> None:
+    with tiny_guest(PROGRAM, data={0x600: b"hello"}) as t:
+        pio_dev = Recorder({1: 0x33})
+        t.pio.insert(0x40, 2, pio_dev, "test-pio", inline=True)
+        assert t.run().code == 7
+        assert t.memory.read(0x500, 1) == b"\x33"
+        assert pio_dev.threads == {"vcpu0"}
+
+
+def test_unclaimed_ports_and_mmio_read_all_ones() -> None:
+    with tiny_guest(PROGRAM, data={0x600: b"hello"}) as t:
+        assert t.run().code == 7
+        assert t.memory.read(0x500, 1) == b"\xff"
+        assert t.memory.read(0x502, 2) == b"\xff\xff"
+
+
+def test_a_device_that_raises_stops_the_vm_with_a_vmm_fault_not_a_dead_thread() -> None:
+    class Broken(Recorder):
+        def read(self, offset: int, size: int) -> int:
+            raise ValueError("bug in a device model")
+
+    with tiny_guest(PROGRAM, data={0x600: b"hello"}) as t:
+        t.pio.insert(0x40, 2, Broken(), "broken")
+        result = t.run()
+        assert result.code == exitcodes.EXIT_VMM_FAULT
+        assert "ValueError: bug in a device model" in result.message
+
+
+# A guest that counts forever: inc dword [0x700]; jmp back.
+COUNTER = bytes.fromhex("66ff060007ebf9")
+
+
+def _counter(t: object) -> int:
+    return int(struct.unpack("<I", t.memory.read(0x700, 4))[0])  # type: ignore[attr-defined]
+
+
+def test_pause_parks_the_vcpu_and_resume_continues() -> None:
+    with tiny_guest(COUNTER) as t:
+        m = t.machine
+
+        async def scenario() -> tuple[int, int, int, int]:
+            runner = asyncio.ensure_future(m.run())
+            await asyncio.sleep(0.3)
+            await m.pause()
+            assert m.state == "paused"
+            a = _counter(t)
+            await asyncio.sleep(0.3)
+            b = _counter(t)
+            await m.resume()
+            await asyncio.sleep(0.3)
+            c = _counter(t)
+            m.stop(0, "done")
+            result = await runner
+            return a, b, c, result.code
+
+        a, b, c, code = t.loop.run_until_complete(asyncio.wait_for(scenario(), 20))
+        assert a > 0, "the guest never ran"
+        assert a == b, "the counter advanced while paused"
+        assert c > b, "the counter did not advance after resume"
+        assert code == 0
+
+
+def test_stop_from_another_thread_interrupts_a_running_vcpu() -> None:
+    with tiny_guest(COUNTER) as t:
+        threading.Timer(0.2, t.machine.stop, args=(9, "from a timer thread")).start()
+        start = time.monotonic()
+        result = t.run()
+        assert result.code == 9
+        assert time.monotonic() - start < 5
