@@ -127,6 +127,9 @@ CDEF = r"""
 #define KVM_IRQ_ROUTING_IRQCHIP ...
 #define KVM_IRQ_ROUTING_MSI ...
 #define KVM_NR_INTERRUPTS ...
+#define KVM_IRQCHIP_PIC_MASTER ...
+#define KVM_IRQCHIP_PIC_SLAVE ...
+#define KVM_IRQCHIP_IOAPIC ...
 #define KVM_CPUID_FLAG_SIGNIFCANT_INDEX ...
 
 /* Offset of the big exit union inside struct kvm_run (io, mmio, internal, system_event, ... overlay it). */
@@ -177,6 +180,11 @@ struct kvm_irqfd { uint32_t fd, gsi, flags, resamplefd; ...; };
 struct kvm_irq_level { uint32_t irq; uint32_t level; ...; };
 struct kvm_pit_config { uint32_t flags; ...; };
 struct kvm_msi { uint32_t address_lo, address_hi, data, flags, devid; ...; };
+struct kvm_irq_routing_irqchip { uint32_t irqchip; uint32_t pin; };
+struct kvm_irq_routing_msi { uint32_t address_lo; uint32_t address_hi; uint32_t data; ...; };
+typedef union { struct kvm_irq_routing_irqchip irqchip; struct kvm_irq_routing_msi msi; ...; } evmm_routing_u;
+struct kvm_irq_routing_entry { uint32_t gsi; uint32_t type; uint32_t flags; evmm_routing_u u; ...; };
+struct kvm_irq_routing { uint32_t nr; uint32_t flags; struct kvm_irq_routing_entry entries[]; };
 struct kvm_clock_data { uint64_t clock; uint32_t flags; ...; };
 struct kvm_enable_cap { uint32_t cap; uint32_t flags; unsigned long long args[4]; ...; };
 /* Opaque state blobs, saved and restored whole (snapshots). */
@@ -221,6 +229,7 @@ SOURCE = r"""
 #define EVMM_RUN_EXIT_UNION_OFFSET offsetof(struct kvm_run, io)
 
 /* The exit union in struct kvm_run is anonymous; typeof names its members so cffi can check their layout. */
+typedef __typeof__(((struct kvm_irq_routing_entry *)0)->u) evmm_routing_u;
 typedef __typeof__(((struct kvm_run *)0)->fail_entry) evmm_exit_fail_entry;
 typedef __typeof__(((struct kvm_run *)0)->hw) evmm_exit_hw;
 typedef __typeof__(((struct kvm_run *)0)->io) evmm_exit_io;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from evmm.kvm._ffi import check, ffi, ioctl, ioctl_val, lib
@@ -12,6 +13,19 @@ if TYPE_CHECKING:
 
     from evmm.kvm.system import Kvm
     from evmm.kvm.vcpu import Vcpu
+
+
+IRQCHIP_PIC_MASTER = lib.KVM_IRQCHIP_PIC_MASTER
+IRQCHIP_PIC_SLAVE = lib.KVM_IRQCHIP_PIC_SLAVE
+IRQCHIP_IOAPIC = lib.KVM_IRQCHIP_IOAPIC
+
+
+@dataclass(frozen=True)
+class GsiRoute:
+    gsi: int
+    chip: int = 0
+    pin: int = 0
+    msi: tuple[int, int] | None = None  # (address, data) for an MSI route
 
 
 class Vm:
@@ -95,6 +109,21 @@ class Vm:
             {"fd": fd, "gsi": gsi, "flags": lib.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0},
         )
         ioctl(self.fd, lib.KVM_IRQFD, arg, f"KVM_IRQFD (gsi {gsi})")
+
+    def set_gsi_routing(self, routes: list[GsiRoute]) -> None:
+        """Replace the whole GSI routing table (irqchip pins and MSI messages)."""
+        table = ffi.new("struct kvm_irq_routing *", {"nr": len(routes), "entries": len(routes)})
+        for i, r in enumerate(routes):
+            e = table.entries[i]
+            e.gsi = r.gsi
+            if r.msi is not None:
+                e.type = lib.KVM_IRQ_ROUTING_MSI
+                addr, data = r.msi
+                e.u.msi.address_lo, e.u.msi.address_hi, e.u.msi.data = addr & 0xFFFFFFFF, addr >> 32, data
+            else:
+                e.type = lib.KVM_IRQ_ROUTING_IRQCHIP
+                e.u.irqchip.irqchip, e.u.irqchip.pin = r.chip, r.pin
+        ioctl(self.fd, lib.KVM_SET_GSI_ROUTING, table, "KVM_SET_GSI_ROUTING")
 
     def signal_msi(self, address: int, data: int) -> None:
         msi = ffi.new(

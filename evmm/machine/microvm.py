@@ -14,6 +14,7 @@ from evmm import exitcodes
 from evmm.acpi.tables import AcpiConfig, VirtioMmioDevice, build_acpi_tables
 from evmm.arch.x86 import layout
 from evmm.arch.x86.boot import load_linux, setup_boot_vcpu, setup_vcpu
+from evmm.arch.x86.irqroute import pc_gsi_routes
 from evmm.arch.x86.mptable import build_mptable
 from evmm.devices.acpi_pm import AcpiPm
 from evmm.devices.boot_timer import BootTimer
@@ -88,6 +89,7 @@ def build_microvm(
         except KvmError:
             pass  # only Intel hosts implement it
         vm.create_irqchip()
+        vm.set_gsi_routing(pc_gsi_routes())
         vm.create_pit2()
 
         memory = GuestMemory.anonymous(layout.ram_layout(config.memory))
