@@ -1,0 +1,293 @@
+"""The virtio-mmio transport, version 2 (virtio 1.2 §4.2): a register file in front of a ``VirtioDevice``.
+
+Runs on the reactor: register accesses arrive through the vCPU exit channel, queue kicks through ioeventfds
+(one per queue, KVM matching the queue index written to QueueNotify, so a kick never exits to userspace), and
+interrupts leave through an irqfd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from typing import Protocol
+
+from evmm.devices.irq import Interrupt
+from evmm.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, DeviceContext, VirtioDevice
+from evmm.devices.virtio.queue import QueueBroken, QueueConfig, Virtqueue, check_queue_config
+from evmm.memory import GuestMemory
+
+MAGIC = 0x74726976  # "virt"
+VERSION = 2
+VENDOR_ID = 0x4D4D5645  # "EVMM"
+
+# Register offsets (§4.2.2).
+MAGIC_VALUE = 0x000
+VERSION_REG = 0x004
+DEVICE_ID = 0x008
+VENDOR_ID_REG = 0x00C
+DEVICE_FEATURES = 0x010
+DEVICE_FEATURES_SEL = 0x014
+DRIVER_FEATURES = 0x020
+DRIVER_FEATURES_SEL = 0x024
+QUEUE_SEL = 0x030
+QUEUE_NUM_MAX = 0x034
+QUEUE_NUM = 0x038
+QUEUE_READY = 0x044
+QUEUE_NOTIFY = 0x050
+INTERRUPT_STATUS = 0x060
+INTERRUPT_ACK = 0x064
+STATUS = 0x070
+QUEUE_DESC_LOW = 0x080
+QUEUE_DESC_HIGH = 0x084
+QUEUE_DRIVER_LOW = 0x090
+QUEUE_DRIVER_HIGH = 0x094
+QUEUE_DEVICE_LOW = 0x0A0
+QUEUE_DEVICE_HIGH = 0x0A4
+SHM_SEL = 0x0AC
+SHM_LEN_LOW = 0x0B0
+SHM_LEN_HIGH = 0x0B4
+CONFIG_GENERATION = 0x0FC
+CONFIG = 0x100
+
+# Device status bits (§2.1).
+ACKNOWLEDGE = 1
+DRIVER = 2
+DRIVER_OK = 4
+FEATURES_OK = 8
+DEVICE_NEEDS_RESET = 0x40
+FAILED = 0x80
+
+# InterruptStatus bits (§4.2.2).
+INT_VRING = 1
+INT_CONFIG = 2
+
+
+class NotifyRegistrar(Protocol):
+    """Registers an eventfd that KVM signals when the guest writes ``datamatch`` (4 bytes) at ``addr``."""
+
+    def add(self, addr: int, datamatch: int) -> int: ...
+
+    def remove(self, addr: int, datamatch: int, fd: int) -> None: ...
+
+
+class VirtioMmio:
+    def __init__(
+        self,
+        device: VirtioDevice,
+        mem: GuestMemory,
+        interrupt: Interrupt,
+        reactor: asyncio.AbstractEventLoop,
+        base: int,
+        notify: NotifyRegistrar | None = None,
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
+        self.device = device
+        self.base = base
+        self._mem = mem
+        self._interrupt = interrupt
+        self._reactor = reactor
+        self._notify = notify
+        self._on_error = on_error
+        self._kick_fds: list[int] = []
+        self._reset_state()
+        if notify is not None:
+            for i in range(len(device.queue_sizes)):
+                fd = notify.add(base + QUEUE_NOTIFY, i)
+                self._kick_fds.append(fd)
+                reactor.add_reader(fd, self._on_kick_fd, i, fd)
+
+    def _reset_state(self) -> None:
+        self.status = 0
+        self.device_features_sel = 0
+        self.driver_features_sel = 0
+        self.driver_features = 0
+        self.queue_sel = 0
+        self.queues = [QueueConfig() for _ in self.device.queue_sizes]
+        self.active: list[Virtqueue | None] = [None] * len(self.device.queue_sizes)
+        self.interrupt_status = 0
+        self.config_generation = 0
+
+    def replace_device(self, device: VirtioDevice) -> None:
+        """Swap the backend of a slot (hot-replace): the driver sees a reset-and-config-change."""
+        if len(device.queue_sizes) != len(self.device.queue_sizes):
+            raise ValueError("a replacement device must have the same number of queues")
+        self.device.reset()
+        self.device = device
+
+    # ---- BusDevice ---------------------------------------------------------------------------------------
+
+    def read(self, offset: int, size: int) -> int:
+        if offset >= CONFIG:
+            return self._read_config(offset - CONFIG, size)
+        if size != 4 or offset % 4:
+            return 0  # §4.2.2.2: the driver MUST use 32-bit accesses for registers
+        dev = self.device
+        q = self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
+        if offset == MAGIC_VALUE:
+            return MAGIC
+        if offset == VERSION_REG:
+            return VERSION
+        if offset == DEVICE_ID:
+            return dev.device_id
+        if offset == VENDOR_ID_REG:
+            return VENDOR_ID
+        if offset == DEVICE_FEATURES:
+            return (
+                (dev.features() >> (32 * self.device_features_sel)) & 0xFFFFFFFF
+                if self.device_features_sel < 2
+                else 0
+            )
+        if offset == QUEUE_NUM_MAX:
+            return dev.queue_sizes[self.queue_sel] if q is not None else 0
+        if offset == QUEUE_READY:
+            return int(q.ready) if q is not None else 0
+        if offset == INTERRUPT_STATUS:
+            return self.interrupt_status
+        if offset == STATUS:
+            return self.status
+        if offset == CONFIG_GENERATION:
+            return self.config_generation
+        if offset in (SHM_LEN_LOW, SHM_LEN_HIGH):
+            return 0xFFFFFFFF  # no shared memory regions (§4.2.2: length -1 means none)
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if offset >= CONFIG:
+            self.device.write_config(offset - CONFIG, value.to_bytes(size, "little"))
+            return
+        if size != 4 or offset % 4:
+            return
+        q = self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
+        if offset == DEVICE_FEATURES_SEL:
+            self.device_features_sel = value
+        elif offset == DRIVER_FEATURES_SEL:
+            self.driver_features_sel = value
+        elif offset == DRIVER_FEATURES:
+            if self.status & FEATURES_OK or self.driver_features_sel > 1:
+                return
+            shift = 32 * self.driver_features_sel
+            self.driver_features = (self.driver_features & ~(0xFFFFFFFF << shift)) | (value << shift)
+        elif offset == QUEUE_SEL:
+            self.queue_sel = value
+        elif offset == QUEUE_NOTIFY:
+            self.kick(value)
+        elif offset == INTERRUPT_ACK:
+            self.interrupt_status &= ~value
+        elif offset == STATUS:
+            self._write_status(value)
+        elif q is not None and not self.status & DRIVER_OK:
+            self._write_queue(q, offset, value)
+
+    def _write_queue(self, q: QueueConfig, offset: int, value: int) -> None:
+        if offset == QUEUE_NUM:
+            q.size = value
+        elif offset == QUEUE_READY:
+            q.ready = bool(value & 1)
+        elif offset == QUEUE_DESC_LOW:
+            q.desc_addr = (q.desc_addr & ~0xFFFFFFFF) | value
+        elif offset == QUEUE_DESC_HIGH:
+            q.desc_addr = (q.desc_addr & 0xFFFFFFFF) | (value << 32)
+        elif offset == QUEUE_DRIVER_LOW:
+            q.avail_addr = (q.avail_addr & ~0xFFFFFFFF) | value
+        elif offset == QUEUE_DRIVER_HIGH:
+            q.avail_addr = (q.avail_addr & 0xFFFFFFFF) | (value << 32)
+        elif offset == QUEUE_DEVICE_LOW:
+            q.used_addr = (q.used_addr & ~0xFFFFFFFF) | value
+        elif offset == QUEUE_DEVICE_HIGH:
+            q.used_addr = (q.used_addr & 0xFFFFFFFF) | (value << 32)
+
+    def _read_config(self, offset: int, size: int) -> int:
+        cfg = self.device.config()
+        chunk = cfg[offset : offset + size]
+        return int.from_bytes(chunk.ljust(size, b"\0"), "little") if offset < len(cfg) else 0
+
+    # ---- status machine (§3.1.1) -------------------------------------------------------------------------
+
+    def _write_status(self, value: int) -> None:
+        if value == 0:
+            self.device.reset()
+            self._reset_state()
+            return
+        if value & FEATURES_OK and not self.status & FEATURES_OK:
+            offered = self.device.features()
+            if self.driver_features & ~offered or not self.driver_features & VIRTIO_F_VERSION_1:
+                value &= ~FEATURES_OK  # the driver reads status back and gives up (§3.1.1 step 6)
+        if value & DRIVER_OK and not self.status & DRIVER_OK:
+            if not value & FEATURES_OK:
+                return
+            self.status = value
+            self._activate()
+            return
+        self.status = value
+
+    def _activate(self) -> None:
+        event_idx = bool(self.driver_features & VIRTIO_F_EVENT_IDX)
+        for i, cfg in enumerate(self.queues):
+            if not cfg.ready:
+                continue
+            why = check_queue_config(cfg, self.device.queue_sizes[i], self._mem)
+            if why is not None:
+                self.set_needs_reset(f"queue {i}: {why}")
+                return
+            self.active[i] = Virtqueue(i, cfg, self._mem, event_idx=event_idx)
+        ctx = DeviceContext(
+            mem=self._mem,
+            queues=list(self.active),
+            reactor=self._reactor,
+            features=self.driver_features,
+            signal_used=self.signal_used,
+            signal_config=self.signal_config,
+            needs_reset=self.set_needs_reset,
+        )
+        self.device.activate(ctx)
+
+    # ---- queue kicks ---------------------------------------------------------------------------------------
+
+    def _on_kick_fd(self, index: int, fd: int) -> None:
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            return
+        self.kick(index)
+
+    def kick(self, index: int) -> None:
+        if not self.status & DRIVER_OK or self.status & DEVICE_NEEDS_RESET:
+            return
+        if 0 <= index < len(self.active) and self.active[index] is not None:
+            try:
+                self.device.queue_notify(index)
+            except QueueBroken as e:
+                self.set_needs_reset(str(e))
+
+    # ---- interrupts ----------------------------------------------------------------------------------------
+
+    def signal_used(self, index: int) -> None:
+        q = self.active[index] if 0 <= index < len(self.active) else None
+        if q is None or not q.needs_interrupt():
+            return
+        self.interrupt_status |= INT_VRING
+        self._interrupt.trigger()
+
+    def signal_config(self) -> None:
+        self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
+        self.interrupt_status |= INT_CONFIG
+        self._interrupt.trigger()
+
+    def set_needs_reset(self, reason: str) -> None:
+        if self.status & DEVICE_NEEDS_RESET:
+            return
+        if self._on_error is not None:
+            self._on_error(f"{self.device.name} at {self.base:#x}: {reason}; the device needs a reset")
+        self.status |= DEVICE_NEEDS_RESET
+        if self.status & DRIVER_OK:
+            self.signal_config()
+
+    def close(self) -> None:
+        self.device.reset()
+        self.device.close()
+        for i, fd in enumerate(self._kick_fds):
+            self._reactor.remove_reader(fd)
+            if self._notify is not None:
+                self._notify.remove(self.base + QUEUE_NOTIFY, i, fd)
+        self._kick_fds.clear()

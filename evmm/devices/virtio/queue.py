@@ -1,0 +1,161 @@
+"""The split virtqueue (virtio 1.2 §2.7), shared by every evmm virtio device.
+
+The queue never owns guest memory: each call takes the ``GuestMemory`` it works on (as rust-vmm's
+virtio-queue does).  Every index, address and length the driver supplies is checked before use; a malformed
+chain is returned as ``InvalidChain`` (the device completes it with no data, failing that one request), and a
+queue whose rings cannot be trusted at all raises ``QueueBroken`` (the transport sets DEVICE_NEEDS_RESET).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from evmm.devices.virtio.chain import Descriptor, DescriptorChain, InvalidChain, walk_chain
+from evmm.errors import GuestMemoryError
+from evmm.memory import GuestMemory
+
+# Ring layout (§2.7.6 avail ring, §2.7.8 used ring).
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
+VRING_AVAIL_F_NO_INTERRUPT = 1
+VRING_USED_F_NO_NOTIFY = 1
+MAX_QUEUE_SIZE = 32768
+
+
+class QueueBroken(Exception):
+    """The driver broke the queue (e.g. an avail index more than a ring ahead): the device needs a reset."""
+
+
+def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """§2.7.10: notify if ``event_idx`` lies in the window (old_idx, new_idx], in 16-bit arithmetic."""
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+
+
+@dataclass
+class QueueConfig:
+    """What the driver programs through the transport before setting QueueReady."""
+
+    size: int = 0
+    desc_addr: int = 0
+    avail_addr: int = 0
+    used_addr: int = 0
+    ready: bool = False
+
+
+def check_queue_config(cfg: QueueConfig, max_size: int, mem: GuestMemory) -> str | None:
+    """Why the driver's queue configuration is unusable, or None (§2.7 alignment, §2.7.1 sizes)."""
+    if cfg.size == 0 or cfg.size > max_size or cfg.size & (cfg.size - 1):
+        return f"queue size {cfg.size} is not a power of two up to {max_size}"
+    if cfg.desc_addr % 16 or cfg.avail_addr % 2 or cfg.used_addr % 4:
+        return "queue areas are misaligned"
+    areas = (
+        (cfg.desc_addr, 16 * cfg.size),
+        (cfg.avail_addr, 6 + 2 * cfg.size),
+        (cfg.used_addr, 6 + 8 * cfg.size),
+    )
+    for addr, length in areas:
+        if not mem.contains(addr, length):
+            return f"queue area {addr:#x}+{length:#x} is outside guest RAM"
+    return None
+
+
+class Virtqueue:
+    """Device side of one split virtqueue, created when the driver sets the device DRIVER_OK."""
+
+    def __init__(self, index: int, cfg: QueueConfig, mem: GuestMemory, *, event_idx: bool) -> None:
+        self.index = index
+        self.size = cfg.size
+        self.event_idx = event_idx
+        self.desc_addr = cfg.desc_addr
+        self.avail_addr = cfg.avail_addr
+        self.used_addr = cfg.used_addr
+        # Views stay valid as long as guest memory is mapped; the areas were checked by check_queue_config.
+        self._desc = mem.view(cfg.desc_addr, 16 * cfg.size)
+        self._avail = mem.view(cfg.avail_addr, 6 + 2 * cfg.size)
+        self._used = mem.view(cfg.used_addr, 6 + 8 * cfg.size)
+        self.next_avail = 0
+        self.next_used = 0
+        self._signalled_used: int | None = None  # used idx at the last interrupt, for EVENT_IDX suppression
+
+    # ---- driver -> device ----------------------------------------------------------------------------
+
+    def avail_idx(self) -> int:
+        return int(_U16.unpack_from(self._avail, 2)[0])
+
+    def has_available(self) -> bool:
+        return self.avail_idx() != self.next_avail
+
+    def pop(self, mem: GuestMemory) -> DescriptorChain | InvalidChain | None:
+        """The next available chain, ``InvalidChain`` for a malformed one, or None when the ring is empty."""
+        avail = self.avail_idx()
+        if avail == self.next_avail:
+            return None
+        if (avail - self.next_avail) & 0xFFFF > self.size:
+            raise QueueBroken(
+                f"queue {self.index}: avail index {avail} is more than a ring ahead of {self.next_avail}"
+            )
+        slot = self.next_avail % self.size
+        head = int(_U16.unpack_from(self._avail, 4 + 2 * slot)[0])
+        self.next_avail = (self.next_avail + 1) & 0xFFFF
+        if head >= self.size:
+            # No valid head to complete: count it as consumed and report it with head 0 length 0 is wrong
+            # (that would complete someone else's chain), so the queue is unusable.
+            raise QueueBroken(f"queue {self.index}: descriptor head {head} is outside a ring of {self.size}")
+        return walk_chain(mem, self._desc, self.size, head)
+
+    def undo_pop(self) -> None:
+        """Put the last popped chain back (a device that found no room for it will retry later)."""
+        self.next_avail = (self.next_avail - 1) & 0xFFFF
+
+    # ---- device -> driver ----------------------------------------------------------------------------
+
+    def add_used(self, head: int, length: int) -> None:
+        """Publish one completed chain: the element first, then the index (§2.7.8.2).
+
+        x86 stores are not reordered with other stores (Intel SDM vol. 3A §9.2.2), and these are plain stores
+        into the guest's RAM mapping, so the driver never sees the new index before the element.
+        """
+        slot = self.next_used % self.size
+        _USED_ELEM.pack_into(self._used, 4 + 8 * slot, head, length)
+        self.next_used = (self.next_used + 1) & 0xFFFF
+        _U16.pack_into(self._used, 2, self.next_used)
+
+    def needs_interrupt(self) -> bool:
+        """Whether the driver wants an interrupt for what was used since the last one (§2.7.10)."""
+        if self.event_idx:
+            used_event = int(_U16.unpack_from(self._avail, 4 + 2 * self.size)[0])
+            old = self._signalled_used
+            self._signalled_used = self.next_used
+            if old is None:
+                return True
+            return vring_need_event(used_event, self.next_used, old)
+        flags = int(_U16.unpack_from(self._avail, 0)[0])
+        return not flags & VRING_AVAIL_F_NO_INTERRUPT
+
+    def set_notification(self, enabled: bool) -> None:
+        """Ask the driver to kick (or not) when it adds buffers (§2.7.7, §2.7.10).
+
+        With EVENT_IDX the device publishes avail_event = the next index it will look at; without it, the
+        NO_NOTIFY flag.  After enabling, the caller must re-check ``has_available`` to close the race with a
+        driver that added buffers before it saw the change.
+        """
+        if self.event_idx:
+            # Disabling is a no-op: an avail_event left behind next_avail already stops further kicks.
+            if enabled:
+                _U16.pack_into(self._used, 4 + 8 * self.size, self.next_avail)
+        else:
+            _U16.pack_into(self._used, 0, 0 if enabled else VRING_USED_F_NO_NOTIFY)
+
+
+__all__ = [
+    "Descriptor",
+    "DescriptorChain",
+    "GuestMemoryError",
+    "InvalidChain",
+    "QueueBroken",
+    "QueueConfig",
+    "Virtqueue",
+    "check_queue_config",
+    "vring_need_event",
+]

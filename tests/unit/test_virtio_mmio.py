@@ -1,0 +1,111 @@
+"""The virtio-mmio transport's register file and status machine, driven as Linux's virtio_mmio driver does."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from evmm.devices.virtio import mmio as regs
+from evmm.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, VIRTIO_ID_RNG
+from evmm.devices.virtio.rng import VirtioRng
+from tests.fakes.virtio_driver import MmioDriver
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    lp = asyncio.new_event_loop()
+    yield lp
+    lp.close()
+
+
+def test_identity_registers(loop: asyncio.AbstractEventLoop) -> None:
+    d = MmioDriver(VirtioRng(), loop=loop)
+    assert d.r(regs.MAGIC_VALUE) == 0x74726976
+    assert d.r(regs.VERSION_REG) == 2
+    assert d.r(regs.DEVICE_ID) == VIRTIO_ID_RNG
+    assert d.r(regs.VENDOR_ID_REG) == 0x4D4D5645
+    feats = d.device_features()
+    assert feats & VIRTIO_F_VERSION_1 and feats & VIRTIO_F_EVENT_IDX
+    d.w(regs.QUEUE_SEL, 0)
+    assert d.r(regs.QUEUE_NUM_MAX) == 256
+    d.w(regs.QUEUE_SEL, 1)
+    assert d.r(regs.QUEUE_NUM_MAX) == 0  # no such queue
+
+
+def test_bring_up_activates_and_reset_deactivates(loop: asyncio.AbstractEventLoop) -> None:
+    dev = VirtioRng()
+    d = MmioDriver(dev, loop=loop)
+    d.bring_up()
+    assert dev.activated
+    assert d.r(regs.STATUS) & regs.DRIVER_OK
+    d.w(regs.STATUS, 0)
+    assert not dev.activated
+    assert d.r(regs.STATUS) == 0
+
+
+def test_features_without_version_1_are_refused(loop: asyncio.AbstractEventLoop) -> None:
+    d = MmioDriver(VirtioRng(), loop=loop)
+    d.w(regs.STATUS, regs.ACKNOWLEDGE | regs.DRIVER)
+    d.w(regs.DRIVER_FEATURES_SEL, 1)
+    d.w(regs.DRIVER_FEATURES, 0)  # legacy driver: no VERSION_1
+    d.w(regs.STATUS, regs.ACKNOWLEDGE | regs.DRIVER | regs.FEATURES_OK)
+    assert not d.r(regs.STATUS) & regs.FEATURES_OK
+
+
+def test_features_the_device_does_not_offer_are_refused(loop: asyncio.AbstractEventLoop) -> None:
+    d = MmioDriver(VirtioRng(), loop=loop)
+    d.w(regs.STATUS, regs.ACKNOWLEDGE | regs.DRIVER)
+    d.w(regs.DRIVER_FEATURES_SEL, 0)
+    d.w(regs.DRIVER_FEATURES, 1 << 5)
+    d.w(regs.DRIVER_FEATURES_SEL, 1)
+    d.w(regs.DRIVER_FEATURES, 1)
+    d.w(regs.STATUS, regs.ACKNOWLEDGE | regs.DRIVER | regs.FEATURES_OK)
+    assert not d.r(regs.STATUS) & regs.FEATURES_OK
+
+
+def test_bad_queue_config_sets_needs_reset_instead_of_crashing(loop: asyncio.AbstractEventLoop) -> None:
+    errors: list[str] = []
+    d = MmioDriver(VirtioRng(), loop=loop)
+    d.transport._on_error = errors.append
+    d.w(regs.STATUS, regs.ACKNOWLEDGE | regs.DRIVER)
+    d.w(regs.DRIVER_FEATURES_SEL, 1)
+    d.w(regs.DRIVER_FEATURES, 1)
+    d.w(regs.STATUS, regs.ACKNOWLEDGE | regs.DRIVER | regs.FEATURES_OK)
+    d.w(regs.QUEUE_SEL, 0)
+    d.w(regs.QUEUE_NUM, 100)  # not a power of two
+    d.w(regs.QUEUE_READY, 1)
+    d.w(regs.STATUS, regs.ACKNOWLEDGE | regs.DRIVER | regs.FEATURES_OK | regs.DRIVER_OK)
+    assert d.r(regs.STATUS) & regs.DEVICE_NEEDS_RESET
+    assert errors and "not a power of two" in errors[0]
+    assert d.r(regs.INTERRUPT_STATUS) & regs.INT_CONFIG
+
+
+def test_interrupt_status_and_ack(loop: asyncio.AbstractEventLoop) -> None:
+    d = MmioDriver(VirtioRng(), loop=loop)
+    d.bring_up()
+    d.queues[0].add([], [16])
+    d.kick(0)
+    assert d.irq.count == 1
+    assert d.ack_interrupt() == regs.INT_VRING
+    assert d.r(regs.INTERRUPT_STATUS) == 0
+    d.transport.signal_config()
+    assert d.r(regs.CONFIG_GENERATION) == 1
+    assert d.r(regs.INTERRUPT_STATUS) == regs.INT_CONFIG
+
+
+def test_narrow_and_unaligned_register_accesses_are_ignored(loop: asyncio.AbstractEventLoop) -> None:
+    d = MmioDriver(VirtioRng(), loop=loop)
+    assert d.transport.read(regs.MAGIC_VALUE, 2) == 0
+    assert d.transport.read(regs.MAGIC_VALUE + 1, 4) == 0
+    d.transport.write(regs.STATUS, 1, 0xFF)
+    assert d.r(regs.STATUS) == 0
+
+
+def test_queue_registers_are_frozen_after_driver_ok(loop: asyncio.AbstractEventLoop) -> None:
+    d = MmioDriver(VirtioRng(), loop=loop)
+    d.bring_up()
+    d.w(regs.QUEUE_SEL, 0)
+    d.w(regs.QUEUE_NUM, 2)
+    assert d.transport.queues[0].size == 256
