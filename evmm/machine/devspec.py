@@ -1,0 +1,160 @@
+"""Device options as users write them (``--drive path=disk.img,readonly=on``), parsed into typed specs.
+
+Every mistake gets one line naming the option and the value: an unknown key, a missing required key, a bad
+boolean or number.  Nothing here opens a file; the devices do, and report their own errors.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from evmm.errors import ConfigError
+
+_TRUE = {"on", "yes", "true", "1"}
+_FALSE = {"off", "no", "false", "0"}
+_MAC_RE = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
+_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+
+
+def parse_kv(
+    option: str, text: str, known: tuple[str, ...], *, positional: str | None = None
+) -> dict[str, str]:
+    """``k=v,k=v`` into a dict; a bare first word is taken as ``positional``'s value when given."""
+    out: dict[str, str] = {}
+    if not text:
+        raise ConfigError(f"{option} needs a value (keys: {', '.join(known)})")
+    for i, part in enumerate(text.split(",")):
+        if "=" not in part:
+            if i == 0 and positional is not None and part:
+                out[positional] = part
+                continue
+            raise ConfigError(f"{option} {text!r}: {part!r} is not key=value (keys: {', '.join(known)})")
+        key, value = part.split("=", 1)
+        if key not in known:
+            raise ConfigError(f"{option} {text!r}: unknown key {key!r} (keys: {', '.join(known)})")
+        if key in out:
+            raise ConfigError(f"{option} {text!r}: {key!r} given twice")
+        out[key] = value
+    return out
+
+
+def parse_bool(option: str, key: str, value: str) -> bool:
+    v = value.lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise ConfigError(f"{option}: {key}={value!r} is not on/off")
+
+
+def parse_int(option: str, key: str, value: str, lo: int, hi: int) -> int:
+    try:
+        n = int(value, 0)
+    except ValueError:
+        raise ConfigError(f"{option}: {key}={value!r} is not a number") from None
+    if not lo <= n <= hi:
+        raise ConfigError(f"{option}: {key}={n} is out of range ({lo} to {hi})")
+    return n
+
+
+def _check_id(option: str, value: str) -> str:
+    if not _ID_RE.match(value):
+        raise ConfigError(f"{option}: id={value!r} must be a letter then up to 31 letters, digits, - or _")
+    return value
+
+
+@dataclass(frozen=True)
+class DriveSpec:
+    path: Path
+    readonly: bool = False
+    id: str | None = None
+    serial: str | None = None  # what VIRTIO_BLK_T_GET_ID returns; defaults to the id
+
+
+def parse_drive(text: str) -> DriveSpec:
+    kv = parse_kv("--drive", text, ("path", "readonly", "id", "serial"), positional="path")
+    if "path" not in kv:
+        raise ConfigError(f"--drive {text!r}: path= is required")
+    return DriveSpec(
+        path=Path(kv["path"]),
+        readonly=parse_bool("--drive", "readonly", kv.get("readonly", "off")),
+        id=_check_id("--drive", kv["id"]) if "id" in kv else None,
+        serial=kv.get("serial"),
+    )
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    tap: str | None = None  # a tap interface to open (created if it does not exist)
+    fd: int | None = None  # an already-open tap fd passed in by the caller
+    mac: str | None = None
+    id: str | None = None
+
+
+def parse_net(text: str) -> NetSpec:
+    kv = parse_kv("--net", text, ("tap", "fd", "mac", "id"), positional="tap")
+    if ("tap" in kv) == ("fd" in kv):
+        raise ConfigError(f"--net {text!r}: give exactly one of tap=NAME or fd=N")
+    tap = kv.get("tap")
+    if tap is not None and not 0 < len(tap) < 16:
+        raise ConfigError(f"--net: tap={tap!r} is not a valid interface name (1 to 15 characters)")
+    mac = kv.get("mac")
+    if mac is not None and not _MAC_RE.match(mac):
+        raise ConfigError(f"--net: mac={mac!r} is not a MAC address like 52:54:00:12:34:56")
+    if mac is not None and int(mac.split(":")[0], 16) & 1:
+        raise ConfigError(f"--net: mac={mac} is a multicast address")
+    return NetSpec(
+        tap=tap,
+        fd=parse_int("--net", "fd", kv["fd"], 0, 1 << 20) if "fd" in kv else None,
+        mac=mac,
+        id=_check_id("--net", kv["id"]) if "id" in kv else None,
+    )
+
+
+@dataclass(frozen=True)
+class VsockSpec:
+    cid: int
+    path: Path  # host side: a Unix socket (hybrid vsock), PATH_<port> for guest-initiated connections
+    vhost: bool = False  # use /dev/vhost-vsock instead (then path is unused)
+
+
+def parse_vsock(text: str) -> VsockSpec:
+    kv = parse_kv("--vsock", text, ("cid", "path", "vhost"))
+    if "cid" not in kv:
+        raise ConfigError(f"--vsock {text!r}: cid= is required")
+    # CIDs 0-2 are reserved (hypervisor, local, host) and 0xFFFFFFFF is VMADDR_CID_ANY.
+    cid = parse_int("--vsock", "cid", kv["cid"], 3, 0xFFFFFFFE)
+    vhost = parse_bool("--vsock", "vhost", kv.get("vhost", "off"))
+    if "path" not in kv and not vhost:
+        raise ConfigError(f"--vsock {text!r}: path= is required (or vhost=on)")
+    return VsockSpec(cid=cid, path=Path(kv.get("path", "")), vhost=vhost)
+
+
+@dataclass(frozen=True)
+class ConsoleSpec:
+    kind: str  # "stdio" (the terminal; the serial port then goes quiet), "pty", or "socket"
+    path: Path | None = None  # the Unix socket to listen on, for "socket"
+
+
+def parse_virtio_console(text: str) -> ConsoleSpec:
+    if text == "stdio":
+        return ConsoleSpec("stdio")
+    if text == "pty":
+        return ConsoleSpec("pty")
+    if not text:
+        raise ConfigError("--virtio-console needs stdio, pty or a socket PATH")
+    return ConsoleSpec("socket", Path(text))
+
+
+@dataclass(frozen=True)
+class RngSpec:
+    rate: int | None = None  # bytes per second, None for unlimited
+
+
+def parse_rng(text: str) -> RngSpec:
+    if text in ("", "on"):
+        return RngSpec()
+    kv = parse_kv("--rng", text, ("rate",))
+    return RngSpec(rate=parse_int("--rng", "rate", kv["rate"], 1, 1 << 30))
