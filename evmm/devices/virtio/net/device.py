@@ -17,6 +17,7 @@ Linux posts page-sized buffers and a large frame spans several (§5.1.6.3, §5.1
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import struct
 from dataclasses import dataclass
@@ -28,8 +29,9 @@ from evmm.devices.virtio.net import header as h
 from evmm.devices.virtio.net.tap import tap_offloads
 from evmm.devices.virtio.queue import QueueBroken, Virtqueue
 from evmm.errors import GuestMemoryError
-from evmm.log import log
 from evmm.memory import GuestMemory
+
+log = logging.getLogger("evmm")  # evmm's logger: its handler prints "evmm: ..." on stderr
 
 RX = 0
 TX = 1
