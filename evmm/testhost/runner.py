@@ -125,10 +125,13 @@ def qemu_argv(config: RunConfig, results: Path, shares: Sequence[Share]) -> list
     return argv
 
 
+# Loaded before any fork: the child of a threaded parent must not dlopen (a lock held at fork would deadlock).
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
 def _die_with_parent() -> None:
     # In the child, before exec: the kernel SIGKILLs QEMU if the process that started it dies, whatever way.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 class _Terminated(Exception):

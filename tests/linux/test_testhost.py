@@ -1,0 +1,136 @@
+"""The KVM test host itself: exit status, streaming, shares, its KVM, and failing (not hanging) on broken boots.
+
+Tests marked ``host_side`` run on the host and boot the test host themselves (a few seconds each); the rest
+run inside it with the rest of the linux tier.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from evmm.assets import GuestAssets
+from evmm.hostkvm import probe
+from evmm.testhost.runner import EXIT_TIMEOUT
+from tests.conftest import GuestFactory
+from tests.linux.harness import READY, GuestError, qemu_microvm_argv
+
+host_side = pytest.mark.host_side
+BOOT_SLACK = 90.0  # generous: two cores shared with everything else on the machine
+
+
+def testhost(*args: str, cwd: Path) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-m", "evmm.testhost", "run", *args]
+    return subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def corrupt(bzimage: bytes) -> bytes:
+    """The image with 4 KiB of its compressed payload zeroed (the setup header stays valid)."""
+    image = bytearray(bzimage)
+    middle = len(image) // 2
+    image[middle : middle + 4096] = bytes(4096)
+    return bytes(image)
+
+
+@pytest.fixture(scope="module")
+def testhost_images() -> None:
+    from evmm.testhost.assets import build_testhost_assets
+
+    build_testhost_assets()
+
+
+@host_side
+def test_status_streaming_and_shares(testhost_images: None, tmp_path: Path) -> None:
+    """One boot: output arrives while the command runs, a share carries files both ways, the status returns."""
+    (tmp_path / "from-host").write_text("hello from the host\n")
+    script = (
+        "echo first; cat from-host; cat /sys/module/kvm_amd/parameters/npt; "
+        "echo written-inside > from-inside; "
+        "i=0; while [ ! -e go ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; "
+        "echo second; echo to-stderr >&2; exit 7"
+    )
+    proc = testhost("--share", str(tmp_path), "--", "sh", "-c", script, cwd=tmp_path)
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    # Streaming: "first" is here while the command is still waiting for us.
+    assert first == "first\n"
+    assert proc.poll() is None
+    assert proc.stdout.readline() == "hello from the host\n"
+    assert proc.stdout.readline() == "Y\n"  # kvm_amd loaded with nested paging
+    assert (tmp_path / "from-inside").read_text() == "written-inside\n"
+    (tmp_path / "go").write_text("")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 7
+    assert out == "second\nto-stderr\n"  # stdout and stderr share the command's terminal
+    assert "testhost:" not in err
+
+
+@host_side
+def test_hung_command_is_killed_and_reported(testhost_images: None, tmp_path: Path) -> None:
+    started = time.monotonic()
+    proc = testhost("--timeout", "5", "--", "sleep", "600", cwd=tmp_path)
+    _, err = proc.communicate(timeout=5 + BOOT_SLACK)
+    assert proc.returncode == EXIT_TIMEOUT
+    assert "testhost: the command timed out after 5 s" in err
+    assert time.monotonic() - started < 5 + BOOT_SLACK
+
+
+@host_side
+def test_corrupt_testhost_kernel_fails_within_the_boot_timeout(
+    testhost_images: None, guest_assets: GuestAssets, tmp_path: Path
+) -> None:
+    """A test host whose kernel never boots is killed and reported at its boot timeout, not waited on forever.
+
+    The kernel is a real bzImage with its compressed payload damaged: QEMU loads it, its decompressor finds
+    the data corrupt and halts the CPU, which is a hang as far as the host can tell.
+    """
+    from evmm.testhost.assets import testhost_assets
+    from evmm.testhost.runner import EXIT_NO_STATUS, RunConfig, run
+
+    broken = tmp_path / "vmlinuz-corrupt"
+    broken.write_bytes(corrupt(guest_assets.bzimage.read_bytes()))
+    config = RunConfig(
+        command=["true"], kernel=broken, initramfs=testhost_assets().initramfs, boot_timeout=15, cwd=tmp_path
+    )
+    read_fd, write_fd = os.pipe()
+    started = time.monotonic()
+    status = run(config, out_fd=write_fd, err_fd=write_fd, stdin_fd=0)
+    elapsed = time.monotonic() - started
+    os.close(write_fd)
+    with os.fdopen(read_fd) as r:
+        report = r.read()
+    assert status in (EXIT_TIMEOUT, EXIT_NO_STATUS), report
+    assert (
+        "testhost: boot timed out after 15 s" in report or "before the command's status came back" in report
+    )
+    assert elapsed < 15 + 30
+
+
+def test_inside_the_kvm_is_kvm_amd() -> None:
+    if os.environ.get("EVMM_IN_TESTHOST") != "1":
+        pytest.skip("runs inside the KVM test host only (here the host's own KVM is used)")
+    host = probe()
+    assert host.present and host.module == "kvm_amd" and host.can_boot_linux, host.reason
+    assert Path("/sys/module/kvm_amd/parameters/npt").read_text().strip() == "Y"
+
+
+def test_a_corrupt_guest_kernel_fails_the_test_within_its_timeout(
+    launch: GuestFactory, guest_assets: GuestAssets, tmp_path: Path
+) -> None:
+    """The linux tier's own failure path: a guest that never becomes ready makes the harness fail in time.
+
+    The kernel is the real bzImage with its compressed payload damaged: it loads, then its decompressor
+    finds the data corrupt and halts; nothing ever prints the ready line.
+    """
+    broken = tmp_path / "vmlinuz-corrupt"
+    broken.write_bytes(corrupt(guest_assets.bzimage.read_bytes()))
+    guest = launch(qemu_microvm_argv(broken, guest_assets.initramfs), "corrupt-kernel")
+    started = time.monotonic()
+    with pytest.raises(GuestError):
+        guest.expect(READY, timeout=20)
+    assert time.monotonic() - started < 20 + 5

@@ -1,0 +1,284 @@
+"""The test tiers: ``unit`` (no KVM), ``kvm`` (the host's /dev/kvm, tiny guests), ``linux`` (boots Linux).
+
+Where the host's KVM cannot boot Linux (a PVM-based /dev/kvm) but QEMU is installed, every selected linux-tier
+test runs in ONE boot of the KVM test host: the first of them starts an inner ``python -m pytest NODEIDS``
+through ``evmm testhost run`` with a shared results directory, and each outer item then reports its own inner
+outcome.  Tests marked ``host_side`` (the test host's own tests) always run out here instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import pytest
+
+from evmm.hostkvm import HostKvm, probe
+
+TIERS = ("unit", "kvm", "linux")
+REPORT_ENV = "EVMM_TIER_REPORT"  # set for the inner run: where it writes one JSON line per test
+TIMEOUT_ENV = "EVMM_LINUX_TIER_TIMEOUT"
+DEFAULT_TIER_TIMEOUT = 1500.0  # seconds for the whole linux tier, so a hang fails CI instead of blocking it
+HOST_SIDE = "host_side"
+
+
+@dataclass(frozen=True)
+class TierPlan:
+    kvm_skip: str | None  # reason to skip the kvm tier, or None
+    kvm_header: str
+    linux_mode: str  # "direct", "testhost" or "skip"
+    linux_reason: str
+    linux_header: str
+
+
+def plan(host: HostKvm, in_testhost: bool, qemu: str | None) -> TierPlan:
+    """Which KVM each tier uses here (pure: the inputs are what the host offers)."""
+    kvm_header = f"kvm tier: /dev/kvm {host.module or 'unknown module'}" + (
+        " (ring-0 emulated)" if host.module == "kvm_pvm" else ""
+    )
+    kvm_skip = None if host.present else host.reason
+    if not host.present:
+        kvm_header = f"kvm tier: skipped ({host.reason})"
+    if in_testhost:
+        where = f"/dev/kvm {host.module or 'unknown module'} inside the KVM test host"
+        if host.can_boot_linux:
+            return TierPlan(kvm_skip, kvm_header, "direct", "", f"linux tier: {where}")
+        return TierPlan(kvm_skip, kvm_header, "skip", host.reason, f"linux tier: skipped ({host.reason})")
+    if host.can_boot_linux:
+        return TierPlan(kvm_skip, kvm_header, "direct", "", f"linux tier: /dev/kvm {host.module} (hardware)")
+    if qemu is not None:
+        return TierPlan(
+            kvm_skip,
+            kvm_header,
+            "testhost",
+            "",
+            "linux tier: KVM test host (kvm_amd in QEMU TCG), one boot for the tier",
+        )
+    reason = f"{host.reason}, and qemu-system-x86_64 is not installed for the KVM test host"
+    return TierPlan(kvm_skip, kvm_header, "skip", reason, f"linux tier: skipped ({reason})")
+
+
+def tier_of(path: Path, tests_dir: Path) -> str | None:
+    try:
+        first = path.relative_to(tests_dir).parts[0]
+    except (ValueError, IndexError):
+        return None
+    return first if first in TIERS else None
+
+
+def merge_outcome(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One test's setup/call/teardown reports -> its outcome as pytest would count it."""
+    for r in reports:
+        if r["outcome"] == "failed":
+            return {"outcome": "failed", "text": f"[{r['when']}] {r['text']}"}
+    for r in reports:
+        if r["outcome"] == "skipped":
+            return {"outcome": "skipped", "text": r["text"]}
+    return {"outcome": "passed", "text": ""}
+
+
+class InnerFailure(Exception):
+    """A linux-tier test failed inside the test host; its text is the inner failure report."""
+
+
+class RemoteItem(pytest.Item):
+    """Stands in for a linux-tier test that runs inside the test host: reports that test's inner outcome."""
+
+    def __init__(self, *, original: pytest.Item, plugin: TierPlugin, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.original = original
+        self.plugin = plugin
+        self.own_markers = list(original.own_markers)
+        self.keywords.update(original.keywords)
+
+    def runtest(self) -> None:
+        result = self.plugin.inner_result(self.nodeid)
+        if result["outcome"] == "skipped":
+            pytest.skip(f"(in the KVM test host) {result['text']}")
+        if result["outcome"] == "failed":
+            raise InnerFailure(result["text"])
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
+        if isinstance(excinfo.value, InnerFailure):
+            return f"failed inside the KVM test host:\n{excinfo.value}"
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self) -> tuple[Any, int | None, str]:
+        return self.original.reportinfo()
+
+
+class TierPlugin:
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.tests_dir = Path(__file__).parent
+        self.in_testhost = os.environ.get("EVMM_IN_TESTHOST") == "1"
+        self.plan = plan(probe(), self.in_testhost, shutil.which("qemu-system-x86_64"))
+        self.tier_timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIER_TIMEOUT))
+        self.inner_nodeids: list[str] = []
+        self.inner: dict[str, dict[str, Any]] | None = None
+        self.inner_note = ""
+        self.inner_log: Path | None = None
+        self.report_path = os.environ.get(REPORT_ENV)
+        self.phases: dict[str, list[dict[str, Any]]] = {}
+        self.alarm_armed = False
+
+    # -- which tests, where -------------------------------------------------------------------------------
+
+    def pytest_report_header(self, config: pytest.Config) -> list[str]:
+        return [self.plan.kvm_header, self.plan.linux_header]
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        # tryfirst: the tier marks must be on the items before `-m` deselects by them.
+        for item in items:
+            tier = tier_of(Path(str(item.path)), self.tests_dir)
+            if tier is not None:
+                item.add_marker(getattr(pytest.mark, tier))
+            if tier == "kvm" and self.plan.kvm_skip:
+                item.add_marker(pytest.mark.skip(reason=f"kvm tier: {self.plan.kvm_skip}"))
+            if tier == "linux":
+                self._place_linux(item)
+
+    def _place_linux(self, item: pytest.Item) -> None:
+        host_side = item.get_closest_marker(HOST_SIDE) is not None
+        if host_side and self.in_testhost:
+            item.add_marker(pytest.mark.skip(reason="a test of the test host itself: runs outside it"))
+        elif host_side and shutil.which("qemu-system-x86_64") is None:
+            item.add_marker(pytest.mark.skip(reason="qemu-system-x86_64 is not installed"))
+        elif not host_side and self.plan.linux_mode == "skip":
+            item.add_marker(pytest.mark.skip(reason=f"linux tier: {self.plan.linux_reason}"))
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        # After `-m`/`-k` deselection: swap each remaining inner linux test for a stand-in reporting its result.
+        if self.plan.linux_mode != "testhost":
+            return
+        items = session.items
+        for i, item in enumerate(items):
+            if tier_of(Path(str(item.path)), self.tests_dir) != "linux" or item.get_closest_marker(HOST_SIDE):
+                continue
+            if item.get_closest_marker("skip"):
+                continue
+            assert item.parent is not None
+            items[i] = RemoteItem.from_parent(item.parent, name=item.name, original=item, plugin=self)
+            self.inner_nodeids.append(item.nodeid)
+
+    # -- the inner run (outer side) -----------------------------------------------------------------------
+
+    def inner_result(self, nodeid: str) -> dict[str, Any]:
+        if self.inner is None:
+            self.inner = self._run_inner()
+        result = self.inner.get(nodeid)
+        if result is None:
+            return {"outcome": "failed", "text": f"no result came back from the test host. {self.inner_note}"}
+        return result
+
+    def _run_inner(self) -> dict[str, dict[str, Any]]:
+        from evmm.assets.guest import build_default_guest
+        from evmm.testhost.assets import build_testhost_assets
+
+        # A fresh machine needs no extra step: build what the tier needs (a no-op when cached).
+        build_default_guest()
+        build_testhost_assets()
+        results = Path(tempfile.mkdtemp(prefix="evmm-linux-tier-"))
+        report = results / "report.jsonl"
+        self.inner_log = results / "inner.log"
+        rootdir = Path(str(self.config.rootpath))
+        inner = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--rootdir", str(rootdir)]
+        argv = [
+            *(sys.executable, "-m", "evmm.testhost", "run", "--share", str(results)),
+            *("--timeout", f"{self.tier_timeout:g}", "--", *inner, *self.inner_nodeids),
+        ]
+        env = {**os.environ, REPORT_ENV: str(report), "PYTHONDONTWRITEBYTECODE": "1"}
+        started = time.monotonic()
+        with open(self.inner_log, "wb") as log:
+            try:
+                proc = subprocess.run(
+                    argv,
+                    cwd=rootdir,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    timeout=self.tier_timeout + 300,
+                    check=False,
+                )
+                status = proc.returncode
+            except subprocess.TimeoutExpired:
+                status = -1
+        elapsed = time.monotonic() - started
+        results_by_id = self._read_report(report)
+        tail = "\n".join(self.inner_log.read_text(errors="replace").splitlines()[-40:])
+        self.inner_note = f"The inner run exited {status} after {elapsed:.0f} s; the last lines of {self.inner_log}:\n{tail}"
+        self.inner_summary = (
+            f"{len(self.inner_nodeids)} tests in one KVM test host boot, {elapsed:.0f} s (exit {status})"
+        )
+        return results_by_id
+
+    def _read_report(self, path: Path) -> dict[str, dict[str, Any]]:
+        phases: dict[str, list[dict[str, Any]]] = {}
+        self.inner_kvm = ""
+        try:
+            lines = path.read_text().splitlines()
+        except OSError:
+            return {}
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # a line cut short when the test host was killed
+            if "header" in entry:
+                self.inner_kvm = entry["header"]
+            else:
+                phases.setdefault(entry["nodeid"], []).append(entry)
+        return {nodeid: merge_outcome(reports) for nodeid, reports in phases.items()}
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.inner is not None:
+            terminalreporter.write_line(f"{self.inner_kvm or 'linux tier'}: {self.inner_summary}")
+            terminalreporter.write_line(f"inner run's log: {self.inner_log}")
+
+    # -- the inner run (inner side) and the tier timeout -------------------------------------------------
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        if self.report_path:
+            self._append({"header": self.plan.linux_header})
+
+    def _append(self, entry: dict[str, Any]) -> None:
+        assert self.report_path is not None
+        # One line per phase, flushed at once, so whatever finished survives a killed test host.
+        with open(self.report_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if not self.report_path:
+            return
+        if report.skipped and isinstance(report.longrepr, tuple):
+            text = str(report.longrepr[2])
+        else:
+            text = report.longreprtext
+        self._append({"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome, "text": text})
+
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        # Direct mode: the whole tier shares one deadline; a guest that hangs past it fails the test it is in.
+        if self.plan.linux_mode != "direct" or tier_of(Path(str(item.path)), self.tests_dir) != "linux":
+            return
+        if not self.alarm_armed and hasattr(signal, "SIGALRM"):
+            self.alarm_armed = True
+            limit = self.tier_timeout
+
+            def expired(_signum: int, _frame: FrameType | None) -> None:
+                pytest.fail(f"the linux tier ran past its {limit:g} s timeout ({TIMEOUT_ENV})", pytrace=False)
+
+            signal.signal(signal.SIGALRM, expired)
+            signal.alarm(int(limit))
