@@ -33,18 +33,23 @@ def _run(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     started = time.monotonic()
+    steps: list[str] = []
     with console.status("", spinner="dots") as status:
 
         def step(message: str) -> None:
             elapsed = time.monotonic() - started
+            steps.append(message)
             status.update(f"{message} ...")
-            console.log(f"[dim]{elapsed:5.1f}s[/] {message}")
+            console.print(f"[dim]{elapsed:5.1f}s[/] {message}", highlight=False)
 
         guest = build_default_guest(args.cache, force=args.force, tools=not args.no_tools, step=step)
         testhost = (
             None if args.no_testhost else build_testhost_assets(args.cache, force=args.force, step=step)
         )
-    console.log(f"[green]done[/] in {time.monotonic() - started:.1f}s, cache {cache_root(args.cache)}")
+    if steps:
+        console.print(f"[green]built[/] in {time.monotonic() - started:.1f}s, cache {cache_root(args.cache)}")
+    else:
+        console.print(f"[green]already built[/] in {cache_root(args.cache)} (--force rebuilds)")
     # The paths go to stdout, one per line as NAME PATH, for scripts; the progress went to stderr.
     print(f"kernel-version {guest.kernel_version}")
     print(f"bzimage {guest.bzimage}")

@@ -11,7 +11,7 @@ import pytest
 
 from evmm.assets import GuestAssets
 from tests.conftest import GuestFactory
-from tests.linux.harness import PROMPT, READY, qemu_microvm_argv
+from tests.linux.harness import PROMPT, READY, kernel_args, qemu_microvm_argv
 
 BOOT_TIMEOUT = 90.0
 MODULES = (
@@ -40,8 +40,6 @@ def test_default_guest_boots_on_qemu_microvm(
 
 
 def test_module_parameters_from_the_command_line(launch: GuestFactory, guest_assets: GuestAssets) -> None:
-    from tests.linux.harness import kernel_args
-
     argv = qemu_microvm_argv(
         guest_assets.vmlinux, guest_assets.initramfs, append=kernel_args("virtio_net.napi_weight=32")
     )
@@ -56,7 +54,9 @@ def test_module_parameters_from_the_command_line(launch: GuestFactory, guest_ass
 
 
 def test_reboot_ends_the_vm(launch: GuestFactory, guest_assets: GuestAssets) -> None:
-    guest = launch(qemu_microvm_argv(guest_assets.vmlinux, guest_assets.initramfs), "qemu-reboot")
+    # reboot=t: microvm has no keyboard controller or ACPI reset register, so the kernel must triple-fault.
+    argv = qemu_microvm_argv(guest_assets.vmlinux, guest_assets.initramfs, append=kernel_args("reboot=t"))
+    guest = launch(argv, "qemu-reboot")
     guest.expect(READY, BOOT_TIMEOUT)
     guest.expect(PROMPT, 30)
     guest.sendline("reboot")

@@ -7,8 +7,10 @@ run inside it with the rest of the linux tier.
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -24,7 +26,7 @@ host_side = pytest.mark.host_side
 BOOT_SLACK = 90.0  # generous: two cores shared with everything else on the machine
 
 
-def testhost(*args: str, cwd: Path) -> subprocess.Popen[str]:
+def start_testhost(*args: str, cwd: Path) -> subprocess.Popen[str]:
     argv = [sys.executable, "-m", "evmm.testhost", "run", *args]
     return subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -54,7 +56,7 @@ def test_status_streaming_and_shares(testhost_images: None, tmp_path: Path) -> N
         "i=0; while [ ! -e go ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; "
         "echo second; echo to-stderr >&2; exit 7"
     )
-    proc = testhost("--share", str(tmp_path), "--", "sh", "-c", script, cwd=tmp_path)
+    proc = start_testhost("--share", str(tmp_path), "--", "sh", "-c", script, cwd=tmp_path)
     assert proc.stdout is not None
     first = proc.stdout.readline()
     # Streaming: "first" is here while the command is still waiting for us.
@@ -70,10 +72,53 @@ def test_status_streaming_and_shares(testhost_images: None, tmp_path: Path) -> N
     assert "testhost:" not in err
 
 
+def _read_until(fd: int, needle: bytes, timeout: float) -> bytes:
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while needle not in seen:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"no {needle!r} within {timeout:g} s; got {seen!r}"
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: the pty's last user closed it
+                chunk = b""
+            assert chunk, f"EOF before {needle!r}; got {seen!r}"
+            seen += chunk
+    return seen
+
+
+@host_side
+def test_interactive_command_gets_a_terminal_and_ours_is_restored(
+    testhost_images: None, tmp_path: Path
+) -> None:
+    """On a terminal: the command's stdin is the test host's console (a tty), and our terminal comes back sane."""
+    master, slave = os.openpty()
+    before = termios.tcgetattr(slave)
+    script = "tty; stty size; read line; echo got:$line; exit 4"
+    argv = [sys.executable, "-m", "evmm.testhost", "run", "--", "sh", "-c", script]
+    proc = subprocess.Popen(
+        argv, cwd=tmp_path, stdin=slave, stdout=slave, stderr=slave, start_new_session=True
+    )
+    try:
+        out = _read_until(master, b"/dev/ttyS0", 120)
+        assert termios.tcgetattr(slave)[3] & termios.ICANON == 0  # ours is raw while the command runs
+        os.write(master, b"hello\r")  # a person presses Enter: CR, which the test host's tty turns into NL
+        out += _read_until(master, b"got:hello", 60)
+        assert proc.wait(60) == 4
+    finally:
+        proc.kill()
+        proc.wait()
+    assert termios.tcgetattr(slave) == before
+    os.close(slave)
+    os.close(master)
+
+
 @host_side
 def test_hung_command_is_killed_and_reported(testhost_images: None, tmp_path: Path) -> None:
     started = time.monotonic()
-    proc = testhost("--timeout", "5", "--", "sleep", "600", cwd=tmp_path)
+    proc = start_testhost("--timeout", "5", "--", "sleep", "600", cwd=tmp_path)
     _, err = proc.communicate(timeout=5 + BOOT_SLACK)
     assert proc.returncode == EXIT_TIMEOUT
     assert "testhost: the command timed out after 5 s" in err
