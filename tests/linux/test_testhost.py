@@ -51,8 +51,8 @@ def test_status_streaming_and_shares(testhost_images: None, tmp_path: Path) -> N
     """One boot: output arrives while the command runs, a share carries files both ways, the status returns."""
     (tmp_path / "from-host").write_text("hello from the host\n")
     script = (
-        "echo first; cat from-host; cat /sys/module/kvm_amd/parameters/npt; "
         "echo written-inside > from-inside; "
+        "echo first; cat from-host; cat /sys/module/kvm_amd/parameters/npt; "
         "i=0; while [ ! -e go ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; "
         "echo second; echo to-stderr >&2; exit 7"
     )
