@@ -13,6 +13,7 @@ from evmm import exitcodes
 from evmm.errors import ConfigError, EvmmError
 from evmm.hostkvm import probe
 from evmm.machine.config import MachineConfig, check_cpus, check_file, check_memory, parse_size
+from evmm.machine.devspec import parse_drive, parse_net, parse_rng, parse_virtio_console, parse_vsock
 
 TESTHOST_HINT = "evmm testhost run -- evmm run ..."
 
@@ -32,6 +33,37 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--memory", default="256M", metavar="SIZE", help="guest RAM, e.g. 256M or 2G (default 256M)"
     )
     p.add_argument("--cpus", default="1", metavar="N", help="number of vCPUs (default 1)")
+    p.add_argument(
+        "--drive",
+        action="append",
+        default=[],
+        metavar="path=P[,readonly=on][,id=ID]",
+        help="a virtio-blk disk (repeatable)",
+    )
+    p.add_argument(
+        "--net",
+        action="append",
+        default=[],
+        metavar="tap=NAME[,mac=M]",
+        help="a virtio-net NIC on a tap (repeatable)",
+    )
+    p.add_argument(
+        "--vsock", metavar="cid=N,path=SOCK", help="virtio-vsock; host side is the Unix socket SOCK"
+    )
+    p.add_argument("--virtio-console", metavar="PATH|stdio|pty", help="virtio-console (hvc0) endpoint")
+    p.add_argument(
+        "--rng",
+        nargs="?",
+        const="on",
+        metavar="rate=BYTES_PER_S",
+        help="virtio-rng from the host's getrandom",
+    )
+    p.add_argument(
+        "--virtio-mmio-cmdline",
+        action="store_true",
+        default=None,
+        help="also list virtio-mmio devices as virtio_mmio.device= (for kernels built to read it; default only with acpi=off)",
+    )
     p.add_argument(
         "--allow-slow-kvm",
         action="store_true",
@@ -63,7 +95,19 @@ def config_from_args(args: argparse.Namespace) -> MachineConfig:
     check_file(kernel, "--kernel")
     if initrd is not None:
         check_file(initrd, "--initrd")
-    return MachineConfig(kernel=kernel, initrd=initrd, cmdline=args.append, memory=memory, cpus=cpus)
+    return MachineConfig(
+        kernel=kernel,
+        initrd=initrd,
+        cmdline=args.append,
+        memory=memory,
+        cpus=cpus,
+        drives=tuple(parse_drive(d) for d in args.drive),
+        nets=tuple(parse_net(n) for n in args.net),
+        vsock=parse_vsock(args.vsock) if args.vsock is not None else None,
+        console=parse_virtio_console(args.virtio_console) if args.virtio_console is not None else None,
+        rng=parse_rng(args.rng) if args.rng is not None else None,
+        virtio_cmdline=args.virtio_mmio_cmdline,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
 def run_machine(config: MachineConfig) -> int:
     import uvloop
 
+    from evmm.log import set_raw_terminal
+    from evmm.log import setup as log_setup
     from evmm.loop.console import ConsoleIO
     from evmm.loop.terminal import RawTerminal
     from evmm.loop.vcpu_thread import KICK_SIGNAL
@@ -99,10 +145,18 @@ def run_machine(config: MachineConfig) -> int:
         if key in (b"q", b"x", b"\x11", b"\x18") and machine is not None:
             machine.stop(exitcodes.EXIT_GUEST_POWEROFF, "quit from the console")
 
+    hvc_stdio = config.console is not None and config.console.kind == "stdio"
+    log_setup()
     try:
         with RawTerminal(in_fd if interactive and in_fd is not None else -1) as term:
-            console = ConsoleIO(loop, out_fd, in_fd, interactive=term.active, on_escape=on_escape)
-            machine = build_microvm(config, loop, console)
+            set_raw_terminal(term.active)
+            if hvc_stdio:
+                # The virtio console owns the terminal; the UART's output is dropped.
+                stdio = (in_fd if in_fd is not None else os.open(os.devnull, os.O_RDONLY), out_fd)
+                machine = build_microvm(config, loop, None, stdio=stdio)
+            else:
+                console = ConsoleIO(loop, out_fd, in_fd, interactive=term.active, on_escape=on_escape)
+                machine = build_microvm(config, loop, console)
             m = machine
             loop.add_signal_handler(signal.SIGINT, m.stop, exitcodes.EXIT_SIGINT, "interrupted (SIGINT)")
             loop.add_signal_handler(signal.SIGTERM, m.stop, exitcodes.EXIT_SIGTERM, "terminated (SIGTERM)")
@@ -110,8 +164,9 @@ def run_machine(config: MachineConfig) -> int:
             result = loop.run_until_complete(machine.run())
             stuck = machine.close()
             machine = None
-            console.close()
-            console = None
+            if console is not None:
+                console.close()
+                console = None
     finally:
         if machine is not None:
             machine.stop(exitcodes.EXIT_VMM_FAULT, "evmm failed")

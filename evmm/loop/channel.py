@@ -44,7 +44,8 @@ class ExitChannel:
             if self._closed:
                 raise ChannelClosed(self.name)
             self._request = (fn, args)
-        os.eventfd_write(self._efd, 1)
+            # Inside the lock: close() cannot close the eventfd between our request and our write.
+            os.eventfd_write(self._efd, 1)
         self._done.acquire()
         error, self._error = self._error, None
         if error is not None:

@@ -45,7 +45,8 @@ class ConsoleIO:
         self._interactive = interactive
         self._on_escape = on_escape
         self._lock = threading.Lock()
-        self._buf = bytearray()
+        self._buf = bytearray()  # written by vCPU threads, under _lock
+        self._out = bytearray()  # reactor-only: taken from _buf, not yet written to out_fd
         self._writer_armed = False
         self.dropped = 0
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -53,6 +54,7 @@ class ConsoleIO:
         self._pending_in = b""
         self._reading = False
         self._escape_armed = False
+        self._listeners: list[Callable[[bytes], None]] = []
         # O_NONBLOCK is a property of the open file, shared with the shell that started us: restore it.
         self._saved_blocking = {fd: os.get_blocking(fd) for fd in {out_fd, in_fd} if fd is not None}
         os.set_blocking(out_fd, False)
@@ -64,35 +66,55 @@ class ConsoleIO:
         with self._lock:
             was_empty = not self._buf
             self._buf += data
-            if len(self._buf) > MAX_PENDING:
-                extra = len(self._buf) - MAX_PENDING
-                del self._buf[:extra]
-                self.dropped += extra
         if was_empty:
             os.eventfd_write(self._wake, 1)
 
     # ---- output: reactor -------------------------------------------------------------------------------
 
     def _on_wake(self) -> None:
-        with contextlib.suppress(BlockingIOError):
+        try:
             os.eventfd_read(self._wake)
+        except BlockingIOError:
+            pass
+        self._take()
         self._flush()
 
-    def _flush(self) -> None:
+    def add_output_listener(self, listener: Callable[[bytes], None]) -> Callable[[], None]:
+        """Also give every output chunk to ``listener`` on the reactor (console clients); returns a remover."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def inject(self, data: bytes) -> None:
+        """Input from somewhere other than the input fd (an attached console client), on the reactor."""
+        self._pending_in += data
+        self._push()
+
+    def _take(self) -> None:
+        """Move what vCPU threads wrote to the reactor's side, and hand it to listeners once."""
         with self._lock:
             data = bytes(self._buf)
+            self._buf.clear()
         if not data:
             return
+        for listener in list(self._listeners):
+            listener(data)
+        self._out += data
+        if len(self._out) > MAX_PENDING:
+            extra = len(self._out) - MAX_PENDING
+            del self._out[:extra]
+            self.dropped += extra
+
+    def _flush(self) -> None:
+        if not self._out:
+            return
         try:
-            n = os.write(self._out_fd, data)
+            n = os.write(self._out_fd, self._out)
         except BlockingIOError:
             n = 0
         except OSError:  # the reader went away (EPIPE): the guest keeps running, output is discarded
-            n = len(data)
-        with self._lock:
-            del self._buf[:n]
-            more = bool(self._buf)
-        if more and not self._writer_armed:
+            n = len(self._out)
+        del self._out[:n]
+        if self._out and not self._writer_armed:
             self._writer_armed = True
             self._loop.add_writer(self._out_fd, self._on_writable)
 
@@ -103,9 +125,9 @@ class ConsoleIO:
 
     def flush_now(self) -> None:
         """Best-effort blocking flush at shutdown, so the guest's last words reach the user."""
-        with self._lock:
-            data = bytes(self._buf)
-            self._buf.clear()
+        self._take()
+        data = bytes(self._out)
+        self._out.clear()
         if data:
             try:
                 os.set_blocking(self._out_fd, True)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from evmm.arch.x86 import layout
 from evmm.errors import ConfigError
+from evmm.machine.devspec import ConsoleSpec, DriveSpec, NetSpec, RngSpec, VsockSpec
 
 MIN_MEMORY = 32 * layout.MiB
 MAX_MEMORY = 1 << 40
@@ -65,4 +66,20 @@ class MachineConfig:
     cpus: int = 1
     board: str = "microvm"
     serial: str = "stdio"  # "stdio" (the terminal, or pipes) or "none"
+    drives: tuple[DriveSpec, ...] = ()
+    nets: tuple[NetSpec, ...] = ()
+    vsock: VsockSpec | None = None
+    console: ConsoleSpec | None = None
+    rng: RngSpec | None = None
+    # Also announce virtio-mmio devices as virtio_mmio.device= words, for kernels built with
+    # VIRTIO_MMIO_CMDLINE_DEVICES; on by default only when the user turned ACPI off.
+    virtio_cmdline: bool | None = None
     extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def virtio_count(self) -> int:
+        return (
+            len(self.drives)
+            + len(self.nets)
+            + sum(x is not None for x in (self.vsock, self.console, self.rng))
+        )

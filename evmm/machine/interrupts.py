@@ -42,3 +42,19 @@ class IrqfdInterrupt:
             self._vm.irqfd(self.fd, self.gsi, deassign=True)
             os.close(self.fd)
             self.fd = -1
+
+
+class KvmNotifyRegistrar:
+    """ioeventfds for virtio queue kicks: KVM signals the eventfd itself, the vCPU never exits to us."""
+
+    def __init__(self, vm: Vm) -> None:
+        self._vm = vm
+
+    def add(self, addr: int, datamatch: int) -> int:
+        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._vm.ioeventfd(fd, addr, 4, datamatch=datamatch)
+        return fd
+
+    def remove(self, addr: int, datamatch: int, fd: int) -> None:
+        self._vm.ioeventfd(fd, addr, 4, datamatch=datamatch, deassign=True)
+        os.close(fd)

@@ -8,9 +8,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from evmm.devices.bus import Bus
+from evmm.errors import EvmmError
 from evmm.kvm import Kvm, Vcpu, Vm
+from evmm.log import log
 from evmm.loop.channel import ExitChannel
 from evmm.loop.vcpu_thread import StopRequest, VcpuState, VcpuThread
 from evmm.machine.config import MachineConfig
@@ -47,6 +50,7 @@ class Machine:
         self.started_at = 0.0
         self.boot_marker_at: float | None = None
         self.paused = False
+        self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self._channels = [ExitChannel(loop, f"vcpu{v.index}") for v in parts.vcpus]
         self.threads = [
             VcpuThread(v, parts.pio, parts.mmio, ch, self.stop, self._vcpu_state_threadsafe)
@@ -60,7 +64,22 @@ class Machine:
         self.started_at = time.monotonic()
         for t in self.threads:
             t.start()
+        self.emit("state-changed", {"state": "running"})
         return await self._stopped
+
+    # ---- events (reactor) --------------------------------------------------------------------------------
+
+    def subscribe(self, listener: Callable[[str, dict[str, Any]], None]) -> Callable[[], None]:
+        """Call ``listener(event, data)`` on the reactor for every machine event; returns an unsubscribe."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def emit(self, event: str, data: dict[str, Any]) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event, data)
+            except Exception as e:  # a broken client must not break the machine
+                log.debug("event listener failed: %s", e)
 
     def stop(self, code: int, message: str) -> None:
         """Stop the machine; callable from any thread, and the first reason wins."""
@@ -79,11 +98,74 @@ class Machine:
         for ch in self._channels:
             ch.close()
         if not self._stopped.done() and self.stop_request is not None:
+            self.emit("state-changed", {"state": "stopped"})
+            self.emit("shutdown", {"code": self.stop_request.code, "reason": self.stop_request.message})
             self._stopped.set_result(self.stop_request)
 
     def record_boot_marker(self) -> None:
+        """The guest's init wrote the boot-timer register (any thread); log it and tell subscribers."""
+        if self.boot_marker_at is not None:
+            return
+        self.boot_marker_at = time.monotonic()
+        ms = (self.boot_marker_at - self.started_at) * 1000
+        log.debug("guest boot marker after %.1f ms", ms)
+        try:
+            self.loop.call_soon_threadsafe(self.emit, "boot-marker", {"ms": round(ms, 1)})
+        except RuntimeError:
+            pass
+
+    @property
+    def boot_time_ms(self) -> float | None:
         if self.boot_marker_at is None:
-            self.boot_marker_at = time.monotonic()
+            return None
+        return (self.boot_marker_at - self.started_at) * 1000
+
+    @property
+    def uptime(self) -> float:
+        return time.monotonic() - self.started_at if self.started_at else 0.0
+
+    # ---- guest-visible requests (reactor) ----------------------------------------------------------------
+
+    def power_button(self) -> None:
+        """Press the ACPI power button (a GED event, as QEMU microvm's system_powerdown does)."""
+        pm = self.parts.devices.get("acpi_pm")
+        if pm is None:
+            raise EvmmError("this machine has no ACPI power button")
+        pm.power_button()  # type: ignore[attr-defined]
+
+    def ctrl_alt_del(self) -> bool:
+        """Send Ctrl-Alt-Del through the i8042, as Firecracker's SendCtrlAltDel does."""
+        kbd = self.parts.devices.get("i8042")
+        return bool(kbd.ctrl_alt_del()) if kbd is not None else False  # type: ignore[attr-defined]
+
+    def describe(self) -> dict[str, Any]:
+        """Configuration and live state, for query-vm."""
+        cfg = self.config
+        return {
+            "state": self.state,
+            "board": cfg.board,
+            "kernel": str(cfg.kernel),
+            "initrd": str(cfg.initrd) if cfg.initrd else None,
+            "cmdline": self.parts.cmdline,
+            "memory": cfg.memory,
+            "uptime": round(self.uptime, 3),
+            "boot_time_ms": None if self.boot_time_ms is None else round(self.boot_time_ms, 1),
+            "vcpus": [
+                {"index": t.index, "state": t.state.value, "exits": t.exit_count} for t in self.threads
+            ],
+            "memory_regions": [{"gpa": r.gpa, "size": r.size} for r in self.parts.memory.regions],
+            "devices": self.device_list(),
+        }
+
+    def device_list(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for m in self.parts.mmio.mappings() + self.parts.pio.mappings():
+            entry: dict[str, Any] = {"name": m.name, "base": m.base, "length": m.length}
+            describe = getattr(m.device, "describe", None)
+            if callable(describe):
+                entry.update(describe())
+            out.append(entry)
+        return out
 
     @property
     def state(self) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from evmm import exitcodes
 from evmm.acpi.tables import AcpiConfig, VirtioMmioDevice, build_acpi_tables
@@ -23,12 +24,15 @@ from evmm.devices.legacy.debug_port import DebugPort
 from evmm.devices.legacy.i8042 import I8042
 from evmm.devices.legacy.rtc import Rtc
 from evmm.devices.legacy.serial import Serial
-from evmm.errors import KvmError
+from evmm.devices.virtio.device import VirtioDevice
+from evmm.devices.virtio.mmio import VirtioMmio
+from evmm.errors import ConfigError, KvmError
 from evmm.kvm import Kvm, Vm
+from evmm.log import log
 from evmm.loop.console import ConsoleIO
 from evmm.machine.cmdline import merge_cmdline
 from evmm.machine.config import MachineConfig, check_cpus
-from evmm.machine.interrupts import IrqfdInterrupt, KvmIrqLine
+from evmm.machine.interrupts import IrqfdInterrupt, KvmIrqLine, KvmNotifyRegistrar
 from evmm.machine.machine import Machine, MachineParts
 from evmm.memory import GuestMemory
 
@@ -38,16 +42,18 @@ I8042_DATA = 0x60
 I8042_COMMAND = 0x64
 POST_PORT = 0x80
 
+StopFn = Callable[[int, str], None]
 
-def default_cmdline(tsc_khz: int) -> list[str]:
+
+def default_cmdline(tsc_khz: int, console: str) -> list[str]:
     """What the board adds unless the user's --append already says it.
 
-    console=ttyS0: the UART is the console.  pci=off: the board has no PCI, don't probe config space.
-    i8042.noaux: no mouse port, skip probing it.  panic=-1: a panicking guest reboots at once, so evmm exits
-    instead of hanging.  tsc_early_khz: tell the kernel the TSC rate KVM gives it; under nested emulation early
-    calibration can otherwise hang.
+    console=: where the console is (the UART, or hvc0 when the virtio console owns the terminal).  pci=off: the
+    board has no PCI, don't probe config space.  i8042.noaux: no mouse port, skip probing it.  panic=-1: a
+    panicking guest reboots at once, so evmm exits instead of hanging.  tsc_early_khz: tell the kernel the TSC
+    rate KVM gives it; under nested emulation early calibration can otherwise hang.
     """
-    words = ["console=ttyS0", "pci=off", "i8042.noaux", "panic=-1"]
+    words = [f"console={console}", "pci=off", "i8042.noaux", "panic=-1"]
     if tsc_khz > 0:
         words.append(f"tsc_early_khz={tsc_khz}")
     return words
@@ -68,20 +74,156 @@ def _reactor_timer(
     return arm
 
 
+@dataclass
+class _Build:
+    """What the build has created so far, so a failure can release it in order."""
+
+    kvm: Kvm
+    vm: Vm | None = None
+    memory: GuestMemory | None = None
+
+    def __post_init__(self) -> None:
+        self.closers: list[Callable[[], None]] = []
+
+    def abort(self) -> None:
+        for closer in reversed(self.closers):
+            try:
+                closer()
+            except Exception as e:  # keep releasing the rest
+                log.debug("cleanup after a failed build: %s", e)
+        if self.vm is not None:
+            self.vm.close()  # before the memory: the VM holds its buffers
+        if self.memory is not None:
+            self.memory.close()
+        self.kvm.close()
+
+
+def _legacy_devices(
+    b: _Build,
+    vm: Vm,
+    pio: Bus,
+    mmio: Bus,
+    loop: asyncio.AbstractEventLoop,
+    console: ConsoleIO | None,
+    stop: StopFn,
+    boot_marker: Callable[[], None],
+) -> dict[str, object]:
+    output = console.write if console is not None else (lambda data: None)
+    serial = Serial(KvmIrqLine(vm, layout.IRQ_COM1), output)
+    # Inline: console output costs several exits per byte; the UART locks its own state.
+    pio.insert(COM1_BASE, 8, serial, "com1", inline=True)
+
+    rtc = Rtc(KvmIrqLine(vm, layout.IRQ_RTC))
+    pio.insert(RTC_BASE, 2, rtc, "rtc")
+    rtc.set_timer_callback(_reactor_timer(loop, rtc.poll))
+
+    i8042 = I8042(
+        KvmIrqLine(vm, layout.IRQ_KEYBOARD), lambda: stop(exitcodes.EXIT_GUEST_RESET, "guest reset")
+    )
+    pio.insert(I8042_DATA, 1, i8042.data_port, "i8042-data")
+    pio.insert(I8042_COMMAND, 1, i8042.command_port, "i8042-command")
+    pio.insert(POST_PORT, 1, DebugPort(), "post", inline=True)
+
+    ged_irq = IrqfdInterrupt(vm, layout.IRQ_ACPI_GED)
+    b.closers.append(ged_irq.close)
+    acpi_pm = AcpiPm(
+        ged=ged_irq,
+        on_poweroff=lambda: stop(exitcodes.EXIT_GUEST_POWEROFF, "guest powered off"),
+        on_reset=lambda: stop(exitcodes.EXIT_GUEST_RESET, "guest reset"),
+    )
+    mmio.insert(layout.ACPI_PM_BASE, layout.ACPI_PM_SIZE, acpi_pm, "acpi-pm", inline=True)
+    boot_timer = BootTimer(boot_marker)
+    mmio.insert(layout.BOOT_TIMER_BASE, 0x1000, boot_timer, "boot-timer", inline=True)
+    return {"serial": serial, "rtc": rtc, "i8042": i8042, "acpi_pm": acpi_pm, "boot_timer": boot_timer}
+
+
+def _make_virtio_devices(
+    config: MachineConfig, stdio: tuple[int, int] | None
+) -> list[tuple[str, VirtioDevice]]:
+    """Backends in slot order: disks, NICs, vsock, console, rng (imported only when asked for)."""
+    devices: list[tuple[str, VirtioDevice]] = []
+    if config.drives:
+        from evmm.devices.virtio.blk import make_blk
+
+        for i, drive in enumerate(config.drives):
+            devices.append((drive.id or f"blk{i}", make_blk(drive)))
+    if config.nets:
+        from evmm.devices.virtio.net import make_net
+
+        for i, net in enumerate(config.nets):
+            devices.append((net.id or f"net{i}", make_net(net, i)))
+    if config.vsock is not None:
+        from evmm.devices.virtio.vsock import make_vsock
+
+        devices.append(("vsock", make_vsock(config.vsock)))
+    if config.console is not None:
+        from evmm.devices.virtio.console import make_console
+
+        devices.append(("console", make_console(config.console, stdio)))
+    if config.rng is not None:
+        from evmm.devices.virtio.rng import VirtioRng
+
+        devices.append(("rng", VirtioRng(config.rng.rate)))
+    return devices
+
+
+def _virtio_transports(
+    b: _Build,
+    vm: Vm,
+    memory: GuestMemory,
+    mmio: Bus,
+    loop: asyncio.AbstractEventLoop,
+    devices: list[tuple[str, VirtioDevice]],
+) -> list[VirtioMmio]:
+    if len(devices) > len(layout.VIRTIO_IRQS):
+        raise ConfigError(
+            f"too many virtio devices ({len(devices)}); the microvm board has {len(layout.VIRTIO_IRQS)} slots"
+        )
+    notify = KvmNotifyRegistrar(vm)
+    transports = []
+    for index, (name, device) in enumerate(devices):
+        base = layout.virtio_mmio_slot(index)
+        irq = IrqfdInterrupt(vm, layout.VIRTIO_IRQS[index])
+        b.closers.append(irq.close)
+        t = VirtioMmio(device, memory, irq, loop, base, notify=notify, on_error=log.warning)
+        b.closers.append(t.close)
+        mmio.insert(base, layout.VIRTIO_MMIO_SIZE, t, f"virtio-{name}")
+        transports.append(t)
+    return transports
+
+
+def _virtio_cmdline_words(transports: list[VirtioMmio]) -> list[str]:
+    """virtio_mmio.device=<size>@<base>:<irq> (Documentation/admin-guide/kernel-parameters.txt)."""
+    return [
+        f"virtio_mmio.device={layout.VIRTIO_MMIO_SIZE // 1024}K@{t.base:#x}:{layout.VIRTIO_IRQS[i]}"
+        for i, t in enumerate(transports)
+    ]
+
+
 def build_microvm(
     config: MachineConfig,
     loop: asyncio.AbstractEventLoop,
     console: ConsoleIO | None,
+    *,
+    stdio: tuple[int, int] | None = None,
     kvm_path: str = "/dev/kvm",
 ) -> Machine:
-    kvm = Kvm(kvm_path)
-    closers: list[Callable[[], None]] = []  # device resources, released before the VM and its memory
-    vm: Vm | None = None
-    memory: GuestMemory | None = None
+    b = _Build(Kvm(kvm_path))
+    machine_ref: list[Machine] = []
+
+    def stop(code: int, message: str) -> None:
+        if machine_ref:
+            machine_ref[0].stop(code, message)
+
+    def boot_marker() -> None:
+        if machine_ref:
+            machine_ref[0].record_boot_marker()
+
     try:
+        kvm = b.kvm
         kvm.require()
         check_cpus(config.cpus, kvm.max_vcpus())
-        vm = kvm.create_vm()
+        vm = b.vm = kvm.create_vm()
         # Intel needs these three pages below 4 GiB for real-mode emulation; on AMD they are harmless.
         vm.set_tss_addr(layout.KVM_TSS_ADDR)
         try:
@@ -92,57 +234,36 @@ def build_microvm(
         vm.set_gsi_routing(pc_gsi_routes())
         vm.create_pit2()
 
-        memory = GuestMemory.anonymous(layout.ram_layout(config.memory))
+        memory = b.memory = GuestMemory.anonymous(layout.ram_layout(config.memory))
         for slot, region in enumerate(memory.regions):
             vm.set_user_memory_region(slot, region.gpa, region.buffer)
 
         pio, mmio = Bus("pio"), Bus("mmio")
-        machine_ref: list[Machine] = []
+        devices = _legacy_devices(b, vm, pio, mmio, loop, console, stop, boot_marker)
+        transports = _virtio_transports(b, vm, memory, mmio, loop, _make_virtio_devices(config, stdio))
 
-        def stop(code: int, message: str) -> None:
-            if machine_ref:
-                machine_ref[0].stop(code, message)
-
-        output = console.write if console is not None else (lambda data: None)
-        serial = Serial(KvmIrqLine(vm, layout.IRQ_COM1), output)
-        pio.insert(COM1_BASE, 8, serial, "com1", inline=True)
-
-        rtc = Rtc(KvmIrqLine(vm, layout.IRQ_RTC))
-        pio.insert(RTC_BASE, 2, rtc, "rtc")
-        rtc.set_timer_callback(_reactor_timer(loop, rtc.poll))
-
-        i8042 = I8042(
-            KvmIrqLine(vm, layout.IRQ_KEYBOARD), lambda: stop(exitcodes.EXIT_GUEST_RESET, "guest reset")
+        acpi_devices = tuple(
+            VirtioMmioDevice(t.base, layout.VIRTIO_MMIO_SIZE, layout.VIRTIO_IRQS[i])
+            for i, t in enumerate(transports)
         )
-        pio.insert(I8042_DATA, 1, i8042.data_port, "i8042-data")
-        pio.insert(I8042_COMMAND, 1, i8042.command_port, "i8042-command")
-        pio.insert(POST_PORT, 1, DebugPort(), "post", inline=True)
-
-        ged_irq = IrqfdInterrupt(vm, layout.IRQ_ACPI_GED)
-        closers.append(ged_irq.close)
-        acpi_pm = AcpiPm(
-            on_poweroff=lambda: stop(exitcodes.EXIT_GUEST_POWEROFF, "guest powered off"),
-            on_reset=lambda: stop(exitcodes.EXIT_GUEST_RESET, "guest reset"),
-            ged=ged_irq,
-        )
-        mmio.insert(layout.ACPI_PM_BASE, layout.ACPI_PM_SIZE, acpi_pm, "acpi-pm", inline=True)
-        boot_timer = BootTimer(lambda: machine_ref[0].record_boot_marker() if machine_ref else None)
-        mmio.insert(layout.BOOT_TIMER_BASE, 0x1000, boot_timer, "boot-timer", inline=True)
-
-        virtio: tuple[VirtioMmioDevice, ...] = ()
-        tables = build_acpi_tables(AcpiConfig(num_cpus=config.cpus, virtio_devices=virtio))
+        tables = build_acpi_tables(AcpiConfig(num_cpus=config.cpus, virtio_devices=acpi_devices))
         memory.write(layout.ACPI_TABLES_ADDR, tables.blob)
         memory.write(layout.MPTABLE_ADDR, build_mptable(config.cpus))
 
         vcpus = [vm.create_vcpu(i) for i in range(config.cpus)]
-        tsc_khz = vcpus[0].get_tsc_khz()
-        cmdline = merge_cmdline(config.cmdline, default_cmdline(tsc_khz) if config.serial != "none" else [])
+        console_name = "hvc0" if config.console is not None and config.console.kind == "stdio" else "ttyS0"
+        defaults = default_cmdline(vcpus[0].get_tsc_khz(), console_name)
+        acpi_off = "acpi=off" in config.cmdline.split()
+        if config.virtio_cmdline or (config.virtio_cmdline is None and acpi_off):
+            defaults += _virtio_cmdline_words(transports)
+        cmdline = merge_cmdline(config.cmdline, defaults)
         plan = load_linux(memory, config.kernel, config.initrd, cmdline, tables.rsdp_addr)
         supported = kvm.supported_cpuid()
         for v in vcpus:
             setup_vcpu(v, supported, config.cpus)
         setup_boot_vcpu(vcpus[0], plan)
 
+        devices["virtio"] = transports
         parts = MachineParts(
             config=config,
             kvm=kvm,
@@ -152,26 +273,16 @@ def build_microvm(
             pio=pio,
             mmio=mmio,
             cmdline=cmdline,
-            devices={
-                "serial": serial,
-                "rtc": rtc,
-                "i8042": i8042,
-                "acpi_pm": acpi_pm,
-                "boot_timer": boot_timer,
-            },
-            closers=closers,
+            devices=devices,
+            closers=b.closers,
         )
         machine = Machine(parts, loop)
         machine_ref.append(machine)
         if console is not None:
+            serial = devices["serial"]
+            assert isinstance(serial, Serial)
             console.attach_input(serial)
         return machine
     except BaseException:
-        for closer in reversed(closers):
-            closer()
-        if vm is not None:
-            vm.close()  # first: it holds the memory's buffers
-        if memory is not None:
-            memory.close()
-        kvm.close()
+        b.abort()
         raise
