@@ -194,7 +194,18 @@ class TierPlugin:
         report = results / "report.jsonl"
         self.inner_log = results / "inner.log"
         rootdir = Path(str(self.config.rootpath))
-        inner = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--rootdir", str(rootdir)]
+        # -v: the log names the test that was running if the test host is killed; durations: where the time went.
+        inner = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-v",
+            "--durations=10",
+            "--rootdir",
+            str(rootdir),
+        ]
         argv = [
             *(sys.executable, "-m", "evmm.testhost", "run", "--share", str(results)),
             *("--timeout", f"{self.tier_timeout:g}", "--", *inner, *self.inner_nodeids),
