@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import subprocess
 import sys
 import termios
@@ -113,6 +114,40 @@ def test_interactive_command_gets_a_terminal_and_ours_is_restored(
     assert termios.tcgetattr(slave) == before
     os.close(slave)
     os.close(master)
+
+
+def _child_pids(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"  # a zombie runs nothing
+    except OSError:
+        return True
+
+
+@host_side
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)
+def test_no_qemu_outlives_the_runner(testhost_images: None, tmp_path: Path, signum: int) -> None:
+    """SIGTERM/SIGINT: the runner kills QEMU and exits 128+N; SIGKILL: PR_SET_PDEATHSIG takes QEMU with it."""
+    proc = start_testhost("--", "sleep", "600", cwd=tmp_path)
+    deadline = time.monotonic() + 30
+    while not (children := _child_pids(proc.pid)):
+        assert time.monotonic() < deadline and proc.poll() is None, "QEMU never started"
+        time.sleep(0.05)
+    qemu = children[0]
+    assert Path(f"/proc/{qemu}/comm").read_text().startswith("qemu-system")
+    proc.send_signal(signum)
+    status = proc.wait(30)
+    assert status == (-signal.SIGKILL if signum == signal.SIGKILL else 128 + signum)
+    deadline = time.monotonic() + 10
+    while not _gone(qemu):
+        assert time.monotonic() < deadline, f"QEMU (pid {qemu}) outlived the runner"
+        time.sleep(0.05)
 
 
 @host_side
