@@ -24,6 +24,14 @@ from evmm.machine.devspec import ConsoleSpec
 from tests.fakes.virtio_driver import MmioDriver
 
 RX, TX = 0, 1
+_opened: list[socket.socket] = []  # clients, closed after each test
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _opened:
+        _opened.pop().close()
 
 
 @pytest.fixture
@@ -86,6 +94,7 @@ def sock_console(tmp_path: Path) -> Iterator[tuple[VirtioConsole, Path]]:
 
 def client(path: Path) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    _opened.append(s)
     s.connect(str(path))
     s.setblocking(False)
     return s

@@ -26,6 +26,19 @@ from evmm.machine.devspec import VsockSpec
 from tests.fakes.vsock_guest import GuestConn, GuestVsock
 
 CID = 3
+_opened: list[socket.socket] = []  # host-side test sockets, closed after each test
+
+
+def track(s: socket.socket) -> socket.socket:
+    _opened.append(s)
+    return s
+
+
+@pytest.fixture(autouse=True)
+def _close_test_sockets() -> Iterator[None]:
+    yield
+    while _opened:
+        _opened.pop().close()
 
 
 @pytest.fixture
@@ -54,7 +67,7 @@ def guest_of(dev: VirtioVsock, loop: asyncio.AbstractEventLoop, **kw: int | bool
 
 
 def host_connect(path: Path, port: int) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s = track(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
     s.connect(str(path))
     s.sendall(f"CONNECT {port}\n".encode())
     return s
@@ -71,7 +84,7 @@ def read_line(s: socket.socket) -> bytes:
 
 
 def host_listener(path: Path, port: int) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s = track(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
     s.bind(f"{path}_{port}")
     s.listen(16)
     return s
@@ -142,7 +155,7 @@ def test_bad_connect_lines_are_closed(
 ) -> None:
     g = guest_of(dev, loop)
     for line in (b"HELLO\n", b"CONNECT x\n", b"A" * 100):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s = track(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
         s.connect(str(sock_path))
         s.sendall(line)
         s.settimeout(5)
@@ -160,7 +173,7 @@ def test_guest_to_host_connect(dev: VirtioVsock, loop: asyncio.AbstractEventLoop
     lst = host_listener(sock_path, 1234)
     c = g.connect(1234)
     g.pump(lambda: c.state == "established")
-    s, _ = lst.accept()
+    s = track(lst.accept()[0])
     resp = next(h for h in g.received if h.op == Op.RESPONSE)
     assert (resp.src_port, resp.dst_port, resp.buf_alloc) == (1234, c.local_port, BUF_ALLOC)
     g.write(c, b"ping")
@@ -257,7 +270,7 @@ def test_guest_half_close(dev: VirtioVsock, loop: asyncio.AbstractEventLoop, soc
     lst = host_listener(sock_path, 7)
     c = g.connect(7)
     g.pump(lambda: c.state == "established")
-    s, _ = lst.accept()
+    s = track(lst.accept()[0])
     g.write(c, b"request")
     g.shutdown(c, SHUTDOWN_SEND)
     s.settimeout(5)
@@ -294,7 +307,7 @@ def test_eight_concurrent_connections(
     for _ in range(4):
         c = g.connect(9000)
         g.pump(lambda c=c: c.state == "established")  # type: ignore[misc]
-        pairs.append((c, lst.accept()[0]))
+        pairs.append((c, track(lst.accept()[0])))
     payloads = [os.urandom(size) for _ in pairs]
     results = [bytearray() for _ in pairs]
     threads = []
