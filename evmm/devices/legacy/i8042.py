@@ -82,7 +82,7 @@ _SET2_TO_SET1 = {0x01: 0x43, 0x02: 0x41, 0x03: 0x3F, 0x11: 0x38, 0x14: 0x1D, 0x7
 _BREAK_PREFIX = 0xF0
 
 
-class _Port:
+class I8042Port:
     """One of the controller's two ports, as a one-register bus device."""
 
     def __init__(self, read: Callable[[], int], write: Callable[[int], None]) -> None:
@@ -106,8 +106,8 @@ class I8042:
         self._irq = irq
         self._on_reset = on_reset
         self._lock = threading.Lock()
-        self.data_port = _Port(self._read_data, self._write_data)
-        self.command_port = _Port(self._read_status, self._write_command)
+        self.data_port = I8042Port(self._read_data, self._write_data)
+        self.command_port = I8042Port(self._read_status, self._write_command)
 
         self._ram = bytearray(32)  # byte 0 is the CTR
         self._ram[0] = _RESET_CTR
