@@ -16,6 +16,8 @@ COMMANDS = (
     "evmm.cli.doctor_cmd",
     "evmm.cli.assets_cmd",
     "evmm.cli.testhost_cmd",
+    "evmm.cli.ctl_cmd",
+    "evmm.cli.console_cmd",
 )
 
 

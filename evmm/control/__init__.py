@@ -43,15 +43,19 @@ async def start_control(
     *,
     api_sock: Path | None,
     qmp: str | None,
+    commands: Commands | None = None,
 ) -> Callable[[], Awaitable[None]]:
     """Listen on ``api_sock`` (msgpack) and the ``--qmp`` spec, as asked; returns an async closer.
+
+    ``commands``: the command core to serve, when the caller also drives it (the escape menu of ``evmm run``,
+    so that a quit from the menu and one from QMP are told apart); by default a new one for ``machine``.
 
     Raises ``EvmmError`` (one line) for a bad ``--qmp`` spec or a socket path in use; nothing is left
     listening then.  The closer lets final answers and the shutdown event reach clients (for up to a second),
     disconnects everyone and removes the socket files.
     """
     qmp_path = parse_qmp_spec(qmp) if qmp is not None else None
-    commands = Commands(machine)
+    commands = commands if commands is not None else Commands(machine)
     servers: list[ControlServer | QmpServer] = []
     if api_sock is not None:
         servers.append(ControlServer(commands, console, api_sock))

@@ -5,10 +5,17 @@ every method, several clients, hostile clients, events, the console, and the soc
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import json
 import os
+import re
+import signal
 import socket
 import struct
+import sys
 import tempfile
+import termios
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,12 +25,12 @@ import pytest
 
 from evmm.control import Client, CommandError, Commands, ControlError, ErrorCode, start_control
 from evmm.control import server as server_mod
+from evmm.control.prompt import CommandsTarget, EscapeMenu, Status, render
 from evmm.control.protocol import Decoder, encode_frame, request
+from evmm.control.server import ControlServer
 from evmm.errors import EvmmError
 from evmm.exitcodes import EXIT_GUEST_POWEROFF, EXIT_GUEST_RESET
 from tests.fakes.machine import FakeConsole, FakeMachine, FakeMachineWithoutHotplug
-
-Closer = Any
 
 
 @pytest.fixture
@@ -518,3 +525,260 @@ async def test_answers_are_msgpack_frames_on_the_wire(sock: Path) -> None:
     payload = await raw.reader.readexactly(struct.unpack(">I", header)[0])
     assert msgpack.unpackb(payload) == {"id": "abc", "result": {"state": "running", "running": True}}
     await raw.close()
+
+
+# ---- evmm ctl and evmm console, as processes ------------------------------------------------------------------
+
+
+async def evmm(*argv: str, stdin: int | None = None, stdout: int | None = None) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "evmm",
+        *argv,
+        stdin=stdin if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=stdout if stdout is not None else asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE if stdout is None else stdout,
+    )
+
+
+async def ctl(sock: Path, *argv: str) -> tuple[int, str, str]:
+    proc = await evmm("ctl", str(sock), *argv)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_ctl_prints_results_and_types_values(sock: Path, machine: FakeMachine, sockdir: Path) -> None:
+    code, out, err = await ctl(sock, "query-status")
+    assert code == 0 and "running" in out and err == ""
+    code, out, _ = await ctl(sock, "pause", "--json")
+    assert code == 0 and json.loads(out) == {"state": "paused"}
+    image = sockdir / "x.img"
+    image.write_bytes(b"x")
+    code, out, _ = await ctl(sock, "device-replace", "slot=hp-blk1", f"path={image}", "readonly=on", "--json")
+    assert code == 0 and json.loads(out)["backend"] == str(image)
+    assert machine.specs["hp-blk1"].readonly  # type: ignore[union-attr]
+    code, out, _ = await ctl(sock, "console-resize", "rows=0x10", "cols=80", "--json")
+    assert json.loads(out) == {"rows": 16, "cols": 80, "applied": False}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["frob"], "evmm: frob: unknown method 'frob' (query-commands lists them)"),
+        (["device-replace", "slot=hp-blk0", "readonly=maybe"], "evmm: ctl: readonly='maybe' is not on/off"),
+        (["console-resize", "rows=many", "cols=1"], "evmm: ctl: rows='many' is not a number"),
+        (["pause", "now"], "evmm: ctl: 'now' is not KEY=VALUE"),
+        (["device-remove", "slot=hp-blk0"], "evmm: device-remove: hp-blk0 is already empty"),
+    ],
+)
+async def test_ctl_errors_are_one_line(sock: Path, argv: list[str], message: str) -> None:
+    code, out, err = await ctl(sock, *argv)
+    assert (code, out, err) == (1, "", message + "\n")
+
+
+async def test_ctl_on_a_missing_socket(sockdir: Path) -> None:
+    code, _, err = await ctl(sockdir / "none.sock", "query-status")
+    assert code == 1
+    assert (
+        err
+        == f"evmm: {sockdir / 'none.sock'}: no control socket there (is the VM running with --api-sock?)\n"
+    )
+
+
+async def test_ctl_events_streams_until_the_vm_stops(sockdir: Path) -> None:
+    machine = FakeMachine()
+    path = sockdir / "ev.sock"
+    close = await start_control(machine, None, api_sock=path, qmp=None)
+    proc = await evmm("ctl", str(path), "events", "--json")
+    assert proc.stdout is not None
+    async with Client(path) as c:
+        raw = b""
+        for _ in range(100):  # until the events client has subscribed and hears one
+            machine.emit("boot-marker", {"ms": 5.0})
+            with contextlib.suppress(TimeoutError):
+                raw = await asyncio.wait_for(proc.stdout.readline(), 0.2)
+                break
+        line = json.loads(raw)
+        assert (line["event"], line["data"]) == ("boot-marker", {"ms": 5.0})
+        await c.call("quit")
+    await asyncio.sleep(0.05)
+    await close()
+    rest = (await asyncio.wait_for(proc.stdout.read(), 10)).decode().splitlines()
+    events = [json.loads(x)["event"] for x in rest]
+    assert events[-2:] == ["state-changed", "shutdown"] and set(events[:-2]) <= {"boot-marker"}
+    assert await proc.wait() == 0
+
+
+class Pty:
+    """A terminal for a child process: the test holds the master side."""
+
+    def __init__(self, rows: int = 30, cols: int = 100) -> None:
+        self.master, self.slave = os.openpty()
+        self.resize(rows, cols)
+        self.saved = termios.tcgetattr(self.slave)
+        os.set_blocking(self.master, False)
+        self.buf = bytearray()
+
+    def resize(self, rows: int, cols: int) -> None:
+        fcntl.ioctl(self.slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    async def expect(self, text: bytes, timeout: float = 10.0) -> bytes:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while text not in self.buf:
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"no {text!r} in {bytes(self.buf)!r}")
+            try:
+                self.buf += os.read(self.master, 4096)
+            except (BlockingIOError, OSError):
+                await asyncio.sleep(0.02)
+        out = bytes(self.buf)
+        self.buf = self.buf[self.buf.index(text) + len(text) :]
+        return out
+
+    def type(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def close(self) -> None:
+        os.close(self.master)
+        os.close(self.slave)
+
+
+async def test_console_attach_type_resize_detach_reattach_quit(sockdir: Path) -> None:
+    machine, console = FakeMachine(), FakeConsole()
+    commands = Commands(machine)
+    path = sockdir / "con.sock"
+    srv = ControlServer(commands, console, path)
+    await srv.start()
+    console.output(b"booted\r\nguest# ")
+    term = Pty()
+    try:
+        proc = await evmm("console", str(path), stdin=term.slave, stdout=term.slave)
+        await term.expect(b"Ctrl-] for the menu")
+        await term.expect(b"guest# ")  # the replay
+        assert termios.tcgetattr(term.slave)[3] & termios.ICANON == 0  # raw while attached
+        term.type(b"uname\r")
+        for _ in range(100):
+            if bytes(console.injected) == b"uname\r":
+                break
+            await asyncio.sleep(0.02)
+        assert bytes(console.injected) == b"uname\r"
+        console.output(b"Linux\r\n")
+        await term.expect(b"Linux")
+        term.type(b"\x1d]")  # a literal Ctrl-]
+        term.resize(50, 132)
+        os.kill(proc.pid, signal.SIGWINCH)
+        for _ in range(100):
+            if commands.console_size == (50, 132) and console.injected.endswith(b"\x1d"):
+                break
+            await asyncio.sleep(0.02)
+        assert commands.console_size == (50, 132) and console.injected.endswith(b"\x1d")
+        term.type(b"\x1dp")  # the menu: pause
+        await term.expect(b"paused in")
+        assert machine.paused
+        term.type(b"\x1dd")
+        await term.expect(b"detached; the VM keeps running")
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+        assert termios.tcgetattr(term.slave) == term.saved  # the terminal is restored
+        assert machine.stop_request is None
+
+        proc = await evmm("console", str(path), stdin=term.slave, stdout=term.slave)
+        await term.expect(b"(VM paused)")
+        await term.expect(b"Linux")  # replayed again
+        term.type(b"\x1dr")
+        await term.expect(b"running in")
+        term.type(b"\x1dq")
+        await asyncio.sleep(0.2)
+        assert machine.stop_request is not None and machine.stop_request[1].startswith(
+            "quit by control client"
+        )
+        await srv.close()
+        await term.expect(b"the VM stopped: quit by control client")
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+        assert termios.tcgetattr(term.slave) == term.saved
+    finally:
+        await srv.close()
+        term.close()
+
+
+# ---- the escape menu -------------------------------------------------------------------------------------------
+
+
+class RecordingTarget:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def status(self) -> Status:
+        self.calls.append("status")
+        return Status("running", 2, 3725.0)
+
+    async def pause(self) -> None:
+        self.calls.append("pause")
+
+    async def resume(self) -> None:
+        self.calls.append("resume")
+
+    async def quit(self) -> None:
+        self.calls.append("quit")
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_menu_filters_input_and_acts_on_keys() -> None:
+    target, shown, detached = RecordingTarget(), bytearray(), []
+    menu = EscapeMenu(target, shown.extend, detach=lambda: detached.append(True))
+    assert menu.feed(b"ls\r") == b"ls\r"
+    assert menu.feed(b"a\x1d]b\x1d\x1dc") == b"a\x1db\x1dc"  # ] and a second Ctrl-] are literal Ctrl-]s
+    assert menu.feed(b"\x1d") == b"" and menu.is_open  # the menu spans reads
+    await settle()
+    assert b"running" in shown and b"2 vCPUs" in shown and b"up 1:02:05" in shown and b"d detach" in shown
+    assert menu.feed(b"p") == b""
+    await settle()
+    assert target.calls[-2:] == ["pause", "status"] and b"paused in" in shown
+    assert menu.feed(b"\x1dr\x1dq\x1dx") == b""
+    await settle()
+    assert "resume" in target.calls and "quit" in target.calls
+    assert b"back to the console" in shown
+    menu.feed(b"\x1dd")
+    assert detached == [True]
+
+
+async def test_menu_through_consoleio_escape_hook() -> None:
+    target, shown, sent = RecordingTarget(), bytearray(), bytearray()
+    menu = EscapeMenu(target, shown.extend, send=sent.extend)
+    menu.on_escape(b"]")
+    assert bytes(sent) == b"\x1d"
+    menu.on_escape(b"?")
+    await settle()
+    assert b"p pause" in shown and b"detach" not in shown  # evmm run has nothing to detach from
+    menu.on_escape(b"p")
+    menu.on_escape(b"q")
+    await settle()
+    assert {"pause", "quit"} <= set(target.calls)
+
+
+async def test_menu_on_the_command_core(machine: FakeMachine) -> None:
+    shown = bytearray()
+    commands = Commands(machine)
+    menu = EscapeMenu(CommandsTarget(commands), shown.extend)
+    menu.on_escape(b"p")
+    for _ in range(100):
+        if b"paused in" in shown:
+            break
+        await asyncio.sleep(0.01)
+    assert machine.paused and b"paused in" in shown
+    menu.on_escape(b"q")
+    await settle()
+    assert machine.stop_request == (EXIT_GUEST_POWEROFF, "quit by the console menu")
+    assert commands.stop_cause == ("quit", "the console menu")
+
+
+def test_status_line_rendering() -> None:
+    line = render(Status("paused", 1, 59.0), "hello", detach=True, width=80)
+    assert line.startswith(b"\r\n") and line.endswith(b"\r\n")
+    text = re.sub(rb"\x1b\[[0-9;]*m", b"", line)
+    assert text == b"\r\n evmm  paused \xc2\xb7 1 vCPU \xc2\xb7 up 0:00:59 \xe2\x94\x82 hello\r\n"
