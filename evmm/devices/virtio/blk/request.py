@@ -16,7 +16,7 @@ import enum
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from evmm.devices.virtio.chain import Descriptor
 from evmm.errors import GuestMemoryError
@@ -58,6 +58,7 @@ class Kind(enum.IntEnum):
 
 
 WRITES = frozenset({Kind.OUT, Kind.DISCARD, Kind.WRITE_ZEROES})  # refused on a read-only drive (§5.2.6.2)
+_KINDS = {int(k): k for k in Kind}  # a dict lookup: calling the IntEnum costs a microsecond per request
 
 
 class MemoryReader(Protocol):
@@ -66,16 +67,15 @@ class MemoryReader(Protocol):
     def read(self, gpa: int, length: int) -> bytes: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Span:
+# NamedTuples, not frozen dataclasses: every request makes several, and a tuple is built ~4x faster.
+class Span(NamedTuple):
     """A guest-physical byte range."""
 
     addr: int
     length: int
 
 
-@dataclass(frozen=True, slots=True)
-class Range:
+class Range(NamedTuple):
     """One segment of a DISCARD or WRITE_ZEROES request, in 512-byte sectors."""
 
     sector: int
@@ -99,8 +99,7 @@ class Limits:
     write_zeroes: bool = True  # VIRTIO_BLK_F_WRITE_ZEROES negotiated
 
 
-@dataclass(frozen=True, slots=True)
-class BlockRequest:
+class BlockRequest(NamedTuple):
     kind: Kind
     sector: int
     data: tuple[Span, ...]  # IN, GET_ID: device-writable; OUT: device-readable; otherwise empty
@@ -116,8 +115,7 @@ class BlockRequest:
         return self.sector << SECTOR_SHIFT
 
 
-@dataclass(frozen=True, slots=True)
-class BadRequest:
+class BadRequest(NamedTuple):
     status: int  # VIRTIO_BLK_S_IOERR or VIRTIO_BLK_S_UNSUPP
     status_addr: int | None  # None: the chain has no device-writable byte to hold a status
     reason: str
@@ -141,7 +139,10 @@ def _split(spans: Sequence[Span], n: int) -> tuple[list[Span], list[Span]]:
 
 
 def _total(spans: Sequence[Span]) -> int:
-    return sum(s.length for s in spans)
+    n = 0
+    for s in spans:
+        n += s.length
+    return n
 
 
 def _gather(mem: MemoryReader, spans: Sequence[Span]) -> bytes:
@@ -162,24 +163,35 @@ def parse_request(
 
 
 def _parse(descriptors: Sequence[Descriptor], mem: MemoryReader, limits: Limits) -> BlockRequest | BadRequest:
-    readable = [Span(d.addr, d.length) for d in descriptors if not d.writable and d.length > 0]
-    writable = [Span(d.addr, d.length) for d in descriptors if d.writable and d.length > 0]
+    readable: list[Span] = []
+    writable: list[Span] = []
+    for d in descriptors:
+        if d.length:
+            (writable if d.writable else readable).append(Span(d.addr, d.length))
     if not writable:
         return BadRequest(VIRTIO_BLK_S_IOERR, None, "no device-writable status byte")
-    out_data, status_span = _split(writable, _total(writable) - 1)
-    status_addr = status_span[0].addr
+    # The status is the last writable byte; Linux gives it a descriptor of its own.
+    last = writable[-1]
+    status_addr = last.addr + last.length - 1
+    out_data = writable[:-1] if last.length == 1 else [*writable[:-1], Span(last.addr, last.length - 1)]
 
     def bad(reason: str, status: int = VIRTIO_BLK_S_IOERR) -> BadRequest:
         return BadRequest(status, status_addr, reason)
 
-    header_spans, payload = _split(readable, HEADER.size)
+    if readable and readable[0].length == HEADER.size:  # Linux's layout: the header alone
+        header_spans, payload = readable[:1], readable[1:]
+    else:
+        header_spans, payload = _split(readable, HEADER.size)
     if _total(header_spans) < HEADER.size:
         return bad(f"request header is {_total(header_spans)} bytes, not {HEADER.size}")
-    rtype, _reserved, sector = HEADER.unpack(_gather(mem, header_spans))
+    if len(header_spans) == 1:
+        head = mem.read(header_spans[0].addr, HEADER.size)
+    else:
+        head = _gather(mem, header_spans)
+    rtype, _reserved, sector = HEADER.unpack(head)
 
-    try:
-        kind = Kind(rtype)
-    except ValueError:
+    kind = _KINDS.get(rtype)
+    if kind is None:
         return bad(f"request type {rtype} is not supported", VIRTIO_BLK_S_UNSUPP)
     if kind is Kind.DISCARD and not limits.discard:
         return bad("DISCARD was not negotiated", VIRTIO_BLK_S_UNSUPP)
