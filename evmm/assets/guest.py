@@ -31,6 +31,7 @@ MODULES = (
 TOOL_PACKAGES = ("fio", "iperf3", "socat")
 TOOL_PROGRAMS = ("/usr/bin/fio", "/usr/bin/iperf3", "/usr/bin/socat")
 MANIFEST = "guest.json"
+TOOLS_INITRAMFS = "initramfs-tools.cpio.gz"
 READY_LINE = "evmm-guest: ready"
 BOOT_MARKER_ADDRESS = 0xFEB01000
 BOOT_MARKER_VALUE = 123
@@ -48,7 +49,8 @@ class GuestAssets:
     vmlinux: Path  # the same kernel's uncompressed ELF, booted through its PVH entry
     initramfs: Path  # gzip cpio: busybox-static, virtio modules, /init
     kernel_version: str
-    tools_initramfs: Path  # initramfs plus fio, iperf3, socat and their libraries (may not exist)
+    # initramfs plus fio, iperf3, socat and their libraries: check is_file(), `evmm assets --no-tools` skips it
+    tools_initramfs: Path
 
 
 def _assets(root: Path, manifest: dict[str, str]) -> GuestAssets:
@@ -57,7 +59,7 @@ def _assets(root: Path, manifest: dict[str, str]) -> GuestAssets:
         vmlinux=root / manifest["vmlinux"],
         initramfs=root / manifest["initramfs"],
         kernel_version=manifest["kernel_version"],
-        tools_initramfs=root / manifest.get("tools_initramfs", "missing"),
+        tools_initramfs=root / "guest" / manifest["kernel_version"] / TOOLS_INITRAMFS,
     )
 
 
@@ -125,7 +127,6 @@ def build_default_guest(
             step("writing initramfs-tools.cpio.gz")
             for program in TOOL_PROGRAMS:
                 bundle.add_program(archive, tools_root, program)
-            write_atomic(out / "initramfs-tools.cpio.gz", archive.to_gzip())
-            manifest["tools_initramfs"] = f"guest/{version}/initramfs-tools.cpio.gz"
+            write_atomic(out / TOOLS_INITRAMFS, archive.to_gzip())
         write_manifest(root / MANIFEST, manifest)
     return default_guest(root)
