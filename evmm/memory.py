@@ -134,4 +134,9 @@ class GuestMemory:
 
     def close(self) -> None:
         for r in self._regions:
-            r.buffer.close()
+            try:
+                r.buffer.close()
+            except BufferError:
+                # A view is still held somewhere (a request a device abandoned); the mapping goes away with
+                # the last reference instead.
+                pass

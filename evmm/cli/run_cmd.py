@@ -64,6 +64,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=None,
         help="also list virtio-mmio devices as virtio_mmio.device= (for kernels built to read it; default only with acpi=off)",
     )
+    p.add_argument("-v", "--verbose", action="store_true", help="log device activity and boot timing to stderr")
     p.add_argument(
         "--allow-slow-kvm",
         action="store_true",
@@ -117,10 +118,10 @@ def run(args: argparse.Namespace) -> int:
         raise EvmmError(host.reason)
     if not host.can_boot_linux and not args.allow_slow_kvm:
         raise EvmmError(f"{host.reason}; boot it in the KVM test host instead: {TESTHOST_HINT}")
-    return run_machine(config)
+    return run_machine(config, verbose=args.verbose)
 
 
-def run_machine(config: MachineConfig) -> int:
+def run_machine(config: MachineConfig, *, verbose: bool = False) -> int:
     import uvloop
 
     from evmm.log import set_raw_terminal
@@ -146,7 +147,7 @@ def run_machine(config: MachineConfig) -> int:
             machine.stop(exitcodes.EXIT_GUEST_POWEROFF, "quit from the console")
 
     hvc_stdio = config.console is not None and config.console.kind == "stdio"
-    log_setup()
+    log_setup(verbose)
     try:
         with RawTerminal(in_fd if interactive and in_fd is not None else -1) as term:
             set_raw_terminal(term.active)

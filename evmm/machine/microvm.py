@@ -48,12 +48,14 @@ StopFn = Callable[[int, str], None]
 def default_cmdline(tsc_khz: int, console: str) -> list[str]:
     """What the board adds unless the user's --append already says it.
 
-    console=: where the console is (the UART, or hvc0 when the virtio console owns the terminal).  pci=off: the
+    console=: where the console is (the UART, or hvc0 when the virtio console owns the terminal).  reboot=k:
+    reset through the i8042 (0xFE on port 0x64): with hardware-reduced ACPI and no EFI, Linux 6.1 would first
+    try EFI and then a real-mode BIOS jump that hangs, never reaching the ACPI reset register.  pci=off: the
     board has no PCI, don't probe config space.  i8042.noaux: no mouse port, skip probing it.  panic=-1: a
     panicking guest reboots at once, so evmm exits instead of hanging.  tsc_early_khz: tell the kernel the TSC
     rate KVM gives it; under nested emulation early calibration can otherwise hang.
     """
-    words = [f"console={console}", "pci=off", "i8042.noaux", "panic=-1"]
+    words = [f"console={console}", "reboot=k", "pci=off", "i8042.noaux", "panic=-1"]
     if tsc_khz > 0:
         words.append(f"tsc_early_khz={tsc_khz}")
     return words

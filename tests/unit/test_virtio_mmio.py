@@ -109,3 +109,22 @@ def test_queue_registers_are_frozen_after_driver_ok(loop: asyncio.AbstractEventL
     d.w(regs.QUEUE_SEL, 0)
     d.w(regs.QUEUE_NUM, 2)
     assert d.transport.queues[0].size == 256
+
+
+def test_buffers_queued_before_driver_ok_are_served_at_activation(loop: asyncio.AbstractEventLoop) -> None:
+    """Linux's virtio-rng posts a request and kicks while probing, before the driver sets DRIVER_OK."""
+    d = MmioDriver(VirtioRng(), loop=loop)
+    orig_write = d.w
+    staged: list[int] = []
+
+    def w(off: int, value: int) -> None:
+        if off == regs.STATUS and value & regs.DRIVER_OK:
+            staged.append(d.queues[0].add([], [32]))
+            d.kick(0)  # ignored: not DRIVER_OK yet
+            assert d.queues[0].get_used() == []
+        orig_write(off, value)
+
+    d.w = w  # type: ignore[method-assign]
+    d.bring_up()
+    used = d.queues[0].get_used()
+    assert [u.head for u in used] == staged and used[0].length == 32

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from evmm.devices.irq import Interrupt
+from evmm.log import log
 from evmm.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, DeviceContext, VirtioDevice
 from evmm.devices.virtio.queue import QueueBroken, QueueConfig, Virtqueue, check_queue_config
 from evmm.memory import GuestMemory
@@ -98,6 +99,9 @@ class VirtioMmio:
                 reactor.add_reader(fd, self._on_kick_fd, i, fd)
 
     def _reset_state(self) -> None:
+        for q in getattr(self, "active", []):
+            if q is not None:
+                q.release()
         self.status = 0
         self.device_features_sel = 0
         self.driver_features_sel = 0
@@ -205,6 +209,7 @@ class VirtioMmio:
     # ---- status machine (§3.1.1) -------------------------------------------------------------------------
 
     def _write_status(self, value: int) -> None:
+        log.debug("%s at %#x: status %#x -> %#x", self.device.name, self.base, self.status, value)
         if value == 0:
             self.device.reset()
             self._reset_state()
@@ -231,6 +236,13 @@ class VirtioMmio:
                 self.set_needs_reset(f"queue {i}: {why}")
                 return
             self.active[i] = Virtqueue(i, cfg, self._mem, event_idx=event_idx)
+        log.debug(
+            "%s at %#x: activated, features %#x, queues %s",
+            self.device.name,
+            self.base,
+            self.driver_features,
+            [(q.index, q.size) for q in self.active if q is not None],
+        )
         ctx = DeviceContext(
             mem=self._mem,
             queues=list(self.active),
@@ -241,6 +253,11 @@ class VirtioMmio:
             needs_reset=self.set_needs_reset,
         )
         self.device.activate(ctx)
+        # A driver may queue buffers and kick before DRIVER_OK (Linux's virtio-rng requests entropy while it
+        # probes); those kicks found no active device, so look at every queue once now.
+        for q in self.active:
+            if q is not None and q.has_available():
+                self.kick(q.index)
 
     # ---- queue kicks ---------------------------------------------------------------------------------------
 
@@ -286,6 +303,7 @@ class VirtioMmio:
     def close(self) -> None:
         self.device.reset()
         self.device.close()
+        self._reset_state()
         for i, fd in enumerate(self._kick_fds):
             self._reactor.remove_reader(fd)
             if self._notify is not None:

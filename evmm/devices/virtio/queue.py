@@ -78,6 +78,11 @@ class Virtqueue:
         self.next_used = 0
         self._signalled_used: int | None = None  # used idx at the last interrupt, for EVENT_IDX suppression
 
+    def release(self) -> None:
+        """Drop the ring views (the device is reset or the VM is going away)."""
+        for view in (self._desc, self._avail, self._used):
+            view.release()
+
     # ---- driver -> device ----------------------------------------------------------------------------
 
     def avail_idx(self) -> int:
