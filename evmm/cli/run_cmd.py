@@ -13,7 +13,14 @@ from evmm import exitcodes
 from evmm.errors import ConfigError, EvmmError
 from evmm.hostkvm import probe
 from evmm.machine.config import MachineConfig, check_cpus, check_file, check_memory, parse_size
-from evmm.machine.devspec import parse_drive, parse_net, parse_rng, parse_virtio_console, parse_vsock
+from evmm.machine.devspec import (
+    parse_drive,
+    parse_hotplug,
+    parse_net,
+    parse_rng,
+    parse_virtio_console,
+    parse_vsock,
+)
 
 TESTHOST_HINT = "evmm testhost run -- evmm run ..."
 
@@ -59,12 +66,25 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="virtio-rng from the host's getrandom",
     )
     p.add_argument(
+        "--hotplug",
+        metavar="blk=N,net=M",
+        help="reserve empty hot-replace slots (filled via the control channel)",
+    )
+    p.add_argument(
+        "--api-sock", type=Path, metavar="PATH", help="serve the msgpack control channel on this Unix socket"
+    )
+    p.add_argument(
+        "--qmp", metavar="unix:PATH,server,nowait", help="serve QMP (QEMU's control protocol) on this socket"
+    )
+    p.add_argument(
         "--virtio-mmio-cmdline",
         action="store_true",
         default=None,
         help="also list virtio-mmio devices as virtio_mmio.device= (for kernels built to read it; default only with acpi=off)",
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="log device activity and boot timing to stderr")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="log device activity and boot timing to stderr"
+    )
     p.add_argument(
         "--allow-slow-kvm",
         action="store_true",
@@ -96,6 +116,7 @@ def config_from_args(args: argparse.Namespace) -> MachineConfig:
     check_file(kernel, "--kernel")
     if initrd is not None:
         check_file(initrd, "--initrd")
+    hotplug = parse_hotplug(args.hotplug) if args.hotplug is not None else (0, 0)
     return MachineConfig(
         kernel=kernel,
         initrd=initrd,
@@ -108,6 +129,8 @@ def config_from_args(args: argparse.Namespace) -> MachineConfig:
         console=parse_virtio_console(args.virtio_console) if args.virtio_console is not None else None,
         rng=parse_rng(args.rng) if args.rng is not None else None,
         virtio_cmdline=args.virtio_mmio_cmdline,
+        hotplug_blk=hotplug[0],
+        hotplug_net=hotplug[1],
     )
 
 
@@ -118,12 +141,21 @@ def run(args: argparse.Namespace) -> int:
         raise EvmmError(host.reason)
     if not host.can_boot_linux and not args.allow_slow_kvm:
         raise EvmmError(f"{host.reason}; boot it in the KVM test host instead: {TESTHOST_HINT}")
-    return run_machine(config, verbose=args.verbose)
+    if args.qmp is not None:
+        from evmm.control import parse_qmp_spec
+
+        parse_qmp_spec(args.qmp)  # a bad spec is a usage error before anything starts
+    return run_machine(config, verbose=args.verbose, api_sock=args.api_sock, qmp=args.qmp)
 
 
-def run_machine(config: MachineConfig, *, verbose: bool = False) -> int:
+def run_machine(
+    config: MachineConfig, *, verbose: bool = False, api_sock: Path | None = None, qmp: str | None = None
+) -> int:
+    """Build the machine, serve its console and control channels, run it until it stops; the exit code."""
     import uvloop
 
+    from evmm.control import Commands, start_control
+    from evmm.control.prompt import CommandsTarget, EscapeMenu, fd_writer
     from evmm.log import set_raw_terminal
     from evmm.log import setup as log_setup
     from evmm.loop.console import ConsoleIO
@@ -141,11 +173,8 @@ def run_machine(config: MachineConfig, *, verbose: bool = False) -> int:
     interactive = in_fd is not None and os.isatty(in_fd)
     machine: Machine | None = None
     console: ConsoleIO | None = None
-
-    def on_escape(key: bytes) -> None:
-        if key in (b"q", b"x", b"\x11", b"\x18") and machine is not None:
-            machine.stop(exitcodes.EXIT_GUEST_POWEROFF, "quit from the console")
-
+    menu: list[EscapeMenu] = []
+    close_control = None
     hvc_stdio = config.console is not None and config.console.kind == "stdio"
     log_setup(verbose)
     try:
@@ -156,19 +185,34 @@ def run_machine(config: MachineConfig, *, verbose: bool = False) -> int:
                 stdio = (in_fd if in_fd is not None else os.open(os.devnull, os.O_RDONLY), out_fd)
                 machine = build_microvm(config, loop, None, stdio=stdio)
             else:
-                console = ConsoleIO(loop, out_fd, in_fd, interactive=term.active, on_escape=on_escape)
+                console = ConsoleIO(
+                    loop, out_fd, in_fd, interactive=term.active, on_escape=lambda key: menu[0].on_escape(key)
+                )
                 machine = build_microvm(config, loop, console)
             m = machine
+            commands = Commands(m)
+            menu.append(
+                EscapeMenu(
+                    CommandsTarget(commands), fd_writer(out_fd), send=console.inject if console else None
+                )
+            )
+            close_control = loop.run_until_complete(
+                start_control(m, console, api_sock=api_sock, qmp=qmp, commands=commands)
+            )
             loop.add_signal_handler(signal.SIGINT, m.stop, exitcodes.EXIT_SIGINT, "interrupted (SIGINT)")
             loop.add_signal_handler(signal.SIGTERM, m.stop, exitcodes.EXIT_SIGTERM, "terminated (SIGTERM)")
             loop.add_signal_handler(signal.SIGHUP, m.stop, exitcodes.EXIT_SIGTERM, "hung up (SIGHUP)")
-            result = loop.run_until_complete(machine.run())
-            stuck = machine.close()
+            result = loop.run_until_complete(m.run())
+            loop.run_until_complete(close_control())
+            close_control = None
+            stuck = m.close()
             machine = None
             if console is not None:
                 console.close()
                 console = None
     finally:
+        if close_control is not None:
+            loop.run_until_complete(close_control())
         if machine is not None:
             machine.stop(exitcodes.EXIT_VMM_FAULT, "evmm failed")
             machine.close()

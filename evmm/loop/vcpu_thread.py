@@ -87,6 +87,8 @@ class VcpuThread:
         self._thread.start()
 
     def join(self, timeout: float | None = None) -> bool:
+        if self._thread.ident is None:
+            return True  # never started (the build failed after creating it)
         self._thread.join(timeout)
         return not self._thread.is_alive()
 

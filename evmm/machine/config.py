@@ -74,6 +74,10 @@ class MachineConfig:
     # Also announce virtio-mmio devices as virtio_mmio.device= words, for kernels built with
     # VIRTIO_MMIO_CMDLINE_DEVICES; on by default only when the user turned ACPI off.
     virtio_cmdline: bool | None = None
+    # Empty hot-replace slots the board reserves at boot (StratoVirt's microvm hot-replace): each is a real
+    # virtio-mmio device in the DSDT whose backend the control channel fills or empties while the guest runs.
+    hotplug_blk: int = 0
+    hotplug_net: int = 0
     extra: dict[str, object] = field(default_factory=dict)
 
     @property

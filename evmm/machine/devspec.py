@@ -158,3 +158,12 @@ def parse_rng(text: str) -> RngSpec:
         return RngSpec()
     kv = parse_kv("--rng", text, ("rate",))
     return RngSpec(rate=parse_int("--rng", "rate", kv["rate"], 1, 1 << 30))
+
+
+def parse_hotplug(text: str) -> tuple[int, int]:
+    """``blk=N,net=M``: how many empty hot-replace slots of each kind to reserve."""
+    kv = parse_kv("--hotplug", text, ("blk", "net"))
+    return (
+        parse_int("--hotplug", "blk", kv.get("blk", "0"), 0, 8),
+        parse_int("--hotplug", "net", kv.get("net", "0"), 0, 8),
+    )

@@ -11,12 +11,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evmm.devices.bus import Bus
-from evmm.errors import EvmmError
+from evmm.errors import ConfigError, EvmmError
 from evmm.kvm import Kvm, Vcpu, Vm
 from evmm.log import log
 from evmm.loop.channel import ExitChannel
 from evmm.loop.vcpu_thread import StopRequest, VcpuState, VcpuThread
 from evmm.machine.config import MachineConfig
+from evmm.machine.devspec import DriveSpec, NetSpec
+from evmm.machine.hotplug import HotplugSlot
 from evmm.memory import GuestMemory
 
 JOIN_TIMEOUT = 5.0
@@ -36,6 +38,7 @@ class MachineParts:
     cmdline: str = ""
     devices: dict[str, object] = field(default_factory=dict)
     closers: list[Callable[[], None]] = field(default_factory=list)
+    slots: list[HotplugSlot] = field(default_factory=list)
 
 
 class Machine:
@@ -156,6 +159,31 @@ class Machine:
             "memory_regions": [{"gpa": r.gpa, "size": r.size} for r in self.parts.memory.regions],
             "devices": self.device_list(),
         }
+
+    # ---- hot-replace (reactor) ---------------------------------------------------------------------------
+
+    def hotplug_slots(self) -> list[dict[str, Any]]:
+        return [slot.describe() for slot in self.parts.slots]
+
+    def _slot(self, slot_id: str) -> HotplugSlot:
+        for slot in self.parts.slots:
+            if slot.id == slot_id:
+                return slot
+        known = ", ".join(s.id for s in self.parts.slots) or "none: start evmm run with --hotplug blk=N"
+        raise ConfigError(f"no hot-replace slot {slot_id!r} (slots: {known})")
+
+    def replace_device(self, slot_id: str, spec: DriveSpec | NetSpec) -> dict[str, Any]:
+        """Fill (or refill) a slot's backend while the guest runs; raises EvmmError with one line."""
+        slot = self._slot(slot_id)
+        slot.fill(spec)
+        self.emit("device-changed", {"slot": slot.id, "action": "replaced", "backend": slot.backend})
+        return slot.describe()
+
+    def remove_device(self, slot_id: str) -> dict[str, Any]:
+        slot = self._slot(slot_id)
+        slot.empty()
+        self.emit("device-changed", {"slot": slot.id, "action": "removed", "backend": None})
+        return slot.describe()
 
     def device_list(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []

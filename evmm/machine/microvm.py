@@ -32,6 +32,7 @@ from evmm.log import log
 from evmm.loop.console import ConsoleIO
 from evmm.machine.cmdline import merge_cmdline
 from evmm.machine.config import MachineConfig, check_cpus
+from evmm.machine.hotplug import HotplugSlot, make_empty_blk, make_empty_net
 from evmm.machine.interrupts import IrqfdInterrupt, KvmIrqLine, KvmNotifyRegistrar
 from evmm.machine.machine import Machine, MachineParts
 from evmm.memory import GuestMemory
@@ -169,6 +170,18 @@ def _make_virtio_devices(
     return devices
 
 
+def _make_hotplug_slots(config: MachineConfig) -> list[HotplugSlot]:
+    slots = [
+        HotplugSlot(f"hp-blk{i}", "blk", make_empty_blk(f"hp-blk{i}")) for i in range(config.hotplug_blk)
+    ]
+    if config.hotplug_net:
+        slots += [
+            HotplugSlot(f"hp-net{i}", "net", make_empty_net(f"hp-net{i}", i))
+            for i in range(config.hotplug_net)
+        ]
+    return slots
+
+
 def _virtio_transports(
     b: _Build,
     vm: Vm,
@@ -242,7 +255,9 @@ def build_microvm(
 
         pio, mmio = Bus("pio"), Bus("mmio")
         devices = _legacy_devices(b, vm, pio, mmio, loop, console, stop, boot_marker)
-        transports = _virtio_transports(b, vm, memory, mmio, loop, _make_virtio_devices(config, stdio))
+        slots = _make_hotplug_slots(config)
+        virtio = _make_virtio_devices(config, stdio) + [(slot.id, slot.device) for slot in slots]
+        transports = _virtio_transports(b, vm, memory, mmio, loop, virtio)
 
         acpi_devices = tuple(
             VirtioMmioDevice(t.base, layout.VIRTIO_MMIO_SIZE, layout.VIRTIO_IRQS[i])
@@ -277,6 +292,7 @@ def build_microvm(
             cmdline=cmdline,
             devices=devices,
             closers=b.closers,
+            slots=slots,
         )
         machine = Machine(parts, loop)
         machine_ref.append(machine)
