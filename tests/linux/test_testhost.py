@@ -97,16 +97,17 @@ def test_interactive_command_gets_a_terminal_and_ours_is_restored(
     """On a terminal: the command's stdin is the test host's console (a tty), and our terminal comes back sane."""
     master, slave = os.openpty()
     before = termios.tcgetattr(slave)
-    script = "tty; stty size; read line; echo got:$line; exit 4"
+    script = "tty; echo waiting-for-input; read line; echo got:$line; exit 4"
     argv = [sys.executable, "-m", "evmm.testhost", "run", "--", "sh", "-c", script]
     proc = subprocess.Popen(
         argv, cwd=tmp_path, stdin=slave, stdout=slave, stderr=slave, start_new_session=True
     )
     try:
-        out = _read_until(master, b"/dev/ttyS0", 120)
+        out = _read_until(master, b"waiting-for-input", 120)
+        assert b"/dev/ttyS0" in out
         assert termios.tcgetattr(slave)[3] & termios.ICANON == 0  # ours is raw while the command runs
         os.write(master, b"hello\r")  # a person presses Enter: CR, which the test host's tty turns into NL
-        out += _read_until(master, b"got:hello", 60)
+        out += _read_until(master, b"got:hello", 120)
         assert proc.wait(60) == 4
     finally:
         proc.kill()
