@@ -8,6 +8,7 @@ outcome.  Tests marked ``host_side`` (the test host's own tests) always run out 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -26,6 +27,15 @@ import pytest
 from evmm.hostkvm import HostKvm, probe
 
 TIERS = ("unit", "kvm", "linux")
+# Loaded before any fork (a child of a threaded parent must not dlopen): PR_SET_PDEATHSIG for the test host's
+# runner, so that a killed pytest takes the runner, and through the runner's own PDEATHSIG QEMU, with it.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _die_with_parent() -> None:
+    _prctl(1, signal.SIGKILL, 0, 0, 0)
+
+
 REPORT_ENV = "EVMM_TIER_REPORT"  # set for the inner run: where it writes one JSON line per test
 TIMEOUT_ENV = "EVMM_LINUX_TIER_TIMEOUT"
 DEFAULT_TIER_TIMEOUT = 1500.0  # seconds for the whole linux tier, so a hang fails CI instead of blocking it
@@ -203,6 +213,9 @@ class TierPlugin:
             "no:cacheprovider",
             "-v",
             "--durations=10",
+            # A test still running after 10 minutes gets every thread's traceback in the log.
+            "-o",
+            "faulthandler_timeout=600",
             "--rootdir",
             str(rootdir),
         ]
@@ -216,6 +229,7 @@ class TierPlugin:
             try:
                 proc = subprocess.run(
                     argv,
+                    preexec_fn=_die_with_parent,
                     cwd=rootdir,
                     env=env,
                     stdin=subprocess.DEVNULL,

@@ -30,6 +30,18 @@ ACPI_TROUBLE = re.compile(
 )
 
 
+KILL_TIMEOUT = 10.0
+
+
+def kernel_messages(lines: int = 15) -> str:
+    """The end of this (virtual) host's kernel log: where a VMM that cannot be killed is usually explained."""
+    try:
+        r = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"  | (dmesg: {e})"
+    return "\n".join(f"  | {ln}" for ln in r.stdout.splitlines()[-lines:]) or "  | (empty)"
+
+
 class GuestError(AssertionError):
     """The guest did not do what the test expected; the message ends with the console's last lines."""
 
@@ -218,12 +230,19 @@ class Guest:
         return status
 
     def close(self) -> None:
+        """Kill the VMM; an error when it does not die (a vCPU stuck in the kernel), naming what the kernel said."""
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        self.proc.wait()
+        try:
+            self.proc.wait(KILL_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise GuestError(
+                f"{self.name}: the VMM (pid {self.proc.pid}) is still there {KILL_TIMEOUT:g} s after SIGKILL, "
+                f"stuck in the kernel; the kernel's last messages:\n{kernel_messages()}"
+            ) from None
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 try:
