@@ -14,6 +14,15 @@ from dataclasses import dataclass
 
 from evmm.errors import ConfigError, GuestMemoryError
 
+def _full_barrier() -> None:
+    # Compiled with evmm's other C helpers (a C11 seq_cst fence); imported on first use.
+    from evmm.kvm._kvm_ffi import lib
+
+    global _full_barrier
+    _full_barrier = lib.evmm_full_barrier
+    lib.evmm_full_barrier()
+
+
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -131,6 +140,15 @@ class GuestMemory:
     def write_u64(self, gpa: int, value: int) -> None:
         buf, off = self._locate(gpa, 8)
         _U64.pack_into(buf, off, value)
+
+    @staticmethod
+    def fence() -> None:
+        """A full memory barrier between our stores and later loads of guest memory.
+
+        x86 may let a load pass an earlier store to another address (Intel SDM vol. 3A §9.2.3.4); the virtio
+        notification handshake (virtio 1.2 §2.7.10) must not, or device and driver can both miss a wake-up.
+        """
+        _full_barrier()
 
     def close(self) -> None:
         for r in self._regions:

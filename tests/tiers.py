@@ -150,10 +150,13 @@ class TierPlugin:
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
         # tryfirst: the tier marks must be on the items before `-m` deselects by them.
+        selects_long = "long" in (config.option.markexpr or "")
         for item in items:
             tier = tier_of(Path(str(item.path)), self.tests_dir)
             if tier is not None:
                 item.add_marker(getattr(pytest.mark, tier))
+            if item.get_closest_marker("long") and not selects_long:
+                item.add_marker(pytest.mark.skip(reason="a long fuzzing run: select it with -m long"))
             if tier == "kvm" and self.plan.kvm_skip:
                 item.add_marker(pytest.mark.skip(reason=f"kvm tier: {self.plan.kvm_skip}"))
             if tier == "linux":

@@ -217,6 +217,8 @@ typedef struct { uint32_t type; uint32_t ndata; ...; } evmm_exit_system_event;
 /* ioctl wrappers: return the ioctl's result, or -errno (so errno never crosses threads). */
 int evmm_ioctl(int fd, unsigned long request, void *arg);
 int evmm_ioctl_val(int fd, unsigned long request, unsigned long arg);
+/* A full memory barrier (mfence on x86): orders a store before a later load, which x86 alone does not. */
+void evmm_full_barrier(void);
 """
 
 SOURCE = r"""
@@ -247,6 +249,11 @@ int evmm_ioctl_val(int fd, unsigned long request, unsigned long arg)
 {
     int r = ioctl(fd, request, arg);
     return r < 0 ? -errno : r;
+}
+
+void evmm_full_barrier(void)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
 }
 """
 

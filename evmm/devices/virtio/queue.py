@@ -76,6 +76,7 @@ class Virtqueue:
         self._used = mem.view(cfg.used_addr, 6 + 8 * cfg.size)
         self.next_avail = 0
         self.next_used = 0
+        self._notify = True  # the device wants kicks (set_notification)
         self._signalled_used: int | None = None  # used idx at the last interrupt, for EVENT_IDX suppression
 
     def release(self) -> None:
@@ -95,7 +96,15 @@ class Virtqueue:
         """The next available chain, ``InvalidChain`` for a malformed one, or None when the ring is empty."""
         avail = self.avail_idx()
         if avail == self.next_avail:
-            return None
+            if not (self.event_idx and self._notify):
+                return None
+            # Empty: ask for a kick when the driver adds the next buffer (avail_event = next_avail), then look
+            # once more, for buffers added before the driver could see the new avail_event (§2.7.10).
+            _U16.pack_into(self._used, 4 + 8 * self.size, self.next_avail)
+            mem.fence()
+            avail = self.avail_idx()
+            if avail == self.next_avail:
+                return None
         if (avail - self.next_avail) & 0xFFFF > self.size:
             raise QueueBroken(
                 f"queue {self.index}: avail index {avail} is more than a ring ahead of {self.next_avail}"
@@ -126,8 +135,14 @@ class Virtqueue:
         self.next_used = (self.next_used + 1) & 0xFFFF
         _U16.pack_into(self._used, 2, self.next_used)
 
+    @staticmethod
+    def _fence() -> None:
+        GuestMemory.fence()
+
     def needs_interrupt(self) -> bool:
         """Whether the driver wants an interrupt for what was used since the last one (§2.7.10)."""
+        # The used index we just stored must be visible before we read the driver's used_event/flags.
+        self._fence()
         if self.event_idx:
             used_event = int(_U16.unpack_from(self._avail, 4 + 2 * self.size)[0])
             old = self._signalled_used
@@ -145,12 +160,14 @@ class Virtqueue:
         NO_NOTIFY flag.  After enabling, the caller must re-check ``has_available`` to close the race with a
         driver that added buffers before it saw the change.
         """
+        self._notify = enabled
         if self.event_idx:
             # Disabling is a no-op: an avail_event left behind next_avail already stops further kicks.
             if enabled:
                 _U16.pack_into(self._used, 4 + 8 * self.size, self.next_avail)
         else:
             _U16.pack_into(self._used, 0, 0 if enabled else VRING_USED_F_NO_NOTIFY)
+        self._fence()
 
 
 __all__ = [
