@@ -202,3 +202,18 @@ def test_fuzz_chain_parsing_never_crashes_or_escapes_ram(descs: list[tuple[int, 
 @given(st.lists(desc, min_size=1, max_size=16))
 def test_fuzz_chain_parsing_long(descs: list[tuple[int, int, int, int]]) -> None:
     _fuzz_chain(descs)
+
+
+def test_an_empty_ring_asks_for_the_next_kick_with_event_idx() -> None:
+    """§2.7.10: with EVENT_IDX a driver kicks only when its new index passes avail_event."""
+    dq, vq = make_queue(event_idx=True)
+    for _ in range(3):
+        dq.add([b"x"], [])
+    while isinstance(vq.pop(MEM), DescriptorChain):
+        pass
+    assert dq.avail_event() == 3  # the driver's next buffer (index 3) will be kicked
+    vq.set_notification(False)
+    dq.add([b"y"], [])
+    assert isinstance(vq.pop(MEM), DescriptorChain)
+    assert vq.pop(MEM) is None
+    assert dq.avail_event() == 3  # not updated while the device does not want kicks
