@@ -474,18 +474,19 @@ class QmpServer:
     async def _query_block(self, session: QmpSession, args: dict[str, Any]) -> Any:
         check_args(args, {})
         out: list[dict[str, Any]] = []
+        try:
+            slots = await self._slots(session)
+        except CommandError:
+            slots = []  # a machine without hot-replace slots
+        slot_ids = {s.get("id") for s in slots}
         for dev in self.commands.machine.device_list():
             # Cold-plugged disks, where the device describes itself with kind/path (see docs).
-            if dev.get("kind") == "blk" and dev.get("path"):
+            if dev.get("kind") == "blk" and dev.get("path") and dev.get("id") not in slot_ids:
                 out.append(
                     self._block(
                         str(dev.get("id") or dev["name"]), str(dev["path"]), bool(dev.get("readonly")), None
                     )
                 )
-        try:
-            slots = await self._slots(session)
-        except CommandError:
-            slots = []  # a machine without hot-replace slots
         for slot in slots:
             if slot.get("kind") != "blk":
                 continue
