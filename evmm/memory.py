@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from evmm.errors import ConfigError, GuestMemoryError
 
+
 def _full_barrier() -> None:
     # Compiled with evmm's other C helpers (a C11 seq_cst fence); imported on first use.
     from evmm.kvm._kvm_ffi import lib

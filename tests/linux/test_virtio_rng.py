@@ -14,7 +14,9 @@ def test_hwrng_yields_data(launch: GuestFactory, guest_assets: GuestAssets) -> N
     guest.expect(READY, BOOT_TIMEOUT)
     guest.expect(PROMPT, 30)
     assert guest.check("cat /sys/devices/virtual/misc/hw_random/rng_current").strip().startswith("virtio_rng")
-    hexdump = guest.check("head -c 4096 /dev/hwrng | od -An -v -tx1 | tr -s ' \\n' '\\n' | sort -u | wc -l", 60)
+    hexdump = guest.check(
+        "head -c 4096 /dev/hwrng | od -An -v -tx1 | tr -s ' \\n' '\\n' | sort -u | wc -l", 60
+    )
     # 4 KiB of random bytes take (nearly) all 256 values; a stuck or zero-filled device gives one.
     assert int(hexdump.split()[-1]) > 200
     guest.sendline("poweroff")

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from typing import Protocol
 
 from evmm.devices.irq import Interrupt
-from evmm.log import log
 from evmm.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, DeviceContext, VirtioDevice
 from evmm.devices.virtio.queue import QueueBroken, QueueConfig, Virtqueue, check_queue_config
+from evmm.log import log
 from evmm.memory import GuestMemory
 
 MAGIC = 0x74726976  # "virt"
