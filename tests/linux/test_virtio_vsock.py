@@ -1,0 +1,198 @@
+"""virtio-vsock with the hybrid Unix-socket host side, against Linux's vsock driver and socat (issue 4).
+
+A 16 MiB stream host -> guest (``CONNECT <port>`` on the device's socket, socat ``VSOCK-LISTEN`` in the guest)
+and back guest -> host (socat ``VSOCK-CONNECT:2:<port>`` reaching ``<path>_<port>``), checked by SHA-256;
+eight concurrent streams both ways; a guest connect to a port nobody listens on fails at once (RST).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from evmm.assets import GuestAssets
+from evmm.exitcodes import EXIT_GUEST_POWEROFF
+from tests.conftest import GuestFactory
+from tests.linux.harness import READY, Guest, evmm_run_argv
+
+BOOT_TIMEOUT = 120.0
+CID = 42
+BIG = 16 << 20
+SMALL = 1 << 20
+BLOCK = 65536  # socat's buffer: its default 8 KiB means four times the syscalls and packets
+SHA_RE = re.compile(r"\b([0-9a-f]{64})\b")
+
+
+@pytest.fixture
+def sock_dir() -> Path:
+    # Short: <path>_<port> must fit a Unix socket address (108 bytes), which pytest's tmp_path may not.
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="evmm-vs-", dir="/tmp"))
+
+
+def boot(launch: GuestFactory, assets: GuestAssets, path: Path, name: str) -> Guest:
+    if not assets.tools_initramfs.is_file():
+        pytest.skip("the tools initramfs (socat) was not built")
+    argv = [
+        *evmm_run_argv(assets.vmlinux, assets.tools_initramfs, memory="512M"),
+        "--vsock",
+        f"cid={CID},path={path}",
+    ]
+    guest = launch(argv, name)
+    guest.expect(READY, BOOT_TIMEOUT)
+    return guest
+
+
+def hybrid_connect(path: Path, port: int, timeout: float = 60.0) -> socket.socket:
+    """Connect to guest port ``port`` through the device's socket, retrying until the guest listens."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        s.connect(str(path))
+        s.sendall(f"CONNECT {port}\n".encode())
+        line = b""
+        while not line.endswith(b"\n"):
+            try:
+                b = s.recv(1)
+            except ConnectionResetError:
+                b = b""
+            if not b:
+                break
+            line += b
+        if line.startswith(b"OK "):
+            return s
+        s.close()  # the guest answered RST: nobody listens yet
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"guest port {port} never accepted a connection")
+        time.sleep(0.3)
+
+
+def send_all_then_drain(s: socket.socket, data: bytes) -> bytes:
+    """Send ``data``, half-close, and read what comes back until the guest closes."""
+    out = bytearray()
+    reader = threading.Thread(target=lambda: _read_to_eof(s, out))
+    reader.start()
+    s.sendall(data)
+    s.shutdown(socket.SHUT_WR)
+    reader.join()
+    s.close()
+    return bytes(out)
+
+
+def _read_to_eof(s: socket.socket, out: bytearray) -> None:
+    try:
+        while chunk := s.recv(1 << 16):
+            out += chunk
+    except ConnectionResetError:
+        pass
+
+
+def sha_in(text: str) -> str:
+    m = SHA_RE.search(text)
+    assert m is not None, f"no SHA-256 in {text!r}"
+    return m.group(1)
+
+
+def test_16mib_each_way(
+    launch: GuestFactory, guest_assets: GuestAssets, sock_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = sock_dir / "v.sock"
+    guest = boot(launch, guest_assets, path, "evmm-vsock-16m")
+    blob = os.urandom(BIG)
+    want = hashlib.sha256(blob).hexdigest()
+
+    # host -> guest: the guest listens, the host connects through the hybrid socket.
+    guest.check(f"socat -u -b {BLOCK} VSOCK-LISTEN:5000 CREATE:/tmp/blob >/tmp/rx.log 2>&1 & true")
+    s = hybrid_connect(path, 5000)
+    started = time.monotonic()
+    echoed = send_all_then_drain(s, blob)  # returns when the guest has closed: all of it is in
+    down = time.monotonic() - started
+    guest.check("wait", timeout=120)
+    assert echoed == b""
+    assert sha_in(guest.check("sha256sum /tmp/blob", timeout=120)) == want
+
+    # guest -> host: the guest connects to CID 2 port 5001, which is the Unix socket <path>_5001.
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(f"{path}_5001")
+    listener.listen(1)
+    got = bytearray()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        _read_to_eof(conn, got)
+        conn.close()
+
+    t = threading.Thread(target=serve)
+    t.start()
+    started = time.monotonic()
+    guest.check(f"socat -u -b {BLOCK} FILE:/tmp/blob VSOCK-CONNECT:2:5001", timeout=180)
+    t.join(60)
+    up = time.monotonic() - started
+    assert len(got) == BIG and hashlib.sha256(got).hexdigest() == want
+    rates = f"host->guest {BIG / down / 1e6:.1f} MB/s, guest->host {BIG / up / 1e6:.1f} MB/s"
+    with capsys.disabled():  # so the measurement shows in the tier's log
+        print(f"\nvsock 16 MiB through socat: {rates}")
+    guest.sendline("poweroff")
+    assert guest.wait_exit(60) == EXIT_GUEST_POWEROFF
+
+
+def test_eight_concurrent_streams_and_rst(
+    launch: GuestFactory, guest_assets: GuestAssets, sock_dir: Path
+) -> None:
+    path = sock_dir / "v.sock"
+    guest = boot(launch, guest_assets, path, "evmm-vsock-8")
+    # Nobody listens on host port 7777: the device answers RST and socat fails at once.
+    started = time.monotonic()
+    out, status = guest.run("socat -u OPEN:/dev/null VSOCK-CONNECT:2:7777 2>&1", timeout=30)
+    assert status != 0 and "reset" in out.lower()
+    assert time.monotonic() - started < 20
+
+    guest_sha = sha_in(
+        guest.check("head -c 1048576 /dev/urandom > /tmp/small && sha256sum /tmp/small", timeout=60)
+    )
+    guest.check("socat VSOCK-LISTEN:6000,fork EXEC:cat >/dev/null 2>&1 & true")
+
+    # Four echo streams host -> guest -> host ...
+    payloads = [os.urandom(SMALL) for _ in range(4)]
+    echoes: list[bytes] = [b""] * 4
+
+    def echo(i: int) -> None:
+        echoes[i] = send_all_then_drain(hybrid_connect(path, 6000), payloads[i])
+
+    # ... and four guest -> host streams, all at once.
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(f"{path}_6001")
+    listener.listen(8)
+    uploads: list[bytearray] = [bytearray() for _ in range(4)]
+
+    def accept(i: int) -> None:
+        conn, _ = listener.accept()
+        _read_to_eof(conn, uploads[i])
+        conn.close()
+
+    threads = [threading.Thread(target=echo, args=(i,)) for i in range(4)]
+    threads += [threading.Thread(target=accept, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    guest.check(
+        'pids=""; for i in 1 2 3 4; do socat -u FILE:/tmp/small VSOCK-CONNECT:2:6001 & pids="$pids $!"; done; '
+        "rc=0; for p in $pids; do wait $p || rc=1; done; test $rc = 0",
+        timeout=240,
+    )
+    for t in threads:
+        t.join(240)
+        assert not t.is_alive()
+    for i in range(4):
+        assert hashlib.sha256(echoes[i]).digest() == hashlib.sha256(payloads[i]).digest()
+        assert hashlib.sha256(uploads[i]).hexdigest() == guest_sha
+    guest.sendline("poweroff")
+    assert guest.wait_exit(60) == EXIT_GUEST_POWEROFF
