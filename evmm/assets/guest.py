@@ -6,6 +6,7 @@ initramfs-tools.cpio.gz}`` and ``guest.json``, the manifest written last that ma
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -76,6 +77,17 @@ def default_guest(cache: Path | None = None) -> GuestAssets:
     return assets
 
 
+def recipe_id() -> str:
+    """A digest of what goes into the initramfs besides Debian's packages: a changed init or module list
+    makes ``build_default_guest`` rebuild a cache built by an older evmm."""
+    files = resources.files("evmm.assets")
+    h = hashlib.sha256()
+    for part in (files.joinpath("init").read_bytes(), files.joinpath("inittab").read_bytes(), PROFILE):
+        h.update(part)
+    h.update(repr((MODULES, TOOL_PACKAGES, TOOL_PROGRAMS)).encode())
+    return h.hexdigest()[:16]
+
+
 def _init_files(archive: Archive) -> None:
     files = resources.files("evmm.assets")
     archive.file("init", files.joinpath("init").read_bytes(), 0o755)
@@ -97,7 +109,8 @@ def build_default_guest(
         except EvmmError:
             pass
         else:
-            if not tools or found.tools_initramfs.is_file():
+            fresh = (read_manifest(root / MANIFEST) or {}).get("recipe") == recipe_id()
+            if fresh and (not tools or found.tools_initramfs.is_file()):
                 return found
     with Workspace(root, step, refresh=force) as ws:
         kroot, version = ws.fetch_kernel(KERNEL_METAPACKAGE, KERNEL_PREFIX)
@@ -120,6 +133,7 @@ def build_default_guest(
             "bzimage": f"guest/{version}/vmlinuz",
             "vmlinux": f"guest/{version}/vmlinux",
             "initramfs": f"guest/{version}/initramfs.cpio.gz",
+            "recipe": recipe_id(),
         }
         if tools:
             step("resolving the library packages of " + ", ".join(TOOL_PACKAGES))
