@@ -4,6 +4,8 @@ boundaries as a tap does.  Runs on both reactors evmm may use (asyncio's and uvl
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import socket
 import struct
 import time
@@ -16,6 +18,7 @@ from evmm.devices.virtio import mmio as regs
 from evmm.devices.virtio.chain import VIRTQ_DESC_F_NEXT
 from evmm.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1
 from evmm.devices.virtio.net import default_mac, parse_mac
+from evmm.devices.virtio.net import device as net_device
 from evmm.devices.virtio.net import header as h
 from evmm.devices.virtio.net.device import TX_BUDGET, VirtioNet
 from evmm.devices.virtio.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN
@@ -554,6 +557,52 @@ def test_rx_peer_gone_stops_the_reader(loop: asyncio.AbstractEventLoop, tap: Fak
     tap.host.close()
     settle(loop)
     assert dev.rx_paused
+
+
+def test_rx_read_error_drops_that_frame_only(
+    loop: asyncio.AbstractEventLoop, tap: FakeTap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tap read can fail for one frame (tun frees a GSO frame it cannot describe, EINVAL); reading goes on."""
+    dev, d = up(loop, tap)
+    post_rx(d, *[2048] * 4)
+    real = os.readv
+    failures = [1]
+
+    def readv(fd: int, buffers: list[bytearray]) -> int:
+        if failures:
+            failures.pop()
+            real(fd, buffers)  # the kernel consumed the frame, then failed
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, buffers)
+
+    monkeypatch.setattr(os, "readv", readv)
+    tap.send(frame(100))
+    tap.send(frame(100, 1))
+    spin(loop, lambda: dev.stats.rx_packets == 1)  # no kick needed: the reader kept going
+    assert dev.stats.rx_drops == 1 and "Invalid argument" in dev.stats.last_drop
+    assert rx_packets(d.queues[0].get_used()) == [h.NetHeader(num_buffers=1).pack() + frame(100, 1)]
+
+
+def test_rx_persistent_read_errors_rest_the_reader(
+    loop: asyncio.AbstractEventLoop, tap: FakeTap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dev, d = up(loop, tap)
+    post_rx(d, 2048)
+    monkeypatch.setattr(net_device, "READ_RETRY", 0.05)
+    real = os.readv
+    broken = [True]
+
+    def readv(fd: int, buffers: list[bytearray]) -> int:
+        if broken[0]:
+            raise OSError(errno.EBADFD, "File descriptor in bad state")
+        return real(fd, buffers)
+
+    monkeypatch.setattr(os, "readv", readv)
+    tap.send(frame(100))
+    spin(loop, lambda: dev.rx_paused)  # a busy loop on a dead fd would never get here
+    assert dev.stats.rx_drops == net_device.READ_ERRORS
+    broken[0] = False
+    spin(loop, lambda: dev.stats.rx_packets == 1)  # the retry, without a kick
 
 
 # ---- reset and close -----------------------------------------------------------------------------------

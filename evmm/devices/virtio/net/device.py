@@ -39,6 +39,8 @@ QUEUE_SIZE = 256
 RX_BUDGET = 64  # frames per reactor callback, so one busy NIC cannot starve the other fds
 TX_BUDGET = 256  # chains per pass; the rest go on in a call_soon
 IOV_MAX = 1024  # writev's limit (<limits.h>)
+READ_ERRORS = 16  # failed tap reads in a row before the reader rests
+READ_RETRY = 1.0  # seconds it rests
 VIRTIO_NET_S_LINK_UP = 1
 _CONFIG = struct.Struct("<6sHHH")  # mac, status, max_virtqueue_pairs, mtu (§5.1.4)
 
@@ -115,6 +117,8 @@ class VirtioNet(VirtioDevice):
         self._reading = False  # the tap fd is registered for reading
         self._writing = False  # TX waits for the tap to take more (a writev would block)
         self._tx_again: asyncio.Handle | None = None
+        self._read_errors = 0
+        self._rx_retry: asyncio.TimerHandle | None = None
         # RX: the frame read ahead (header + frame in _rx_buf, length _pending, 0 for none) and the chains
         # popped to hold it.  One byte more than the largest frame tells a truncated read from a full one.
         self._rx_buf = bytearray(h.HDR_LEN + h.MAX_FRAME + 1)
@@ -195,6 +199,9 @@ class VirtioNet(VirtioDevice):
         if self._tx_again is not None:
             self._tx_again.cancel()
             self._tx_again = None
+        if self._rx_retry is not None:
+            self._rx_retry.cancel()
+            self._rx_retry = None
 
     def _broken(self, reason: str) -> None:
         """The driver broke a ring: stop touching it until it resets the device (§2.1.2)."""
@@ -211,6 +218,7 @@ class VirtioNet(VirtioDevice):
 
     def _rx_resume(self) -> None:
         """Activation or an RX kick: there may be buffers again, so read the tap again."""
+        self._rx_retry = None
         q = self._queue(RX)
         if q is None:
             return
@@ -261,11 +269,21 @@ class VirtioNet(VirtioDevice):
         except BlockingIOError:
             return None
         except OSError as e:
+            # The tap has dropped the frame it could not hand over (drivers/net/tun.c frees it), so reading goes
+            # on; only errors that persist (a tap gone bad) rest the reader, which retries a little later.
+            self._drop(f"reading the tap failed: {e.strerror}")
+            self._read_errors += 1
+            if self._read_errors < READ_ERRORS:
+                return False
             log.warning(
-                f"{self.name}: reading the tap failed: {e.strerror}; receive stops until the next kick"
+                f"{self.name}: reading the tap keeps failing ({e.strerror}); retrying in {READ_RETRY:g} s"
             )
+            self._read_errors = 0
             self._set_reader(False)
+            if self._reactor is not None:
+                self._rx_retry = self._reactor.call_later(READ_RETRY, self._rx_resume)
             return None
+        self._read_errors = 0
         if n == 0:  # a tap never reads 0; a socket backend does when its peer is gone
             self._set_reader(False)
             return None
