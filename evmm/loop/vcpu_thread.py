@@ -78,7 +78,8 @@ class VcpuThread:
         self._want_pause = False
         self._want_stop = False
         self.state = VcpuState.CREATED
-        self.exit_count = 0
+        self.exit_count = 0  # exits to userspace
+        self.reactor_calls = 0  # of which handed to the reactor (the rest ran inline on this thread)
         self._thread = threading.Thread(target=self._main, name=f"vcpu{self.index}", daemon=True)
 
     # ---- control, from any thread ------------------------------------------------------------------------
@@ -219,6 +220,7 @@ class VcpuThread:
         if m.inline:
             _write_values(m, port - m.base, size, values)
         else:
+            self.reactor_calls += 1
             self._channel.call(_write_values, m, port - m.base, size, values)
 
     def _pio_in(self, port: int, size: int, count: int) -> bytes:
@@ -227,6 +229,7 @@ class VcpuThread:
             return b"\xff" * (size * count)  # nothing decodes the port: the bus floats high
         if m.inline:
             return _read_values(m, port - m.base, size, count)
+        self.reactor_calls += 1
         result: bytes = self._channel.call(_read_values, m, port - m.base, size, count)
         return result
 
@@ -238,6 +241,7 @@ class VcpuThread:
         if m.inline:
             m.device.write(addr - m.base, size, value)
         else:
+            self.reactor_calls += 1
             self._channel.call(m.device.write, addr - m.base, size, value)
 
     def _mmio_read(self, addr: int, size: int) -> bytes:
@@ -247,5 +251,6 @@ class VcpuThread:
         if m.inline:
             value = m.device.read(addr - m.base, size)
         else:
+            self.reactor_calls += 1
             value = self._channel.call(m.device.read, addr - m.base, size)
         return int(value).to_bytes(size, "little")

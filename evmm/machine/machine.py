@@ -249,6 +249,15 @@ class Machine:
     def close(self) -> list[str]:
         """Join every vCPU thread and release KVM and memory; returns threads that would not stop."""
         stuck = [f"vcpu{t.index}" for t in self.threads if not t.join(JOIN_TIMEOUT)]
+        for t in self.threads:
+            log.debug(
+                "vcpu%d: %d exits to userspace, %d handled on the reactor",
+                t.index,
+                t.exit_count,
+                t.reactor_calls,
+            )
+        if self.boot_time_ms is not None:
+            log.debug("boot marker at %.1f ms; stopped after %.1f s", self.boot_time_ms, self.uptime)
         for closer in reversed(self.parts.closers):
             closer()
         if not stuck:
