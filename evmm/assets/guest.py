@@ -27,6 +27,10 @@ MODULES = (
     "virtio_console",
     "virtio_rng",
     "vmw_vsock_virtio_transport",
+    # The ACPI power button (the GED's Notify on PNP0C0C) reaches user space as an input event; busybox acpid
+    # turns it into poweroff.  This is how `evmm ctl SOCK shutdown` and QMP system_powerdown stop the guest.
+    "button",
+    "evdev",
 )
 # Programs of the tools variant, for virtio tests: fio (block), iperf3 (net), socat (AF_VSOCK streams).
 TOOL_PACKAGES = ("fio", "iperf3", "socat")
@@ -37,6 +41,7 @@ READY_LINE = "evmm-guest: ready"
 BOOT_MARKER_ADDRESS = 0xFEB01000
 BOOT_MARKER_VALUE = 123
 
+POWER_BUTTON_ACTION = b"#!/bin/sh\nexec /sbin/poweroff\n"
 PROFILE = b"""# /etc/profile of evmm's default guest, read by the login shell on the console.
 export PATH=/sbin:/usr/sbin:/bin:/usr/bin HOME=/root
 export PS1='evmm:\\w# '
@@ -82,7 +87,12 @@ def recipe_id() -> str:
     makes ``build_default_guest`` rebuild a cache built by an older evmm."""
     files = resources.files("evmm.assets")
     h = hashlib.sha256()
-    for part in (files.joinpath("init").read_bytes(), files.joinpath("inittab").read_bytes(), PROFILE):
+    for part in (
+        files.joinpath("init").read_bytes(),
+        files.joinpath("inittab").read_bytes(),
+        PROFILE,
+        POWER_BUTTON_ACTION,
+    ):
         h.update(part)
     h.update(repr((MODULES, TOOL_PACKAGES, TOOL_PROGRAMS)).encode())
     return h.hexdigest()[:16]
@@ -94,6 +104,8 @@ def _init_files(archive: Archive) -> None:
     archive.file("etc/inittab", files.joinpath("inittab").read_bytes())
     archive.file("etc/profile", PROFILE)
     archive.file("etc/hostname", b"evmm\n")
+    # busybox acpid runs /etc/acpi/<event>/<code> for an event: PWRF/00000080 is the power button.
+    archive.file("etc/acpi/PWRF/00000080", POWER_BUTTON_ACTION, 0o755)
     archive.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
     archive.file("etc/group", b"root:x:0:\ntty:x:5:\n")
 
