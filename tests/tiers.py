@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -25,6 +26,7 @@ from typing import Any
 import pytest
 
 from evmm.hostkvm import HostKvm, probe
+from tests.linux.harness import GuestKernelCrash
 
 TIERS = ("unit", "kvm", "linux")
 # Loaded before any fork (a child of a threaded parent must not dlopen): PR_SET_PDEATHSIG for the test host's
@@ -87,14 +89,23 @@ def tier_of(path: Path, tests_dir: Path) -> str | None:
 
 
 def merge_outcome(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """One test's setup/call/teardown reports -> its outcome as pytest would count it."""
+    """One test's setup/call/teardown reports -> its outcome as pytest would count it.
+
+    ``reruns`` carries the failures of the tries that were rerun (pytest-rerunfailures reports them as
+    outcome ``rerun``), so the outer run can say that a test passed only the second time.
+    """
+    reruns = [r["text"] for r in reports if r["outcome"] == "rerun"]
     for r in reports:
         if r["outcome"] == "failed":
-            return {"outcome": "failed", "text": f"[{r['when']}] {r['text']}"}
+            return {"outcome": "failed", "text": f"[{r['when']}] {r['text']}", "reruns": reruns}
     for r in reports:
         if r["outcome"] == "skipped":
-            return {"outcome": "skipped", "text": r["text"]}
-    return {"outcome": "passed", "text": ""}
+            return {"outcome": "skipped", "text": r["text"], "reruns": reruns}
+    return {"outcome": "passed", "text": "", "reruns": reruns}
+
+
+class RerunWarning(UserWarning):
+    """A linux-tier test passed inside the test host only when rerun after its guest's kernel crashed."""
 
 
 class InnerFailure(Exception):
@@ -113,6 +124,11 @@ class RemoteItem(pytest.Item):
 
     def runtest(self) -> None:
         result = self.plugin.inner_result(self.nodeid)
+        for text in result.get("reruns", []):
+            lines = text.strip().splitlines()
+            errors = [ln[1:].strip() for ln in lines if ln.startswith("E ")]
+            first = errors[0] if errors else (lines[-1] if lines else "(no text)")
+            warnings.warn(RerunWarning(f"rerun inside the KVM test host after: {first}"), stacklevel=1)
         if result["outcome"] == "skipped":
             pytest.skip(f"(in the KVM test host) {result['text']}")
         if result["outcome"] == "failed":
@@ -170,6 +186,9 @@ class TierPlugin:
             item.add_marker(pytest.mark.skip(reason="qemu-system-x86_64 is not installed"))
         elif not host_side and self.plan.linux_mode == "skip":
             item.add_marker(pytest.mark.skip(reason=f"linux tier: {self.plan.linux_reason}"))
+        elif not host_side and self.plan.linux_mode == "direct":
+            # A guest kernel that dies booting is rerun once (see GuestKernelCrash); any other failure is final.
+            item.add_marker(pytest.mark.flaky(reruns=1, only_rerun=[GuestKernelCrash]))
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_finish(self, session: pytest.Session) -> None:

@@ -47,6 +47,14 @@ def test_merge_outcome() -> None:
     ok = {"when": "call", "outcome": "passed", "text": ""}
     assert merge_outcome([{**ok, "when": "setup"}, ok, {**ok, "when": "teardown"}])["outcome"] == "passed"
     failed = merge_outcome([ok, {"when": "teardown", "outcome": "failed", "text": "boom"}])
-    assert failed == {"outcome": "failed", "text": "[teardown] boom"}
+    assert failed == {"outcome": "failed", "text": "[teardown] boom", "reruns": []}
     skipped = merge_outcome([{"when": "setup", "outcome": "skipped", "text": "no tools"}])
-    assert skipped == {"outcome": "skipped", "text": "no tools"}
+    assert skipped == {"outcome": "skipped", "text": "no tools", "reruns": []}
+
+
+def test_merge_outcome_keeps_the_reruns() -> None:
+    crash = {"when": "call", "outcome": "rerun", "text": "E   GuestKernelCrash: int3"}
+    ok = {"when": "call", "outcome": "passed", "text": ""}
+    assert merge_outcome([crash, ok]) == {"outcome": "passed", "text": "", "reruns": [crash["text"]]}
+    bad = merge_outcome([crash, {**ok, "outcome": "failed", "text": "again"}])
+    assert bad["outcome"] == "failed" and bad["reruns"] == [crash["text"]]

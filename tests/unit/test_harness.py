@@ -1,0 +1,46 @@
+"""The linux tier's console harness, against a stand-in VMM (a shell printing what a guest would)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.linux.harness import CRASH_GRACE, READY, Guest, GuestKernelCrash, GuestTimeout
+
+OOPS = (
+    r"[    0.485345] int3: 0000 [#1] PREEMPT SMP NOPTI\n[    0.485345] RIP: 0010:__kprobes_text_end+0x2f559"
+)
+
+
+def vmm(script: str) -> Guest:
+    return Guest(["sh", "-c", script], "fake-vmm")
+
+
+def test_a_kernel_crash_before_ready_is_reported_as_such_and_soon() -> None:
+    with vmm(f"printf '[    0.1] Linux version\\n{OOPS}\\n'; sleep 60") as guest:
+        started = time.monotonic()
+        with pytest.raises(GuestKernelCrash, match="crashed before"):
+            guest.expect(READY, timeout=50)
+        assert time.monotonic() - started < CRASH_GRACE + 3
+
+
+def test_a_crash_that_ends_the_vmm_is_a_crash_too() -> None:
+    script = f"printf '{OOPS}\\n[    0.5] Kernel panic - not syncing: Fatal exception\\n'"
+    with vmm(script) as guest, pytest.raises(GuestKernelCrash, match="exited"):
+        guest.expect(READY, timeout=30)
+
+
+def test_a_crash_after_ready_is_not_a_boot_crash() -> None:
+    with vmm(f"printf '{READY}\\n{OOPS}\\n'; sleep 60") as guest:
+        guest.expect(READY, timeout=10)
+        with pytest.raises(GuestTimeout) as e:
+            guest.expect("never printed", timeout=1)
+        assert not isinstance(e.value, GuestKernelCrash)
+
+
+def test_a_quiet_hang_is_a_timeout() -> None:
+    with vmm("printf '[    0.1] Linux version\\n'; sleep 60") as guest:
+        with pytest.raises(GuestTimeout) as e:
+            guest.expect(READY, timeout=1)
+        assert not isinstance(e.value, GuestKernelCrash)
