@@ -134,8 +134,19 @@ def config_from_args(args: argparse.Namespace) -> MachineConfig:
     )
 
 
+def preflight(config: MachineConfig) -> None:
+    """Reject bad images before looking at the host: a user's typo is worth more than a KVM lecture."""
+    from evmm.arch.x86.loader import parse_kernel, read_image
+    from evmm.devices.virtio.blk.backend import FileBackend
+
+    parse_kernel(read_image(config.kernel, "--kernel"), f"--kernel {config.kernel}")
+    for drive in config.drives:
+        FileBackend.open(drive.path, drive.readonly).close()
+
+
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    preflight(config)
     host = probe()
     if not host.present:
         raise EvmmError(host.reason)
