@@ -135,7 +135,7 @@ def config_from_args(args: argparse.Namespace) -> MachineConfig:
 
 
 def preflight(config: MachineConfig) -> None:
-    """Reject bad images before looking at the host: a user's typo is worth more than a KVM lecture."""
+    """Reject bad images before refusing the host: a user's typo is worth more than a KVM lecture."""
     from evmm.arch.x86.loader import parse_kernel, read_image
     from evmm.devices.virtio.blk.backend import FileBackend
 
@@ -146,8 +146,10 @@ def preflight(config: MachineConfig) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    preflight(config)
     host = probe()
+    if not host.present or (not host.can_boot_linux and not args.allow_slow_kvm):
+        # Where the VM will be built, the builder checks these anyway (at no extra cost).
+        preflight(config)
     if not host.present:
         raise EvmmError(host.reason)
     if not host.can_boot_linux and not args.allow_slow_kvm:
