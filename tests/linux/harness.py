@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -109,7 +110,7 @@ def evmm_run_argv(
     kernel: Path, initrd: Path, *, cpus: int = 1, memory: str = "256M", append: str | None = None
 ) -> list[str]:
     return [
-        *("python", "-m", "evmm", "run"),
+        *(sys.executable, "-m", "evmm", "run"),
         *("--kernel", str(kernel), "--initrd", str(initrd)),
         *("--append", kernel_args() if append is None else append),
         *("--memory", memory, "--cpus", str(cpus)),

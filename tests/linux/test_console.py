@@ -22,7 +22,7 @@ from evmm.assets import GuestAssets
 from evmm.exitcodes import EXIT_GUEST_POWEROFF
 from tests.conftest import GuestFactory
 from tests.linux.harness import PROMPT, READY, evmm_run_argv
-from tests.linux.test_control import need, wait_for_socket
+from tests.linux.test_control import wait_for_socket
 
 BOOT_TIMEOUT = 120.0
 PANE_PROMPT = re.compile(r"evmm:[^\n]*#")  # capture-pane drops the prompt's trailing space
@@ -106,7 +106,6 @@ def same_terminal(workdir: Path, name: str) -> None:
 def test_console_in_tmux_prompt_command_detach_reattach_quit(
     launch: GuestFactory, guest_assets: GuestAssets, tmux: Tmux
 ) -> None:
-    need("--api-sock")
     sock = tmux.workdir / "api.sock"
     argv = [*evmm_run_argv(guest_assets.vmlinux, guest_assets.initramfs), "--api-sock", str(sock)]
     guest = launch(argv, "evmm-console")

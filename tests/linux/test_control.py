@@ -17,7 +17,6 @@ import os
 import re
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -41,17 +40,6 @@ TICKER = "(i=0; while :; do i=$((i+1)); echo tick-''$i; sleep 0.3; done) &"
 
 
 @cache
-def run_flags() -> str:
-    return subprocess.run(
-        [sys.executable, "-m", "evmm", "run", "--help"], capture_output=True, text=True, check=False
-    ).stdout
-
-
-def need(flag: str) -> None:
-    if flag not in run_flags():
-        pytest.skip(f"evmm run has no {flag} yet")
-
-
 @pytest.fixture
 def workdir() -> Iterator[Path]:
     # /tmp: inside the KVM test host the host root is read-only; short, for Unix socket paths.
@@ -126,7 +114,6 @@ def assert_frozen(guest: Guest, seconds: float = 2.5) -> int:
 def test_pause_freezes_the_guest_and_resume_continues(
     launch: GuestFactory, guest_assets: GuestAssets, workdir: Path
 ) -> None:
-    need("--api-sock")
     sock = workdir / "api.sock"
     guest = boot(launch, guest_assets, "evmm-ctl-pause", "--api-sock", str(sock), "--cpus", "2")
     wait_for_socket(sock)
@@ -156,7 +143,6 @@ def test_pause_freezes_the_guest_and_resume_continues(
 def test_shutdown_by_acpi_power_button_powers_off(
     launch: GuestFactory, guest_assets: GuestAssets, workdir: Path
 ) -> None:
-    need("--api-sock")
     sock = workdir / "api.sock"
     guest = boot(launch, guest_assets, "evmm-ctl-acpi", "--api-sock", str(sock))
     # The default guest binds the power button (PNP0C0C) and runs acpid to act on it.
@@ -168,7 +154,6 @@ def test_shutdown_by_acpi_power_button_powers_off(
 def test_shutdown_by_ctrl_alt_del_powers_off(
     launch: GuestFactory, guest_assets: GuestAssets, workdir: Path
 ) -> None:
-    need("--api-sock")
     sock = workdir / "api.sock"
     guest = boot(launch, guest_assets, "evmm-ctl-cad", "--api-sock", str(sock))
     # The default guest's init powers off on Ctrl-Alt-Del (Firecracker's SendCtrlAltDel means "shut down").
@@ -207,8 +192,6 @@ def read_marker(guest: Guest, disk: str, length: int) -> str:
 def test_hot_replace_into_an_empty_slot(
     launch: GuestFactory, guest_assets: GuestAssets, workdir: Path
 ) -> None:
-    need("--api-sock")
-    need("--hotplug")
     sock = workdir / "api.sock"
     guest = boot(launch, guest_assets, "evmm-ctl-hotplug", "--api-sock", str(sock), "--hotplug", "blk=1")
     slots = call(sock, "query-hotplug")["slots"]
@@ -235,8 +218,6 @@ def test_hot_replace_into_an_empty_slot(
 def test_qmp_stop_cont_hot_replace_quit(
     launch: GuestFactory, guest_assets: GuestAssets, workdir: Path
 ) -> None:
-    need("--qmp")
-    need("--hotplug")
     from qemu.qmp import QMPClient
 
     qmp_path = workdir / "qmp.sock"
@@ -295,7 +276,6 @@ def test_qmp_stop_cont_hot_replace_quit(
 
 
 def test_a_bad_qmp_spec_is_one_line(guest_assets: GuestAssets) -> None:
-    need("--qmp")
     argv = [*evmm_run_argv(guest_assets.vmlinux, guest_assets.initramfs), "--qmp", "tcp:localhost:4444"]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, env={**os.environ}, check=False)
     assert proc.returncode == 1
