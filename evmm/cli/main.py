@@ -18,6 +18,7 @@ COMMANDS = (
     "evmm.cli.testhost_cmd",
     "evmm.cli.ctl_cmd",
     "evmm.cli.console_cmd",
+    "evmm.cli.bench_cmd",
 )
 
 

@@ -1,0 +1,160 @@
+"""``evmm bench``: evmm against QEMU microvm on the same KVM, one command (docs/performance.md).
+
+Where this host's KVM boots Linux the benchmark runs here.  Otherwise it runs itself inside the KVM test host,
+in one test-host boot (``evmm testhost run --share OUT -- python -m evmm bench --inside ...``), and draws the
+table, the Markdown and the chart here from the ``results.json`` the inner run left in OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from evmm.errors import ConfigError, EvmmError
+
+if TYPE_CHECKING:
+    from evmm.bench.runner import Plan
+
+ALL_ROWS = ("boot", "memory", "blk", "net", "control", "density")
+RUNS = 5
+QUICK_RUNS = 2
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="benchmark evmm against QEMU microvm (boot, memory, virtio-blk, virtio-net, control, density)",
+        description="Measure evmm and QEMU microvm side by side on the same KVM, kernel, initramfs and disk "
+        "image, alternating runs; print a table and write results.json, results.md and ratios.png to OUT. "
+        "Where this host's KVM cannot boot Linux, it all runs in one boot of the KVM test host.",
+    )
+    p.add_argument(
+        "--runs", type=int, default=None, metavar="N", help=f"runs per side (default {RUNS}; 2 with --quick)"
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, metavar="DIR", help="results directory (default bench-results/DATE)"
+    )
+    p.add_argument(
+        "--only",
+        default=",".join(ALL_ROWS),
+        metavar="ROWS",
+        help=f"comma-separated rows of {','.join(ALL_ROWS)}",
+    )
+    p.add_argument("--quick", action="store_true", help="fewer runs and smaller workloads, for a smoke run")
+    p.add_argument(
+        "--profile", action="store_true", help="one more evmm run per row under py-spy (not counted)"
+    )
+    p.add_argument(
+        "--density-runs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="sweeps of the density row (default: --runs)",
+    )
+    p.add_argument(
+        "--testhost-memory",
+        default="8G",
+        metavar="SIZE",
+        help="the KVM test host's RAM, when one is used (8G)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="limit for the whole run in the test host",
+    )
+    p.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=run)
+
+
+def _rows(text: str) -> tuple[str, ...]:
+    rows = tuple(r.strip() for r in text.split(",") if r.strip())
+    bad = [r for r in rows if r not in ALL_ROWS]
+    if bad or not rows:
+        raise ConfigError(f"--only {text!r}: rows are {', '.join(ALL_ROWS)}")
+    return tuple(r for r in ALL_ROWS if r in rows)
+
+
+def _say(text: str) -> None:
+    print(f"bench: {text}", flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from evmm.bench.runner import Plan
+
+    rows = _rows(args.only)
+    runs = args.runs if args.runs is not None else (QUICK_RUNS if args.quick else RUNS)
+    if runs < 1:
+        raise ConfigError(f"--runs {runs} must be at least 1")
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(os.path.abspath(args.out if args.out is not None else Path("bench-results") / stamp))
+    out.mkdir(parents=True, exist_ok=True)
+    density_runs = args.density_runs if args.density_runs is not None else (1 if args.quick else None)
+    plan = Plan(
+        rows=rows, runs=runs, quick=args.quick, out=out, profile=args.profile, density_runs=density_runs
+    )
+    if args.inside or os.environ.get("EVMM_IN_TESTHOST") == "1" or _kvm_boots_linux():
+        return _direct(plan, render=not args.inside)
+    return _in_testhost(plan, args)
+
+
+def _kvm_boots_linux() -> bool:
+    from evmm.hostkvm import probe
+
+    return probe().can_boot_linux
+
+
+def _direct(plan: Plan, *, render: bool) -> int:
+    from evmm.bench.runner import Runner
+
+    Runner(plan, _say).run()
+    return _render(plan.out) if render else 0
+
+
+def _in_testhost(plan: Plan, args: argparse.Namespace) -> int:
+    from evmm.assets import default_guest
+
+    default_guest()  # a missing guest is one line here, not an error deep inside the test host
+    inner = [sys.executable, "-m", "evmm", "bench", "--inside", "--out", str(plan.out)]
+    inner += ["--runs", str(plan.runs), "--only", ",".join(plan.rows)]
+    if plan.quick:
+        inner.append("--quick")
+    if plan.profile:
+        inner.append("--profile")
+    if plan.density_runs is not None:
+        inner += ["--density-runs", str(plan.density_runs)]
+    timeout = args.timeout if args.timeout is not None else (7200.0 if plan.quick else 6 * 3600.0)
+    outer = [sys.executable, "-m", "evmm.testhost", "run", "--share", str(plan.out)]
+    outer += ["--memory", args.testhost_memory, "--timeout", str(timeout), "--", *inner]
+    _say(
+        f"this host's KVM cannot boot Linux: running in the KVM test host ({args.testhost_memory}, one boot)"
+    )
+    rc = subprocess.run(outer, stdin=subprocess.DEVNULL, check=False).returncode
+    if rc != 0:
+        _say(f"the run in the test host exited {rc}; what it measured is below")
+    rendered = _render(plan.out)
+    return rc or rendered
+
+
+def _render(out: Path) -> int:
+    from evmm.bench import report
+    from evmm.bench.results import Results
+    from evmm.bench.runner import RESULTS
+
+    path = out / RESULTS
+    if not path.is_file():
+        raise EvmmError(f"{path}: no results were written (see the output above)")
+    results = Results.load(path)
+    report.print_table(results)
+    (out / "results.md").write_text(report.markdown(results))
+    why = report.chart(results, out / "ratios.png")
+    _say(f"results: {path}, {out / 'results.md'}" + (f", {out / 'ratios.png'}" if why is None else ""))
+    if why is not None:
+        _say(f"no chart: {why}")
+    return 0
