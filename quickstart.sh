@@ -9,24 +9,9 @@
 # Leave the guest with `poweroff` (or Ctrl-] q).
 set -euo pipefail
 cd "$(dirname "$0")"
-SUDO=""
-[ "$(id -u)" = 0 ] || SUDO="sudo"
-
-note() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
-
-if ! command -v qemu-system-x86_64 >/dev/null || ! command -v busybox >/dev/null || ! command -v lz4 >/dev/null; then
-  note "installing system packages"
-  $SUDO apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
-    python3 python3-pip python3-venv gcc libc6-dev linux-libc-dev \
-    qemu-system-x86 busybox-static cpio kmod lz4 acpica-tools tmux iproute2 socat procps
-fi
-
-PY=${PYTHON:-python3}
-if ! "$PY" -c 'import evmm.kvm' 2>/dev/null; then
-  note "installing evmm (pip install -e .[dev])"
-  "$PY" -m pip install -q -e '.[dev]'
-fi
+. scripts/setup.sh
+evmm_setup
+note() { evmm_note "$@"; }
 
 note "building the default guest (Debian cloud kernel + busybox initramfs; cached)"
 "$PY" -m evmm assets
