@@ -20,7 +20,6 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,6 @@ TICK = re.compile(r"tick-(\d+)\n")
 TICKER = "(i=0; while :; do i=$((i+1)); echo tick-''$i; sleep 0.3; done) &"
 
 
-@cache
 @pytest.fixture
 def workdir() -> Iterator[Path]:
     # /tmp: inside the KVM test host the host root is read-only; short, for Unix socket paths.
