@@ -10,34 +10,34 @@ from collections.abc import Sequence
 from evmm.errors import EvmmError
 
 # Each module defines ``register(subparsers)``, which adds its sub-command and sets ``func`` (args -> exit code).
-# Imported lazily so that ``evmm --help`` does not pay for uvloop or the KVM bindings.
-COMMANDS = (
-    "evmm.cli.run_cmd",
-    "evmm.cli.doctor_cmd",
-    "evmm.cli.assets_cmd",
-    "evmm.cli.testhost_cmd",
-    "evmm.cli.ctl_cmd",
-    "evmm.cli.console_cmd",
-    "evmm.cli.bench_cmd",
-)
+# ``evmm NAME ...`` imports only NAME's module: the others' imports (rich, the control client, the benchmark)
+# would cost ``evmm run`` tens of milliseconds of start-up before the guest runs.  Help lists them all.
+COMMANDS = {
+    "run": "evmm.cli.run_cmd",
+    "doctor": "evmm.cli.doctor_cmd",
+    "assets": "evmm.cli.assets_cmd",
+    "testhost": "evmm.cli.testhost_cmd",
+    "ctl": "evmm.cli.ctl_cmd",
+    "console": "evmm.cli.console_cmd",
+    "bench": "evmm.cli.bench_cmd",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; given ``argv`` naming a sub-command, one that knows only that sub-command."""
     parser = argparse.ArgumentParser(prog="evmm", description="A virtual machine monitor for Linux KVM.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue  # a command still being built
-        module.register(sub)
+    first = next((a for a in argv or () if not a.startswith("-")), None)
+    names = [first] if first in COMMANDS else list(COMMANDS)
+    for name in names:
+        importlib.import_module(COMMANDS[name]).register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

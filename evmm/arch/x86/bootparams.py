@@ -106,12 +106,12 @@ class SetupHeader:
         return (self.setup_sects + 1) * 512
 
 
-def _get(buf: bytes, name: str) -> int:
+def _get(buf: bytes | memoryview, name: str) -> int:
     off, fmt = _HDR[name]
     return int(struct.unpack_from("<" + fmt, buf, off)[0])
 
 
-def parse_setup_header(image: bytes, name: str = "kernel") -> SetupHeader:
+def parse_setup_header(image: bytes | memoryview, name: str = "kernel") -> SetupHeader:
     """Validate and parse a bzImage's setup header; ``name`` (the path) goes into every error."""
     if len(image) < 0x268:
         raise BootError(f"{name}: too small to be a Linux kernel ({len(image)} bytes)")

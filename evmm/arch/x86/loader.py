@@ -6,6 +6,8 @@ image formats are unit-tested byte for byte without a VM.
 
 from __future__ import annotations
 
+import mmap
+import os
 import struct
 from dataclasses import dataclass
 from enum import Enum
@@ -35,10 +37,16 @@ class EntryKind(Enum):
     ELF64 = "elf64"  # ELF entry point, entered like LINUX64
 
 
+# Images are parsed and loaded through memoryviews of a read-only mapping of the file: a 50 MB vmlinux is
+# then copied once, from the page cache into guest RAM, instead of read into a bytes object, sliced into
+# segment copies and copied again (~60 ms of evmm's start-up, measured natively).
+Image = bytes | memoryview
+
+
 @dataclass(frozen=True)
 class Segment:
     paddr: int
-    data: bytes
+    data: Image
     memsz: int
 
 
@@ -53,13 +61,13 @@ class KernelImage:
     reserved_end: int  # guest-physical end of what the kernel may use while starting (decompression too)
 
 
-def parse_kernel(image: bytes, name: str = "kernel") -> KernelImage:
+def parse_kernel(image: Image, name: str = "kernel") -> KernelImage:
     if image[:4] == ELF_MAGIC:
         return _parse_elf(image, name)
     return _parse_bzimage(image, name)
 
 
-def _parse_bzimage(image: bytes, name: str) -> KernelImage:
+def _parse_bzimage(image: Image, name: str) -> KernelImage:
     hdr = parse_setup_header(image, name)
     payload = image[hdr.setup_size :]
     load = layout.HIMEM_START
@@ -70,7 +78,7 @@ def _parse_bzimage(image: bytes, name: str) -> KernelImage:
     return KernelImage(
         kind=EntryKind.LINUX64,
         entry=load + ENTRY_64_OFFSET,
-        segments=(Segment(load, bytes(payload), len(payload)),),
+        segments=(Segment(load, payload, len(payload)),),
         header=hdr,
         cmdline_max=min(hdr.cmdline_size, layout.CMDLINE_MAX - 1) if hdr.cmdline_size else 255,
         initrd_addr_max=hdr.initrd_addr_max or 0x37FFFFFF,
@@ -78,7 +86,7 @@ def _parse_bzimage(image: bytes, name: str) -> KernelImage:
     )
 
 
-def _parse_elf(image: bytes, name: str) -> KernelImage:
+def _parse_elf(image: Image, name: str) -> KernelImage:
     if len(image) < 64 or image[4] != 2 or image[5] != 1:
         raise BootError(f"{name}: an ELF file, but not a little-endian 64-bit one")
     (e_machine,) = struct.unpack_from("<H", image, 18)
@@ -97,7 +105,7 @@ def _parse_elf(image: bytes, name: str) -> KernelImage:
         if p_offset + p_filesz > len(image) or (p_filesz > p_memsz and p_type == _PT_LOAD):
             raise BootError(f"{name}: ELF segment {i} lies outside the file")
         if p_type == _PT_LOAD and p_memsz:
-            segments.append(Segment(p_paddr, bytes(image[p_offset : p_offset + p_filesz]), p_memsz))
+            segments.append(Segment(p_paddr, image[p_offset : p_offset + p_filesz], p_memsz))
         elif p_type == _PT_NOTE:
             found = _find_pvh_entry(image[p_offset : p_offset + p_filesz])
             pvh_entry = pvh_entry if found is None else found
@@ -111,7 +119,7 @@ def _parse_elf(image: bytes, name: str) -> KernelImage:
     return KernelImage(kind, entry, tuple(segments), None, ELF_CMDLINE_MAX - 1, ELF_INITRD_ADDR_MAX, end)
 
 
-def _find_pvh_entry(notes: bytes) -> int | None:
+def _find_pvh_entry(notes: Image) -> int | None:
     off = 0
     while off + 12 <= len(notes):
         namesz, descsz, ntype = struct.unpack_from("<III", notes, off)
@@ -122,7 +130,7 @@ def _find_pvh_entry(notes: bytes) -> int | None:
             return None
         if (
             ntype == XEN_ELFNOTE_PHYS32_ENTRY
-            and notes[name_start : name_start + namesz].rstrip(b"\0") == b"Xen"
+            and bytes(notes[name_start : name_start + namesz]).rstrip(b"\0") == b"Xen"
         ):
             width = 8 if descsz >= 8 else 4
             return int.from_bytes(notes[desc_start : desc_start + width], "little")
@@ -130,9 +138,17 @@ def _find_pvh_entry(notes: bytes) -> int | None:
     return None
 
 
-def read_image(path: Path, what: str) -> bytes:
+def read_image(path: Path, what: str) -> memoryview:
+    """The file's bytes, as a view of a private read-only mapping (or of a copy where it cannot be mapped)."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise BootError(f"{what} {path}: file is empty")
+            try:
+                return memoryview(mmap.mmap(f.fileno(), 0, mmap.MAP_PRIVATE, mmap.PROT_READ))
+            except (OSError, ValueError):  # not mappable (a pipe, some file systems): read it
+                data = f.read()
     except FileNotFoundError:
         raise BootError(f"{what} {path}: no such file") from None
     except IsADirectoryError:
@@ -141,7 +157,7 @@ def read_image(path: Path, what: str) -> bytes:
         raise BootError(f"{what} {path}: {e.strerror}") from None
     if not data:
         raise BootError(f"{what} {path}: file is empty")
-    return data
+    return memoryview(data)
 
 
 def load_kernel(mem: GuestMemory, kernel: KernelImage, name: str) -> None:
