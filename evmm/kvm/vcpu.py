@@ -18,6 +18,7 @@ from evmm.kvm._ffi import ffi, ioctl, ioctl_val, lib
 from evmm.kvm.types import SEGMENT_NAMES, CpuidEntry, DTable, Fpu, Regs, Segment, Sregs
 
 if TYPE_CHECKING:
+    from evmm.kvm.uart_fast import UartFastPath
     from evmm.kvm.vm import Vm
 
 _REG_NAMES = tuple(f.name for f in fields(Regs))
@@ -49,10 +50,24 @@ class Vcpu:
         self._system_event: Any = ffi.cast("evmm_exit_system_event *", union)
         self._fail_entry: Any = ffi.cast("evmm_exit_fail_entry *", union)
         self._pending_in: tuple[int, int] = (0, 0)
+        self._fast: UartFastPath | None = None
+        self._fast_handle: Any = ffi.NULL
+        self._fast_count: Any = ffi.new("uint64_t *")
+
+    def attach_fast_path(self, fast: UartFastPath | None) -> None:
+        """Let ``run`` answer the UART's hottest exits in C (see evmm/kvm/uart_fast.py); None turns it off."""
+        self._fast = fast
+        self._fast_handle = fast.handle if fast is not None else ffi.NULL
+
+    @property
+    def fast_exits(self) -> int:
+        """Exits the fast path answered without returning to Python."""
+        return int(self._fast_count[0])
 
     def close(self) -> None:
         if self.fd >= 0:
             del self._run, self._io, self._mmio, self._internal, self._system_event, self._fail_entry
+            self.attach_fast_path(None)
             ffi.release(self._handle)
             self._page.close()
             os.close(self.fd)
@@ -61,7 +76,10 @@ class Vcpu:
     # ---- running -------------------------------------------------------------------------------------------
 
     def run(self) -> exits.VmExit:
-        ret = lib.evmm_ioctl_val(self.fd, _KVM_RUN, 0)
+        if self._fast is not None:
+            ret = lib.evmm_run_fast(self.fd, self._run, self._fast_handle, self._fast_count)
+        else:
+            ret = lib.evmm_ioctl_val(self.fd, _KVM_RUN, 0)
         if ret < 0:
             if ret in (_EINTR, _EAGAIN):
                 return _INTERRUPTED

@@ -61,12 +61,23 @@ class ConsoleIO:
         self._reading = False
         self._escape_armed = False
         self._listeners: list[Callable[[bytes], None]] = []
+        self._sources: list[Callable[[], bytes]] = []
         # O_NONBLOCK is a property of the open file, shared with the shell that started us: restore it.
         self._saved_blocking = {fd: os.get_blocking(fd) for fd in {out_fd, in_fd} if fd is not None}
         os.set_blocking(out_fd, False)
         loop.add_reader(self._wake, self._on_wake)
 
     # ---- output: any thread ----------------------------------------------------------------------------
+
+    @property
+    def wake_fd(self) -> int:
+        """The eventfd that wakes the reactor for output: a source writes it when it stops being empty."""
+        return self._wake
+
+    def add_source(self, take: Callable[[], bytes]) -> None:
+        """Output that another buffer holds (the UART's C ring): ``take()`` is called on the reactor after
+        ``wake_fd`` was written, and returns what is queued."""
+        self._sources.append(take)
 
     def write(self, data: bytes) -> None:
         with self._lock:
@@ -105,6 +116,8 @@ class ConsoleIO:
         with self._lock:
             data = bytes(self._buf)
             self._buf.clear()
+        for take in self._sources:
+            data += take()
         if not data:
             return
         for listener in list(self._listeners):

@@ -28,6 +28,7 @@ from evmm.devices.virtio.device import VirtioDevice
 from evmm.devices.virtio.mmio import VirtioMmio
 from evmm.errors import ConfigError, KvmError
 from evmm.kvm import Kvm, Vm
+from evmm.kvm.uart_fast import UartFastPath
 from evmm.log import log
 from evmm.loop.console import ConsoleIO
 from evmm.machine.cmdline import merge_cmdline
@@ -111,8 +112,12 @@ def _legacy_devices(
     stop: StopFn,
     boot_marker: Callable[[], None],
 ) -> dict[str, object]:
-    output = console.write if console is not None else (lambda data: None)
-    serial = Serial(KvmIrqLine(vm, layout.IRQ_COM1), output)
+    # The UART's output ring lives with its C fast path (LSR reads and THR writes answered on the vCPU
+    # thread); the console drains it.  Without a console nobody drains it: output is dropped once it fills.
+    fast = UartFastPath(COM1_BASE, console.wake_fd if console is not None else -1)
+    if console is not None:
+        console.add_source(fast.take)
+    serial = Serial(KvmIrqLine(vm, layout.IRQ_COM1), fast.put, fast=fast)
     # Inline: console output costs several exits per byte; the UART locks its own state.
     pio.insert(COM1_BASE, 8, serial, "com1", inline=True)
 
@@ -137,7 +142,14 @@ def _legacy_devices(
     mmio.insert(layout.ACPI_PM_BASE, layout.ACPI_PM_SIZE, acpi_pm, "acpi-pm", inline=True)
     boot_timer = BootTimer(boot_marker)
     mmio.insert(layout.BOOT_TIMER_BASE, 0x1000, boot_timer, "boot-timer", inline=True)
-    return {"serial": serial, "rtc": rtc, "i8042": i8042, "acpi_pm": acpi_pm, "boot_timer": boot_timer}
+    return {
+        "serial": serial,
+        "serial_fast": fast,
+        "rtc": rtc,
+        "i8042": i8042,
+        "acpi_pm": acpi_pm,
+        "boot_timer": boot_timer,
+    }
 
 
 def _make_virtio_devices(
@@ -276,8 +288,11 @@ def build_microvm(
         cmdline = merge_cmdline(config.cmdline, defaults)
         plan = load_linux(memory, config.kernel, config.initrd, cmdline, tables.rsdp_addr)
         supported = kvm.supported_cpuid()
+        fast = devices["serial_fast"]
+        assert isinstance(fast, UartFastPath)
         for v in vcpus:
             setup_vcpu(v, supported, config.cpus)
+            v.attach_fast_path(fast)
         setup_boot_vcpu(vcpus[0], plan)
 
         devices["virtio"] = transports

@@ -28,6 +28,14 @@ rx-space callback when the guest has drained the FIFO.  An RX interrupt is repor
 data: as "received data available" at or above the FCR trigger level and as "character timeout" below it,
 since no further character will arrive to fill the FIFO (the 4-character timeout is taken as elapsed).
 
+Fast path: the two accesses Linux's console makes per byte (read LSR, write THR) may be answered in C on the
+vCPU thread (evmm/kvm/uart_fast.py) when they change nothing the model must compute: ``_sync_fast`` tells C,
+after every change of state, whether a THR write now leaves the interrupt line alone (DLAB clear, no
+loopback, THRE interrupts off or already pending) and what an LSR read returns when it has no errors to
+clear.  A THR write taken in C leaves the model's state as it was: THRE pending if THRE interrupts are on
+(the byte leaves at once), and with them off the THRE-pending flag is unobservable (enabling them sets it).
+Without a fast path the model handles every access itself, as before.
+
 Threads: the UART is handled inline on vCPU threads while ``receive`` runs on the reactor.  All register
 state is guarded by one lock.  Nothing calls out while holding it: ``output``, the rx-space callback and
 ``irq.set_level`` run after it is released.  To keep level changes in order when two threads race, each
@@ -42,6 +50,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 from evmm.devices.irq import IrqLine
 
@@ -106,12 +115,20 @@ RX_FIFO_SIZE = 16
 _RESET_DIVISOR = 0x0C  # 9600 baud from the 1.8432 MHz clock; the divisor has no effect here
 
 
+class FastPath(Protocol):
+    """What the model tells the C fast path (evmm.kvm.uart_fast.UartFastPath) and hears back from it."""
+
+    def set(self, thr_fast: bool, lsr_fast: bool, lsr: int) -> None: ...
+
+
 class Serial:
     """The UART at one 8-port range (COM1: 0x3F8, IRQ 4)."""
 
-    def __init__(self, irq: IrqLine, output: Callable[[bytes], None]) -> None:
+    def __init__(self, irq: IrqLine, output: Callable[[bytes], None], fast: FastPath | None = None) -> None:
         self._irq = irq
         self._output = output
+        self._fast = fast
+        self._fast_state: tuple[bool, bool, int] | None = None
         self._lock = threading.Lock()  # guards every register field below
         self._tx_lock = threading.Lock()  # serialises calls to output()
         self._irq_lock = threading.Lock()  # orders set_level() calls (see the module docstring)
@@ -134,6 +151,7 @@ class Serial:
         self._level = False  # last computed line level
         self._applied_gen = 0  # under _irq_lock
         self._line = False  # under _irq_lock: the level the IrqLine was last set to
+        self._sync_fast()
 
     # -- the host side (reactor thread) --------------------------------------------------------------------
 
@@ -154,6 +172,7 @@ class Serial:
             if taken < len(data):
                 self._rx_waiting = True
             update = self._level_update()
+            self._sync_fast()
         self._apply_level(update)
         return taken
 
@@ -178,6 +197,7 @@ class Serial:
             value = self._read_register(reg)
             notify = self._take_rx_space_notice()
             update = self._level_update()
+            self._sync_fast()
         self._apply_level(update)
         if notify is not None:
             notify()
@@ -190,12 +210,30 @@ class Serial:
             out = self._write_register(reg, value)
             notify = self._take_rx_space_notice()
             update = self._level_update()
+            self._sync_fast()
         if out is not None:
             with self._tx_lock:
                 self._output(out)
         self._apply_level(update)
         if notify is not None:
             notify()
+
+    # -- the fast path (called with _lock held) ------------------------------------------------------------
+
+    def _sync_fast(self) -> None:
+        if self._fast is None:
+            return
+        thr_fast = (
+            not self._lcr & LCR_DLAB
+            and not self._mcr & MCR_LOOP
+            and (not self._ier & IER_THRI or self._thr_pending)
+        )
+        lsr_fast = not self._lsr_errors
+        lsr = LSR_THRE | LSR_TEMT | (LSR_DR if self._rx else 0)
+        state = (bool(thr_fast), lsr_fast, lsr)
+        if state != self._fast_state:
+            self._fast_state = state
+            self._fast.set(*state)
 
     # -- register model (called with _lock held) -----------------------------------------------------------
 
