@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from evmm.devices.virtio.device import VirtioDevice
-from evmm.errors import ConfigError, EvmmError
+from evmm.errors import ConfigError
 from evmm.machine.devspec import DriveSpec, NetSpec
 
 
@@ -33,11 +33,10 @@ def make_empty_blk(slot_id: str) -> VirtioDevice:
 
 
 def make_empty_net(slot_id: str, index: int) -> VirtioDevice:
+    """A NIC with its link down and no tap; its MAC is fixed by the slot, so it survives replacements."""
     from evmm.devices.virtio import net
 
-    if not hasattr(net.VirtioNet, "replace_tap"):
-        raise ConfigError("--hotplug net=N: network hot-replace slots are not supported by this build")
-    return net.VirtioNet.empty(net.default_mac(NetSpec(tap=slot_id), 100 + index))  # type: ignore[attr-defined,no-any-return]
+    return net.VirtioNet.empty(net.default_mac(NetSpec(tap=slot_id), 100 + index))
 
 
 @dataclass
@@ -67,10 +66,13 @@ class HotplugSlot:
             return
         if not isinstance(spec, NetSpec):
             raise ConfigError(f"slot {self.id} takes a tap (tap=...), not a disk image")
-        replace = getattr(self.device, "replace_tap", None)
-        if replace is None:
-            raise EvmmError(f"slot {self.id}: network hot-replace is not supported by this build")
-        from evmm.devices.virtio.net import open_tap, wrap_tap_fd
+        from evmm.devices.virtio.net import VirtioNet, open_tap, parse_mac, wrap_tap_fd
+
+        assert isinstance(self.device, VirtioNet)
+        if spec.mac is not None and parse_mac(spec.mac) != self.device.mac:
+            # Linux's virtio_net reads the MAC once, at probe; a config change only updates the link state.
+            fixed = ":".join(f"{b:02x}" for b in self.device.mac)
+            raise ConfigError(f"slot {self.id}: its MAC is {fixed}, fixed at boot; leave mac out")
 
         if spec.tap is not None:
             tap = open_tap(spec.tap)
@@ -78,7 +80,7 @@ class HotplugSlot:
             tap = wrap_tap_fd(spec.fd)
         else:
             raise ConfigError(f"slot {self.id}: give tap=NAME or fd=N")
-        replace(tap)
+        self.device.replace_tap(tap)
         self.backend = spec.tap or f"fd {spec.fd}"
 
     def empty(self) -> None:
@@ -90,5 +92,8 @@ class HotplugSlot:
             assert isinstance(self.device, VirtioBlk)
             self.device.replace_with(empty_disk())
         else:
-            cast(Any, self.device).replace_tap(None)
+            from evmm.devices.virtio.net import VirtioNet
+
+            assert isinstance(self.device, VirtioNet)
+            self.device.replace_tap(None)
         self.backend = None

@@ -19,6 +19,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +32,7 @@ from evmm.assets import GuestAssets
 from evmm.exitcodes import EXIT_GUEST_POWEROFF
 from tests.conftest import GuestFactory
 from tests.linux.harness import PROMPT, READY, Guest, evmm_run_argv
+from tests.linux.test_control import call, wait_for_socket
 
 BOOT_TIMEOUT = 300.0  # a quiet boot takes 20-60 s in the TCG test host, more when the machine is busy
 HOST_IP = "10.0.2.1"
@@ -229,3 +231,50 @@ def test_ping_and_a_tcp_stream_both_ways(netns: str, launch: GuestFactory, guest
     )
     guest.sendline("poweroff")
     assert guest.wait_exit(60) == EXIT_GUEST_POWEROFF
+
+
+def test_hot_replace_a_tap_into_an_empty_slot(
+    netns: str, launch: GuestFactory, guest_assets: GuestAssets
+) -> None:
+    """Issue 5's net slots: an empty NIC (link down) gets a tap while the guest runs, then loses it."""
+    with tempfile.TemporaryDirectory(prefix="evmm-net-", dir="/tmp") as d:
+        sock = Path(d) / "api.sock"
+        argv = [
+            *("ip", "netns", "exec", netns),
+            *evmm_run_argv(guest_assets.vmlinux, guest_assets.initramfs),
+            *("--hotplug", "net=1", "--api-sock", str(sock)),
+        ]
+        guest = launch(argv, "evmm-net-hotplug")
+        guest.expect(READY, BOOT_TIMEOUT)
+        guest.expect(PROMPT, 30)
+        wait_for_socket(sock)
+        slots = [s for s in call(sock, "query-hotplug")["slots"] if s["kind"] == "net"]
+        assert len(slots) == 1 and not slots[0]["occupied"], slots
+        nic = guest_nic(guest)
+        assert carrier(guest, nic) == "0"
+
+        filled = call(sock, "device-replace", slot=slots[0]["id"], tap="evhot0")
+        assert filled["occupied"] and filled["backend"] == "evhot0"
+        host_side(netns, "evhot0")
+        wait_carrier(guest, nic, "1")
+        out = guest.check(f"ping -c 3 -W 5 {HOST_IP}", timeout=60)
+        assert "3 packets received" in out, out
+        assert host_ping(netns, GUEST_IP) == 3
+
+        call(sock, "device-remove", slot=slots[0]["id"])
+        wait_carrier(guest, nic, "0")
+        out, status = guest.run(f"ping -c 1 -W 2 {HOST_IP}", timeout=30)
+        assert status != 0, out
+        guest.sendline("poweroff")
+        assert guest.wait_exit(60) == EXIT_GUEST_POWEROFF
+
+
+def carrier(guest: Guest, nic: str) -> str:
+    return guest.check(f"cat /sys/class/net/{nic}/carrier").strip()
+
+
+def wait_carrier(guest: Guest, nic: str, want: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (now := carrier(guest, nic)) != want:
+        assert time.monotonic() < deadline, f"{nic}: carrier stayed {now}, not {want}"
+        time.sleep(0.5)

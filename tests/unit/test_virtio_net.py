@@ -632,3 +632,62 @@ def test_transport_close_releases_the_tap(loop: asyncio.AbstractEventLoop, tap: 
     assert not dev.rx_paused
     d.transport.close()
     assert tap.fd == -1
+
+
+# ---- hot-replace slots (issue 5): an empty NIC whose tap comes and goes ----------------------------------
+
+
+def test_an_empty_slot_has_its_link_down_and_drops_what_the_driver_sends(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    dev = VirtioNet.empty(MAC)
+    d = MmioDriver(dev, loop=loop)
+    d.bring_up()
+    assert d.config(6, 2) == 0  # VIRTIO_NET_S_LINK_UP clear
+    post_rx(d, 4096)
+    d.queues[1].add([h.NetHeader().pack() + frame(60)], [])
+    d.kick(1)
+    settle(loop)
+    assert dev.stats.tx_drops == 1 and dev.stats.last_drop == "no backend: the slot is empty"
+    assert d.queues[1].get_used() and not d.queues[0].get_used()
+
+
+def test_a_tap_put_in_brings_the_link_up_and_carries_frames(
+    loop: asyncio.AbstractEventLoop, tap: FakeTap
+) -> None:
+    dev = VirtioNet.empty(MAC)
+    d = MmioDriver(dev, loop=loop)
+    d.bring_up()
+    post_rx(d, 4096, 4096)  # buffers given while empty stay for the tap to come
+    settle(loop)
+    d.ack_interrupt()
+    dev.replace_tap(tap)
+    assert d.config(6, 2) == 1
+    assert d.ack_interrupt() & regs.INT_CONFIG  # the driver is told the config changed (§2.5.2)
+    assert tap.offloads and tap.offloads[-1] != 0  # the negotiated offloads reach the new tap
+    tap.send(frame(100, 7))
+    spin(loop, lambda: dev.stats.rx_packets == 1)
+    d.queues[1].add([h.NetHeader().pack() + frame(80, 3)], [])
+    d.kick(1)
+    spin(loop, lambda: bool(tap.received()) or dev.stats.tx_packets == 1)
+    assert dev.stats.tx_packets == 1
+
+
+def test_taking_the_tap_out_closes_it_and_downs_the_link(
+    loop: asyncio.AbstractEventLoop, tap: FakeTap
+) -> None:
+    dev, d = up(loop, tap)
+    d.ack_interrupt()
+    dev.replace_tap(None)
+    assert tap.dev_end.fileno() == -1  # closed
+    assert d.config(6, 2) == 0
+    assert d.ack_interrupt() & regs.INT_CONFIG
+    other = FakeTap()
+    try:
+        dev.replace_tap(other)
+        post_rx(d, 4096)
+        other.send(frame(64, 9))
+        spin(loop, lambda: dev.stats.rx_packets == 1)
+    finally:
+        other.host.close()
+        dev.close()

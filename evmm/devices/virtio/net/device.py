@@ -69,6 +69,18 @@ class TapBackend(Protocol):
     def close(self) -> None: ...
 
 
+class NoTap:
+    """The backend of an empty hot-replace slot: no fd; the link is down, so the driver sends nothing."""
+
+    fd = -1
+
+    def set_offload(self, flags: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 @dataclass
 class NetStats:
     """Counters for metrics.  Bytes count Ethernet frames, without the virtio-net header."""
@@ -130,13 +142,47 @@ class VirtioNet(VirtioDevice):
         self._held_bytes = 0
         self._held_descs = 0
 
+    @classmethod
+    def empty(cls, mac: bytes) -> VirtioNet:
+        """A NIC with no backend (a hot-replace slot): link down until ``replace_tap`` gives it a tap."""
+        return cls(NoTap(), mac)
+
+    @property
+    def link_up(self) -> bool:
+        return self.tap.fd >= 0
+
+    def replace_tap(self, tap: TapBackend | None) -> None:
+        """Swap the backend while the guest runs (None empties the slot); on the reactor.
+
+        The link status follows (VIRTIO_NET_S_LINK_UP, §5.1.4) and a configuration change interrupt tells
+        the driver (§2.5.2, §5.1.4.2), which turns the carrier on or off.  Receive buffers the driver gave
+        stay held for the new tap; a frame read from the old one and not yet delivered is dropped.
+        """
+        self._stop_io()
+        if self._pending:
+            self._drop("the backend was replaced with a frame pending")
+        old, self.tap = self.tap, tap if tap is not None else NoTap()
+        old.close()
+        ctx = self.ctx
+        if ctx is None:
+            return
+        try:
+            self.tap.set_offload(tap_offloads(self._features))
+        except OSError as e:
+            ctx.needs_reset(f"the new tap refused offloads {tap_offloads(self._features):#x}: {e.strerror}")
+            return
+        ctx.signal_config()
+        self._rx_resume()
+        self._tx()
+
     # ---- what the transport asks ---------------------------------------------------------------------
 
     def features(self) -> int:
         return self._offered
 
     def config(self) -> bytes:
-        return _CONFIG.pack(self.mac, VIRTIO_NET_S_LINK_UP, 1, self.mtu or 0)
+        status = VIRTIO_NET_S_LINK_UP if self.link_up else 0
+        return _CONFIG.pack(self.mac, status, 1, self.mtu or 0)
 
     @property
     def rx_paused(self) -> bool:
@@ -185,7 +231,7 @@ class VirtioNet(VirtioDevice):
         return ctx.queues[index] if ctx is not None and index < len(ctx.queues) else None
 
     def _set_reader(self, on: bool) -> None:
-        if on == self._reading or self._reactor is None:
+        if on == self._reading or self._reactor is None or (on and self.tap.fd < 0):
             return
         if on:
             self._reactor.add_reader(self.tap.fd, self._rx)
@@ -230,7 +276,7 @@ class VirtioNet(VirtioDevice):
 
     def _rx(self) -> None:
         ctx, q = self.ctx, self._queue(RX)
-        if ctx is None or q is None:
+        if ctx is None or q is None or self.tap.fd < 0:
             return
         used = 0
         try:
@@ -402,6 +448,9 @@ class VirtioNet(VirtioDevice):
         assert ctx is not None
         if chain.writable_len:
             self._tx_drop("a transmit chain with device-writable buffers")
+            return True
+        if self.tap.fd < 0:
+            self._tx_drop("no backend: the slot is empty")
             return True
         total = chain.readable_len
         if total < h.HDR_LEN:
