@@ -21,7 +21,7 @@ from evmm.assets import GuestAssets
 from evmm.hostkvm import probe
 from evmm.testhost.runner import EXIT_TIMEOUT
 from tests.conftest import GuestFactory
-from tests.linux.harness import READY, GuestError, qemu_microvm_argv
+from tests.linux.harness import READY, GuestError, evmm_run_argv
 
 host_side = pytest.mark.host_side
 BOOT_SLACK = 90.0  # generous: two cores shared with everything else on the machine
@@ -210,7 +210,7 @@ def test_a_corrupt_guest_kernel_fails_the_test_within_its_timeout(
     """
     broken = tmp_path / "vmlinuz-corrupt"
     broken.write_bytes(corrupt(guest_assets.bzimage.read_bytes()))
-    guest = launch(qemu_microvm_argv(broken, guest_assets.initramfs), "corrupt-kernel")
+    guest = launch(evmm_run_argv(broken, guest_assets.initramfs), "corrupt-kernel")
     started = time.monotonic()
     with pytest.raises(GuestError):
         guest.expect(READY, timeout=20)
