@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import os
 import socket
 import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -34,6 +32,7 @@ import uvloop
 from evmm.devices.virtio.net import VirtioNet, make_net
 from evmm.devices.virtio.net import header as h
 from evmm.machine.devspec import NetSpec
+from evmm.netns import inet_checksum, inside, netns
 from tests.fakes.virtio_driver import MmioDriver
 
 ALL = (1 << 64) - 1
@@ -145,45 +144,11 @@ def bench_rx(loop: asyncio.AbstractEventLoop, size: int, total: int, *, mergeabl
 # ---- a real tap ----------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def netns() -> Iterator[str]:
-    name = f"evmm-bench-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
-
-
-@contextmanager
-def inside(ns: str) -> Iterator[None]:
-    libc = ctypes.CDLL(None, use_errno=True)
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-    try:
-        if libc.setns(target, 0x40000000) != 0:
-            raise OSError(ctypes.get_errno(), "setns")
-        yield
-    finally:
-        libc.setns(own, 0x40000000)
-        os.close(own)
-        os.close(target)
-
-
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
 def udp_frame(dst_mac: bytes, src_mac: bytes, payload: int) -> bytes:
     src, dst = bytes([10, 78, 0, 2]), bytes([10, 78, 0, 1])
     udp = struct.pack("!HHHH", 5000, 9, 8 + payload, 0) + bytes(payload)  # port 9 (discard), no checksum
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0x4000, 64, 17, 0, src, dst)
-    ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+    ip = ip[:10] + struct.pack("!H", inet_checksum(ip)) + ip[12:]
     return dst_mac + src_mac + b"\x08\x00" + ip + udp
 
 
@@ -191,7 +156,7 @@ def bench_real_tap(loop: asyncio.AbstractEventLoop, total: int) -> None:
     if os.geteuid() != 0 or not Path("/dev/net/tun").exists():
         print("  (skipped: needs root and /dev/net/tun)")
         return
-    with netns() as ns:
+    with netns("evmm-bench") as ns:
         with inside(ns):
             dev = make_net(NetSpec(tap="evb0"), 0)
             rx_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

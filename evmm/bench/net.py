@@ -19,6 +19,7 @@ from evmm.bench.console import PROMPT, READY
 from evmm.bench.context import Context, Measurement, Watch, launch
 from evmm.bench.results import MetricSpec
 from evmm.bench.vmm import EVMM, QEMU, QEMU_VHOST, Side
+from evmm.netns import ip
 
 MiB = 1 << 20
 MEMORY_MIB = 512
@@ -31,12 +32,6 @@ STREAM_TIMEOUT = 900.0
 
 class NetError(Exception):
     pass
-
-
-def _ip(*args: str) -> None:
-    r = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        raise NetError(f"ip {' '.join(args)}: {r.stderr.strip()}")
 
 
 class NetRow:
@@ -81,9 +76,9 @@ class NetRow:
         if shutil.which("iperf3") is None:
             raise NetError("iperf3 is not installed on this host (apt-get install iperf3): it is the client")
         self.nbytes = (QUICK_STREAM_MIB if ctx.quick else STREAM_MIB) * MiB
-        _ip("netns", "add", self.ns)
+        ip("netns", "add", self.ns)
         self.made = True
-        _ip("-n", self.ns, "link", "set", "lo", "up")
+        ip("-n", self.ns, "link", "set", "lo", "up")
 
     def teardown(self, ctx: Context) -> None:
         if self.made:
@@ -115,8 +110,8 @@ class NetRow:
         with launch(side, spec, f"{side.name}-net", watch, prefix) as vm:
             vm.wait_for(READY, ctx.boot_timeout)
             vm.wait_for(PROMPT, 60)
-            _ip("-n", self.ns, "addr", "add", f"{HOST_IP}/24", "dev", tap)
-            _ip("-n", self.ns, "link", "set", tap, "up")
+            ip("-n", self.ns, "addr", "add", f"{HOST_IP}/24", "dev", tap)
+            ip("-n", self.ns, "link", "set", tap, "up")
             nic = [n for n in vm.check("ls /sys/class/net", 30).split() if n != "lo"]
             if len(nic) != 1:
                 raise NetError(f"the guest has NICs {nic}, not one")

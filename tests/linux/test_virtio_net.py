@@ -10,26 +10,23 @@ EVMM_NET_TEST_MIB sets the stream size (default 64 MiB, the issue's figure).
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
-import itertools
 import os
 import re
-import shutil
 import socket
 import struct
-import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from evmm.assets import GuestAssets
 from evmm.exitcodes import EXIT_GUEST_POWEROFF
+from evmm.netns import inet_checksum, inside, ip, unavailable
+from evmm.netns import netns as evmm_netns
 from tests.conftest import GuestFactory
 from tests.linux.harness import PROMPT, READY, Guest, evmm_run_argv
 from tests.linux.test_control import call, wait_for_socket
@@ -41,55 +38,18 @@ MAC = "52:54:00:12:34:56"
 STREAM = int(os.environ.get("EVMM_NET_TEST_MIB", "64")) << 20
 STREAM_TIMEOUT = 900.0  # seconds for one direction; under the TCG test host a MiB takes ~1-5 s
 SHA_RE = re.compile(r"\b([0-9a-f]{64})\b")
-CLONE_NEWNET = 0x40000000
 # Feature bits the guest must have accepted (virtio 1.2 §5.1.3): CSUM, GUEST_CSUM, MAC, GUEST_TSO4/6,
 # HOST_TSO4/6, MRG_RXBUF, STATUS.
 NEGOTIATED = (0, 1, 5, 7, 8, 11, 12, 15, 16)
-_counter = itertools.count()
 
 
-def _why_not() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to make network namespaces and taps"
-    if not Path("/dev/net/tun").exists():
-        return "/dev/net/tun is missing (the tun module is not loaded)"
-    if shutil.which("ip") is None:
-        return "iproute2's ip is not installed"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_why_not() is not None, reason=_why_not() or "")
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+pytestmark = pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")
 
 
 @pytest.fixture
 def netns() -> Iterator[str]:
-    name = f"evmm-net-{os.getpid()}-{next(_counter)}"
-    ip("netns", "add", name)
-    try:
-        ip("-n", name, "link", "set", "lo", "up")
+    with evmm_netns("evmm-net") as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
-
-
-@contextmanager
-def inside(ns: str) -> Iterator[None]:
-    """This thread in ``ns`` for a while: sockets made meanwhile belong to it (Python 3.11 has no os.setns)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-    try:
-        if libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns into {ns}")
-        yield
-    finally:
-        libc.setns(own, CLONE_NEWNET)
-        os.close(own)
-        os.close(target)
 
 
 def host_side(ns: str, tap: str) -> None:
@@ -120,15 +80,6 @@ def guest_nic(guest: Guest) -> str:
     return nic
 
 
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
 def host_ping(ns: str, dst: str, count: int = 3, timeout: float = 10.0) -> int:
     """ICMP echo from the host side of the tap (a raw socket in ``ns``); how many replies came back."""
     with inside(ns):
@@ -138,7 +89,7 @@ def host_ping(ns: str, dst: str, count: int = 3, timeout: float = 10.0) -> int:
     with s:
         for seq in range(count):
             body = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + b"evmm-net-test"
-            s.sendto(body[:2] + struct.pack("!H", _csum(body)) + body[4:], (dst, 0))
+            s.sendto(body[:2] + struct.pack("!H", inet_checksum(body)) + body[4:], (dst, 0))
             deadline = time.monotonic() + timeout
             while (left := deadline - time.monotonic()) > 0:
                 s.settimeout(left)

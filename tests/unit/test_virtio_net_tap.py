@@ -8,18 +8,14 @@ namespace is deleted when its test ends, whatever the outcome, and the taps in i
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import fcntl
-import itertools
 import os
-import shutil
 import socket
 import struct
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -39,63 +35,22 @@ from evmm.devices.virtio.net.tap import (
 )
 from evmm.errors import ConfigError
 from evmm.machine.devspec import NetSpec
+from evmm.netns import inet_checksum, inside, ip, unavailable
+from evmm.netns import netns as evmm_netns
 from tests.fakes.virtio_driver import MmioDriver, Used
 
-CLONE_NEWNET = 0x40000000
 HOST_IP = bytes([10, 77, 0, 1])
 GUEST_IP = bytes([10, 77, 0, 2])
 BROADCAST = b"\xff" * 6
-_counter = itertools.count()
 
 
-def _why_not() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (CAP_NET_ADMIN) to create taps and network namespaces"
-    if not Path("/dev/net/tun").exists():
-        return "/dev/net/tun is missing (no tun module)"
-    if shutil.which("ip") is None:
-        return "iproute2's ip is not installed"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_why_not() is not None, reason=_why_not() or "")
-
-
-def ip(*args: str) -> str:
-    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
+pytestmark = pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")
 
 
 @pytest.fixture
 def netns() -> Iterator[str]:
-    name = f"evmm-ut-{os.getpid()}-{next(_counter)}"
-    ip("netns", "add", name)
-    try:
-        # No IPv6: its router and neighbour solicitations would only be noise on the tap.
-        subprocess.run(
-            ["ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"],
-            check=False,
-            capture_output=True,
-        )
-        ip("-n", name, "link", "set", "lo", "up")
+    with evmm_netns("evmm-ut", ipv6=False) as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
-
-
-@contextmanager
-def inside(ns: str) -> Iterator[None]:
-    """Run this thread in ``ns`` for a while: taps and sockets made meanwhile belong to it."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-    try:
-        if libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns into {ns}")
-        yield
-    finally:
-        libc.setns(own, CLONE_NEWNET)
-        os.close(own)
-        os.close(target)
 
 
 def in_ns_error(ns: str, code: str) -> str:
@@ -217,22 +172,13 @@ def test_wrapping_a_passed_fd(netns: str, tmp_path: Path) -> None:
 # ---- end to end against the host kernel ----------------------------------------------------------------
 
 
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
 def _eth(dst: bytes, src: bytes, ethertype: int, payload: bytes) -> bytes:
     return dst + src + struct.pack("!H", ethertype) + payload
 
 
 def _ipv4(src: bytes, dst: bytes, proto: int, payload: bytes) -> bytes:
     hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0x4000, 64, proto, 0, src, dst)
-    return hdr[:10] + struct.pack("!H", _csum(hdr)) + hdr[12:] + payload
+    return hdr[:10] + struct.pack("!H", inet_checksum(hdr)) + hdr[12:] + payload
 
 
 def _udp(src: bytes, dst: bytes, sport: int, dport: int, data: bytes, check: int | None = None) -> bytes:
@@ -240,13 +186,13 @@ def _udp(src: bytes, dst: bytes, sport: int, dport: int, data: bytes, check: int
     length = 8 + len(data)
     seg = struct.pack("!HHHH", sport, dport, length, 0) + data
     if check is None:
-        check = _csum(src + dst + struct.pack("!BBH", 0, 17, length) + seg) or 0xFFFF
+        check = inet_checksum(src + dst + struct.pack("!BBH", 0, 17, length) + seg) or 0xFFFF
     return seg[:6] + struct.pack("!H", check) + seg[8:]
 
 
 def _pseudo_sum(src: bytes, dst: bytes, length: int) -> int:
     """What a driver leaves in the checksum field with NEEDS_CSUM: the folded, uncomplemented pseudo-header sum."""
-    return ~_csum(src + dst + struct.pack("!BBH", 0, 17, length)) & 0xFFFF
+    return ~inet_checksum(src + dst + struct.pack("!BBH", 0, 17, length)) & 0xFFFF
 
 
 class Guest:
@@ -320,7 +266,7 @@ def test_guest_and_host_kernel_talk_through_the_tap(netns: str, loop: asyncio.Ab
         assert reply[22:28] == host_mac and reply[28:32] == HOST_IP
         # ICMP echo to the host and its reply.
         echo = struct.pack("!BBHHH", 8, 0, 0, 0x77, 1) + b"evmm ping"
-        echo = echo[:2] + struct.pack("!H", _csum(echo)) + echo[4:]
+        echo = echo[:2] + struct.pack("!H", inet_checksum(echo)) + echo[4:]
         g.send(_eth(host_mac, g.mac, 0x0800, _ipv4(GUEST_IP, HOST_IP, 1, echo)))
         _, pong = g.receive(b"\x00\x00", 34)  # ICMP type 0 (echo reply), code 0
         assert pong[26:30] == HOST_IP and pong[42:] == b"evmm ping"
@@ -383,5 +329,5 @@ def _assert_udp_checksum(hdr: h.NetHeader, frame: bytes) -> None:
     if hdr.flags & h.F_NEEDS_CSUM:
         start, off = hdr.csum_start - 14 - ihl, hdr.csum_offset
         assert (start, off) == (0, 6)
-        struct.pack_into("!H", seg, off, _csum(bytes(seg)))
-    assert _csum(src + dst + struct.pack("!BBH", 0, 17, len(seg)) + bytes(seg)) == 0
+        struct.pack_into("!H", seg, off, inet_checksum(bytes(seg)))
+    assert inet_checksum(src + dst + struct.pack("!BBH", 0, 17, len(seg)) + bytes(seg)) == 0
