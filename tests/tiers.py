@@ -8,6 +8,7 @@ outcome.  Tests marked ``host_side`` (the test host's own tests) always run out 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -26,6 +27,7 @@ from typing import Any
 import pytest
 
 from evmm.hostkvm import HostKvm, probe
+from evmm.testhost.runner import EXIT_NO_STATUS, EXIT_TIMEOUT
 from tests.linux.harness import GuestKernelCrash
 
 TIERS = ("unit", "kvm", "linux")
@@ -41,6 +43,9 @@ def _die_with_parent() -> None:
 REPORT_ENV = "EVMM_TIER_REPORT"  # set for the inner run: where it writes one JSON line per test
 TIMEOUT_ENV = "EVMM_LINUX_TIER_TIMEOUT"
 DEFAULT_TIER_TIMEOUT = 1500.0  # seconds for the whole linux tier, so a hang fails CI instead of blocking it
+STALL_ENV = "EVMM_LINUX_TIER_STALL"
+DEFAULT_STALL = 300.0  # seconds without a test report before a test host counts as hung
+MAX_BOOTS = 4  # test host boots for one tier: the first, and fresh ones after lost ones
 HOST_SIDE = "host_side"
 
 
@@ -74,7 +79,7 @@ def plan(host: HostKvm, in_testhost: bool, qemu: str | None) -> TierPlan:
             kvm_header,
             "testhost",
             "",
-            "linux tier: KVM test host (kvm_amd in QEMU TCG), one boot for the tier",
+            "linux tier: KVM test host (kvm_amd in QEMU TCG), one boot for the tier (another if one is lost)",
         )
     reason = f"{host.reason}, and qemu-system-x86_64 is not installed for the KVM test host"
     return TierPlan(kvm_skip, kvm_header, "skip", reason, f"linux tier: skipped ({reason})")
@@ -153,6 +158,8 @@ class TierPlugin:
         self.inner_nodeids: list[str] = []
         self.inner: dict[str, dict[str, Any]] | None = None
         self.inner_note = ""
+        self.inner_kvm = ""
+        self.inner_summary = ""
         self.inner_log: Path | None = None
         self.report_path = os.environ.get(REPORT_ENV)
         self.phases: dict[str, list[dict[str, Any]]] = {}
@@ -216,6 +223,15 @@ class TierPlugin:
         return result
 
     def _run_inner(self) -> dict[str, dict[str, Any]]:
+        """Run the selected tests in the test host; in a fresh one when it dies or hangs part-way.
+
+        The test host (QEMU TCG emulating SVM, with a real KVM inside) is itself not perfectly reliable: seen
+        here, its kernel once panicked ("corrupted stack end detected inside scheduler") and once went idle
+        for good, in both cases while a guest of its KVM was busy.  A test host that exits before every test
+        reported, or reports nothing for ``STALL_ENV`` seconds, is killed; the tests that had not finished go
+        on in a new boot.  The test that was running when it happened runs once more there; if the second
+        test host fails under it too, that test fails, naming both.
+        """
         from evmm.assets.guest import build_default_guest
         from evmm.testhost.assets import build_testhost_assets
 
@@ -223,9 +239,68 @@ class TierPlugin:
         build_default_guest()
         build_testhost_assets()
         results = Path(tempfile.mkdtemp(prefix="evmm-linux-tier-"))
-        report = results / "report.jsonl"
         self.inner_log = results / "inner.log"
         rootdir = Path(str(self.config.rootpath))
+        stall = float(os.environ.get(STALL_ENV, DEFAULT_STALL))
+        started = time.monotonic()
+        deadline = started + self.tier_timeout
+        outcomes: dict[str, dict[str, Any]] = {}
+        lost: dict[str, str] = {}  # nodeid -> why its first test host was lost under it
+        remaining = list(self.inner_nodeids)
+        boots = 0
+        notes: list[str] = []
+        while remaining and boots < MAX_BOOTS and time.monotonic() < deadline:
+            boots += 1
+            report = results / f"report-{boots}.jsonl"
+            status, why = self._boot_once(rootdir, results, report, remaining, stall, deadline, boots)
+            done = self._read_report(report)
+            outcomes.update({k: v for k, v in done.items() if v["complete"]})
+            remaining = [n for n in remaining if n not in outcomes]
+            if not remaining:
+                break
+            if why is None and status not in (EXIT_TIMEOUT, EXIT_NO_STATUS):
+                break  # pytest itself ended there (a collection error, say): another boot would do the same
+            if why is None:
+                why = f"the test host exited {status} with {len(remaining)} tests unreported"
+            running = next((n for n in remaining if n in done), remaining[0])
+            notes.append(f"boot {boots}: {why}, while {running} ran")
+            if running in lost:
+                outcomes[running] = {
+                    "outcome": "failed",
+                    "text": f"two test hosts were lost while it ran: {lost[running]}; then {why}",
+                    "reruns": [],
+                }
+                remaining.remove(running)
+            else:
+                lost[running] = why
+        for nodeid, why in lost.items():
+            if nodeid in outcomes and outcomes[nodeid]["outcome"] != "failed":
+                outcomes[nodeid].setdefault("reruns", []).append(
+                    f"E   a fresh KVM test host ran it after the first was lost: {why}"
+                )
+        elapsed = time.monotonic() - started
+        tail = "\n".join(self.inner_log.read_text(errors="replace").splitlines()[-40:])
+        self.inner_note = (
+            f"{len(remaining)} tests never reported after {boots} test host boots in {elapsed:.0f} s "
+            f"({'; '.join(notes) or 'no boot was lost'}); the last lines of {self.inner_log}:\n{tail}"
+        )
+        self.inner_summary = (
+            f"{len(self.inner_nodeids)} tests in {boots} KVM test host boot(s), {elapsed:.0f} s"
+            + (f" ({'; '.join(notes)})" if notes else "")
+        )
+        return outcomes
+
+    def _boot_once(
+        self,
+        rootdir: Path,
+        results: Path,
+        report: Path,
+        nodeids: list[str],
+        stall: float,
+        deadline: float,
+        boot: int,
+    ) -> tuple[int, str | None]:
+        """One test host running ``nodeids``: its exit status, and why it was stopped (None if it ended)."""
         # -v: the log names the test that was running if the test host is killed; durations: where the time went.
         inner = [
             sys.executable,
@@ -241,40 +316,52 @@ class TierPlugin:
             "--rootdir",
             str(rootdir),
         ]
+        left = max(60.0, deadline - time.monotonic())
         argv = [
             *(sys.executable, "-m", "evmm.testhost", "run", "--share", str(results)),
-            *("--timeout", f"{self.tier_timeout:g}", "--", *inner, *self.inner_nodeids),
+            *("--timeout", f"{left:g}", "--", *inner, *nodeids),
         ]
         env = {**os.environ, REPORT_ENV: str(report), "PYTHONDONTWRITEBYTECODE": "1"}
-        started = time.monotonic()
-        with open(self.inner_log, "wb") as log:
-            try:
-                proc = subprocess.run(
-                    argv,
-                    preexec_fn=_die_with_parent,
-                    cwd=rootdir,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    timeout=self.tier_timeout + 300,
-                    check=False,
-                )
-                status = proc.returncode
-            except subprocess.TimeoutExpired:
-                status = -1
-        elapsed = time.monotonic() - started
-        results_by_id = self._read_report(report)
-        tail = "\n".join(self.inner_log.read_text(errors="replace").splitlines()[-40:])
-        self.inner_note = f"The inner run exited {status} after {elapsed:.0f} s; the last lines of {self.inner_log}:\n{tail}"
-        self.inner_summary = (
-            f"{len(self.inner_nodeids)} tests in one KVM test host boot, {elapsed:.0f} s (exit {status})"
-        )
-        return results_by_id
+        assert self.inner_log is not None
+        with open(self.inner_log, "ab") as log:
+            log.write(f"\n==== test host boot {boot}: {len(nodeids)} tests\n".encode())
+            log.flush()
+            proc = subprocess.Popen(
+                argv,
+                preexec_fn=_die_with_parent,
+                cwd=rootdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            why: str | None = None
+            last_size, last_change = -1, time.monotonic()
+            while proc.poll() is None:
+                time.sleep(2)
+                size = report.stat().st_size if report.exists() else 0
+                now = time.monotonic()
+                if size != last_size:
+                    last_size, last_change = size, now
+                elif now - last_change > stall:
+                    why = f"the test host reported nothing for {stall:g} s"
+                elif now > deadline + 120:
+                    why = f"the tier ran past its {self.tier_timeout:g} s timeout ({TIMEOUT_ENV})"
+                if why is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGTERM)  # the runner kills its QEMU on the way out
+                    try:
+                        proc.wait(30)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        proc.wait()
+                    break
+            return proc.returncode, why
 
     def _read_report(self, path: Path) -> dict[str, dict[str, Any]]:
+        """Each test seen in ``path``, merged; ``complete`` once its teardown was reported."""
         phases: dict[str, list[dict[str, Any]]] = {}
-        self.inner_kvm = ""
         try:
             lines = path.read_text().splitlines()
         except OSError:
@@ -288,7 +375,12 @@ class TierPlugin:
                 self.inner_kvm = entry["header"]
             else:
                 phases.setdefault(entry["nodeid"], []).append(entry)
-        return {nodeid: merge_outcome(reports) for nodeid, reports in phases.items()}
+        merged = {}
+        for nodeid, reports in phases.items():
+            outcome = merge_outcome(reports)
+            outcome["complete"] = any(r["when"] == "teardown" for r in reports)
+            merged[nodeid] = outcome
+        return merged
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self.inner is not None:
