@@ -2,7 +2,8 @@
 
 Both VMMs are timed the same way from the serial line: ``wait_for`` returns the moment the chunk that
 completed the match was read.  The process gets its own session and ``PR_SET_PDEATHSIG``, and ``kill``
-ends its whole group: no VMM outlives the benchmark.
+ends its whole group: no VMM outlives the benchmark.  The linux test tier drives its guests with a subclass
+(tests/linux/harness.py) that raises its own errors (the ``Timeout``/``Exited``/``Failed`` class attributes).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from types import TracebackType
+from typing import Self
 
 READY = "evmm-guest: ready"
 PROMPT = re.compile(r"evmm:[^\n]*# ")
@@ -33,6 +35,11 @@ class ConsoleError(Exception):
 
 
 class VmProcess:
+    # What the waits raise: the guest did not print in time, the VMM is gone, a command failed.
+    Timeout: type[Exception] = ConsoleError
+    Exited: type[Exception] = ConsoleError
+    Failed: type[Exception] = ConsoleError
+
     def __init__(self, argv: Sequence[str], name: str) -> None:
         self.name = name
         self.argv = list(argv)
@@ -57,7 +64,7 @@ class VmProcess:
     def pid(self) -> int:
         return self.proc.pid
 
-    def __enter__(self) -> VmProcess:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -113,12 +120,10 @@ class VmProcess:
                     return m, self._arrival(raw_end)
                 if self._eof:
                     code = self.proc.wait()
-                    raise ConsoleError(
-                        f"{self.name}: exited ({code}) before {regex.pattern!r}\n{self.tail()}"
-                    )
+                    raise self.Exited(f"{self.name}: exited ({code}) before {regex.pattern!r}\n{self.tail()}")
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise ConsoleError(
+                    raise self.Timeout(
                         f"{self.name}: no {regex.pattern!r} within {timeout:g} s\n{self.tail()}"
                     )
                 self._cond.wait(left)
@@ -129,7 +134,7 @@ class VmProcess:
             self.proc.stdin.write(text.encode() + b"\n")
             self.proc.stdin.flush()
         except (BrokenPipeError, ValueError):
-            raise ConsoleError(f"{self.name}: exited; cannot send {text!r}\n{self.tail()}") from None
+            raise self.Exited(f"{self.name}: exited; cannot send {text!r}\n{self.tail()}") from None
 
     def run(self, command: str, timeout: float) -> tuple[str, int]:
         """Run ``command`` in the guest's shell: its output and exit status."""
@@ -142,7 +147,7 @@ class VmProcess:
     def check(self, command: str, timeout: float) -> str:
         out, status = self.run(command, timeout)
         if status != 0:
-            raise ConsoleError(f"{self.name}: `{command}` exited {status}: {out.strip()[-300:]}")
+            raise self.Failed(f"{self.name}: `{command}` exited {status}:\n{out.strip()[-2000:]}")
         return out
 
     def wait_exit(self, timeout: float) -> tuple[int, float]:
@@ -150,22 +155,24 @@ class VmProcess:
         try:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise ConsoleError(f"{self.name}: still running {timeout:g} s later\n{self.tail()}") from None
+            raise self.Timeout(f"{self.name}: still running {timeout:g} s later\n{self.tail()}") from None
         return code, time.monotonic()
 
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def kill(self) -> None:
+    def kill(self, wait: float = 15.0) -> bool:
+        """SIGKILL the VMM's process group; False if it is still there ``wait`` seconds later (a vCPU stuck in
+        the kernel: nothing more a user process can do)."""
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         try:
-            self.proc.wait(15)
+            self.proc.wait(wait)
         except subprocess.TimeoutExpired:
-            pass  # stuck in the kernel; nothing more a user process can do
+            return False
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 try:
@@ -173,6 +180,7 @@ class VmProcess:
                 except OSError:
                     pass
         self._reader.join(5)
+        return True
 
 
 def _raw_offset(raw: bytearray, stripped_end: int) -> int:

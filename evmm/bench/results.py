@@ -120,6 +120,12 @@ class Results:
     def __getitem__(self, key: str) -> Metric:
         return self.metrics[key]
 
+    def clear_row(self, row: str) -> None:
+        """Forget what a row measured (it is measured again from the start)."""
+        for key, m in list(self.metrics.items()):
+            if m.spec.row == row:
+                self.metrics[key] = Metric(m.spec)
+
     def fail_row(self, row: str, side: str, reason: str) -> None:
         """Every metric of ``row`` that ``side`` fills records ``reason``."""
         for m in self.metrics.values():

@@ -1,7 +1,8 @@
 """Run the benchmark rows on this host's KVM: every row, every run, the sides alternating (A B A B ...).
 
 Results are saved to ``OUT/results.json`` after every run, so a crash or a timeout of the test host still
-leaves what was measured; a run that fails records its reason for its side (the table then shows it), and the
+leaves what was measured, and with ``resume`` a later run keeps the rows that finished and measures the rest
+from the start (``evmm bench`` does so in a fresh test host when one is lost part-way); a run that fails records its reason for its side (the table then shows it), and the
 full text goes to ``OUT/failures.log``.  With ``profile``, each profiled row gets one more evmm run, not
 counted, with py-spy attached (``OUT/profile-ROW.txt``).
 """
@@ -54,6 +55,7 @@ class Plan:
     out: Path
     profile: bool = False
     density_runs: int | None = None  # default: runs
+    resume: bool = False  # keep the finished rows of OUT/results.json
 
 
 def one_line(e: BaseException) -> str:
@@ -179,12 +181,23 @@ class Runner:
         append = kernel_cmdline()
         ctx = Context(guest=guest, append=append, workdir=workdir, quick=self.plan.quick, say=self.say)
         rows = {name: ROWS[name]() for name in self.plan.rows}
+        finished: dict[str, Any] = {}
+        if self.plan.resume and self.path.is_file():
+            self.results = Results.load(self.path)
+            finished = dict(self.results.meta.get("row_seconds", {}))
+            for name in rows:
+                if name not in finished:
+                    self.results.clear_row(name)
+            self.say(f"resuming: {', '.join(finished) or 'no row'} already done")
         for row in rows.values():
             for spec in row.metrics():
                 self.results.declare(spec)
+        profiles = self.results.meta.get("profiles", {})
+        boots = int(self.results.meta.get("boots", 0)) + 1
         self.results.meta = host_meta(self.plan, append, ctx)
-        self.results.meta["profiles"] = {}
+        self.results.meta.update(profiles=profiles, row_seconds=finished, boots=boots)
         self.results.save(self.path)
+        rows = {name: row for name, row in rows.items() if name not in finished}
         if not guest.tools_initramfs.is_file():
             for name in ("blk", "net"):
                 if name in rows:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 ALL_ROWS = ("boot", "memory", "blk", "net", "control", "density")
 RUNS = 5
+TESTHOST_BOOTS = 3  # the first test host, and fresh ones to resume in when one is lost
 QUICK_RUNS = 2
 
 
@@ -69,6 +70,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="SECONDS",
         help="limit for the whole run in the test host",
     )
+    p.add_argument(
+        "--resume", action="store_true", help="keep the rows OUT/results.json already has; measure the rest"
+    )
     p.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
@@ -97,7 +101,13 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     density_runs = args.density_runs if args.density_runs is not None else (1 if args.quick else None)
     plan = Plan(
-        rows=rows, runs=runs, quick=args.quick, out=out, profile=args.profile, density_runs=density_runs
+        rows=rows,
+        runs=runs,
+        quick=args.quick,
+        out=out,
+        profile=args.profile,
+        density_runs=density_runs,
+        resume=args.resume,
     )
     if args.inside or os.environ.get("EVMM_IN_TESTHOST") == "1" or _kvm_boots_linux():
         return _direct(plan, render=not args.inside)
@@ -118,24 +128,36 @@ def _direct(plan: Plan, *, render: bool) -> int:
 
 
 def _in_testhost(plan: Plan, args: argparse.Namespace) -> int:
+    """The whole benchmark in the KVM test host; a host lost part-way is replaced and the run resumed.
+
+    Measured here: under a guest busy with exits the test host (QEMU TCG emulating SVM) occasionally dies
+    (its kernel panicked) or hangs, which would end the benchmark with the rows after it unmeasured.
+    """
     from evmm.assets import default_guest
+    from evmm.testhost.runner import EXIT_NO_STATUS, EXIT_TIMEOUT
 
     default_guest()  # a missing guest is one line here, not an error deep inside the test host
-    inner = [sys.executable, "-m", "evmm", "bench", "--inside", "--out", str(plan.out)]
-    inner += ["--runs", str(plan.runs), "--only", ",".join(plan.rows)]
-    if plan.quick:
-        inner.append("--quick")
-    if plan.profile:
-        inner.append("--profile")
-    if plan.density_runs is not None:
-        inner += ["--density-runs", str(plan.density_runs)]
     timeout = args.timeout if args.timeout is not None else (7200.0 if plan.quick else 6 * 3600.0)
-    outer = [sys.executable, "-m", "evmm.testhost", "run", "--share", str(plan.out)]
-    outer += ["--memory", args.testhost_memory, "--timeout", str(timeout), "--", *inner]
     _say(
         f"this host's KVM cannot boot Linux: running in the KVM test host ({args.testhost_memory}, one boot)"
     )
-    rc = subprocess.run(outer, stdin=subprocess.DEVNULL, check=False).returncode
+    rc = 0
+    resume = plan.resume
+    for boot in range(1, TESTHOST_BOOTS + 1):
+        inner = [sys.executable, "-m", "evmm", "bench", "--inside", "--out", str(plan.out)]
+        inner += ["--runs", str(plan.runs), "--only", ",".join(plan.rows)]
+        for flag, on in (("--quick", plan.quick), ("--profile", plan.profile), ("--resume", resume)):
+            if on:
+                inner.append(flag)
+        if plan.density_runs is not None:
+            inner += ["--density-runs", str(plan.density_runs)]
+        outer = [sys.executable, "-m", "evmm.testhost", "run", "--share", str(plan.out)]
+        outer += ["--memory", args.testhost_memory, "--timeout", str(timeout), "--", *inner]
+        rc = subprocess.run(outer, stdin=subprocess.DEVNULL, check=False).returncode
+        if rc not in (EXIT_TIMEOUT, EXIT_NO_STATUS) or boot == TESTHOST_BOOTS:
+            break
+        _say(f"the test host was lost (exit {rc}); resuming in a fresh one ({boot + 1}/{TESTHOST_BOOTS})")
+        resume = True
     if rc != 0:
         _say(f"the run in the test host exited {rc}; what it measured is below")
     rendered = _render(plan.out)

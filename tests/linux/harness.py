@@ -8,23 +8,20 @@ at ``close`` (the fixtures in tests/conftest.py close every guest and attach its
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
-import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
 from evmm.assets import GuestAssets
+from evmm.bench.console import PROMPT as PROMPT
+from evmm.bench.console import READY as READY
+from evmm.bench.console import VmProcess
 
-READY = "evmm-guest: ready"
-PROMPT = re.compile(r"evmm:[^\n]*# ")
 # Linux's messages about firmware tables it rejects or repairs (drivers/acpi, "ACPI BIOS Error", "[Firmware Bug]").
 ACPI_TROUBLE = re.compile(
     r"ACPI.*(Error|Warning|BIOS bug|FW_BUG|failed)|Firmware Bug.*ACPI|ACPI BIOS", re.IGNORECASE
@@ -73,14 +70,6 @@ KERNEL_CRASH = re.compile(
 )
 # Once a crash starts printing, how long to let the rest of its report arrive before giving up on the guest.
 CRASH_GRACE = 5.0
-
-
-# Loaded before any fork: the child of a threaded parent must not dlopen (a lock held at fork would deadlock).
-_prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-
-def _die_with_parent() -> None:
-    _prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: no VMM outlives the test run
 
 
 def tsc_khz() -> int | None:
@@ -140,57 +129,21 @@ def image(assets: GuestAssets, kind: str) -> Path:
     return {"bzimage": assets.bzimage, "vmlinux": assets.vmlinux}[kind]
 
 
-class Guest:
-    """A VMM process whose serial console is this object's pipes."""
+class Guest(VmProcess):
+    """A VMM process whose serial console is this object's pipes (evmm.bench.console.VmProcess, with the
+    tier's errors, text ``expect`` and the guest-kernel crash check)."""
+
+    Timeout = GuestTimeout
+    Exited = GuestExited
+    Failed = GuestError
 
     def __init__(self, argv: Sequence[str], name: str = "guest") -> None:
-        self.argv = list(argv)
-        self.name = name
-        self._buffer = bytearray()
-        self._pos = 0  # expect() searches from here
-        self._cond = threading.Condition()
-        self._eof = False
-        self.proc = subprocess.Popen(
-            self.argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
-        self._reader = threading.Thread(target=self._read, name=f"{name}-console", daemon=True)
-        self._reader.start()
-
-    def __enter__(self) -> Guest:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        while data := os.read(fd, 65536):
-            with self._cond:
-                self._buffer += data
-                self._cond.notify_all()
-        with self._cond:
-            self._eof = True
-            self._cond.notify_all()
+        super().__init__(argv, name)
 
     @property
     def log(self) -> str:
         """Everything the console printed so far, with the serial line's \\r\\n made plain newlines."""
-        with self._cond:
-            return bytes(self._buffer).decode(errors="replace").replace("\r\n", "\n")
-
-    def _tail(self, lines: int = 30) -> str:
-        with self._cond:
-            text = bytes(self._buffer).decode(errors="replace").replace("\r\n", "\n")
-        tail = text.splitlines()[-lines:]
-        return "\n".join(f"  | {ln}" for ln in tail) or "  | (no console output)"
+        return self.output()
 
     def expect(self, pattern: str | re.Pattern[str], timeout: float) -> re.Match[str]:
         """Wait for ``pattern`` in output not yet consumed; consume up to the end of the match."""
@@ -199,10 +152,10 @@ class Guest:
         with self._cond:
             while True:
                 # Positions count characters of the normalised log, which only ever grows at its end.
-                text = bytes(self._buffer).decode(errors="replace").replace("\r\n", "\n")
-                m = regex.search(text, self._pos)
+                text = self._text()
+                m = regex.search(text, self._text_pos)
                 if m is not None:
-                    self._pos = m.end()
+                    self._text_pos = m.end()
                     return m
                 crashed = self._crashed_booting(text)
                 if crashed and deadline > time.monotonic() + CRASH_GRACE:
@@ -212,32 +165,26 @@ class Guest:
                     kind = GuestKernelCrash if crashed else GuestExited
                     raise kind(
                         f"{self.name}: VMM exited ({status}) before {regex.pattern!r} appeared"
-                        f"{' (the guest kernel crashed booting)' if crashed else ''}\n{self._tail()}"
+                        f"{' (the guest kernel crashed booting)' if crashed else ''}\n{self.tail(30)}"
                     )
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     if crashed:
                         raise GuestKernelCrash(
-                            f"{self.name}: the guest kernel crashed before {READY!r}\n{self._tail(60)}"
+                            f"{self.name}: the guest kernel crashed before {READY!r}\n{self.tail(60)}"
                         )
                     raise GuestTimeout(
-                        f"{self.name}: no {regex.pattern!r} within {timeout:g} s\n{self._tail()}"
+                        f"{self.name}: no {regex.pattern!r} within {timeout:g} s\n{self.tail(30)}"
                     )
                 self._cond.wait(remaining)
+
+    _text_pos = 0  # expect() searches the text from here
 
     @staticmethod
     def _crashed_booting(text: str) -> bool:
         """The kernel died before the guest's init printed its ready line."""
         crash = KERNEL_CRASH.search(text)
         return crash is not None and READY not in text[: crash.start()]
-
-    def sendline(self, text: str) -> None:
-        assert self.proc.stdin is not None
-        try:
-            self.proc.stdin.write(text.encode() + b"\n")
-            self.proc.stdin.flush()
-        except BrokenPipeError:
-            raise GuestExited(f"{self.name}: VMM exited; cannot send {text!r}\n{self._tail()}") from None
 
     def run(self, command: str, timeout: float = 30.0) -> tuple[str, int]:
         """Run ``command`` in the guest shell; return its output (without the echoed input) and exit status."""
@@ -254,35 +201,16 @@ class Guest:
             raise GuestError(f"{self.name}: `{command}` exited {status}:\n{output}")
         return output
 
-    def wait_exit(self, timeout: float) -> int:
+    def wait_exit(self, timeout: float) -> int:  # type: ignore[override]
         """The VMM's exit status, waiting at most ``timeout`` seconds for it to exit."""
-        try:
-            status = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise GuestTimeout(
-                f"{self.name}: VMM still running {timeout:g} s later\n{self._tail()}"
-            ) from None
+        status, _ = super().wait_exit(timeout)
         self._reader.join(5)
         return status
 
     def close(self) -> None:
         """Kill the VMM; an error when it does not die (a vCPU stuck in the kernel), naming what the kernel said."""
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            self.proc.wait(KILL_TIMEOUT)
-        except subprocess.TimeoutExpired:
+        if not self.kill(KILL_TIMEOUT):
             raise GuestError(
                 f"{self.name}: the VMM (pid {self.proc.pid}) is still there {KILL_TIMEOUT:g} s after SIGKILL, "
                 f"stuck in the kernel; the kernel's last messages:\n{kernel_messages()}"
-            ) from None
-        for stream in (self.proc.stdin, self.proc.stdout):
-            if stream is not None:
-                try:
-                    stream.close()
-                except OSError:
-                    pass
-        self._reader.join(5)
+            )

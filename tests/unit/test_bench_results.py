@@ -95,3 +95,18 @@ def test_density_count_needs_two_doubled_boots_in_a_row() -> None:
     assert count_before_doubling([10, 11, 12]) is None
     assert count_before_doubling([10, 30, float("inf")]) == 1
     assert count_before_doubling([]) is None
+
+
+def test_clearing_a_row_keeps_the_others_and_the_metrics(tmp_path: Path) -> None:
+    res = Results()
+    boot = res.declare(MetricSpec("boot.ready", "boot", "launch -> ready", "ms", "lower"))
+    blk = res.declare(MetricSpec("blk.seqread", "blk", "seq read", "MB/s", "higher"))
+    boot.add(EVMM, 7000.0)
+    blk.add(EVMM, 170.0)
+    blk.fail(QEMU, "the test host was lost")
+    res.save(tmp_path / "r.json")
+    again = Results.load(tmp_path / "r.json")
+    again.clear_row("blk")
+    assert again["boot.ready"].samples == {EVMM: [7000.0]}
+    assert again["blk.seqread"].samples == {} and again["blk.seqread"].failures == {}
+    assert again["blk.seqread"].spec == blk.spec
