@@ -44,7 +44,7 @@ REPORT_ENV = "EVMM_TIER_REPORT"  # set for the inner run: where it writes one JS
 TIMEOUT_ENV = "EVMM_LINUX_TIER_TIMEOUT"
 DEFAULT_TIER_TIMEOUT = 1500.0  # seconds for the whole linux tier, so a hang fails CI instead of blocking it
 STALL_ENV = "EVMM_LINUX_TIER_STALL"
-DEFAULT_STALL = 300.0  # seconds without a test report before a test host counts as hung
+DEFAULT_STALL = 180.0  # seconds without a test report before a test host counts as hung (no phase takes as long)
 MAX_BOOTS = 4  # test host boots for one tier: the first, and fresh ones after lost ones
 HOST_SIDE = "host_side"
 
