@@ -28,7 +28,7 @@ class Context:
     workdir: Path  # scratch space for images and sockets (a tmpfs inside the test host)
     quick: bool
     say: Callable[[str], None]
-    boot_timeout: float = 300.0
+    boot_timeout: float = 180.0  # a quiet boot takes 3-10 s in the test host; a hung one is a failed run
 
     def spec(self, memory_mib: int, *, tools: bool = False) -> VmSpec:
         """The default guest (or its tools variant, with fio and iperf3) on the shared command line."""
