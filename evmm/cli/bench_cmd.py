@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 ALL_ROWS = ("boot", "memory", "blk", "net", "control", "density")
 RUNS = 5
-TESTHOST_BOOTS = 3  # the first test host, and fresh ones to resume in when one is lost
+TESTHOST_BOOTS = 5  # the first test host, and fresh ones to resume in when one is lost
 QUICK_RUNS = 2
 
 
