@@ -12,6 +12,7 @@ import datetime
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
 ALL_ROWS = ("boot", "memory", "blk", "net", "control", "density")
 RUNS = 5
 TESTHOST_BOOTS = 5  # the first test host, and fresh ones to resume in when one is lost
+STALL = 600.0  # seconds without a word from the run inside before its test host counts as hung
+HEARTBEAT = "heartbeat"
 QUICK_RUNS = 2
 
 
@@ -62,6 +65,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default="8G",
         metavar="SIZE",
         help="the KVM test host's RAM, when one is used (8G)",
+    )
+    p.add_argument(
+        "--testhost-cpus",
+        type=int,
+        default=1,
+        metavar="N",
+        help="the KVM test host's vCPUs (1: with 2, QEMU TCG's SVM lost the test host or the QEMU guest "
+        "several times per run here)",
     )
     p.add_argument(
         "--timeout",
@@ -110,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
     )
     if args.inside or os.environ.get("EVMM_IN_TESTHOST") == "1" or _kvm_boots_linux():
-        return _direct(plan, render=not args.inside)
+        return _direct(plan, render=not args.inside, heartbeat=args.inside)
     return _in_testhost(plan, args)
 
 
@@ -120,10 +131,18 @@ def _kvm_boots_linux() -> bool:
     return probe().can_boot_linux
 
 
-def _direct(plan: Plan, *, render: bool) -> int:
+def _direct(plan: Plan, *, render: bool, heartbeat: bool = False) -> int:
     from evmm.bench.runner import Runner
 
-    Runner(plan, _say).run()
+    say = _say
+    if heartbeat:
+        beat = plan.out / HEARTBEAT
+
+        def say(text: str) -> None:
+            _say(text)
+            beat.touch()  # the outer side's sign of life: every run and every density VM says something
+
+    Runner(plan, say).run()
     return _render(plan.out) if render else 0
 
 
@@ -139,7 +158,8 @@ def _in_testhost(plan: Plan, args: argparse.Namespace) -> int:
     default_guest()  # a missing guest is one line here, not an error deep inside the test host
     timeout = args.timeout if args.timeout is not None else (7200.0 if plan.quick else 6 * 3600.0)
     _say(
-        f"this host's KVM cannot boot Linux: running in the KVM test host ({args.testhost_memory}, one boot)"
+        f"this host's KVM cannot boot Linux: running in the KVM test host ({args.testhost_memory}, "
+        f"{args.testhost_cpus} vCPU)"
     )
     rc = 0
     resume = plan.resume
@@ -152,8 +172,9 @@ def _in_testhost(plan: Plan, args: argparse.Namespace) -> int:
         if plan.density_runs is not None:
             inner += ["--density-runs", str(plan.density_runs)]
         outer = [sys.executable, "-m", "evmm.testhost", "run", "--share", str(plan.out)]
-        outer += ["--memory", args.testhost_memory, "--timeout", str(timeout), "--", *inner]
-        rc = subprocess.run(outer, stdin=subprocess.DEVNULL, check=False).returncode
+        outer += ["--memory", args.testhost_memory, "--cpus", str(args.testhost_cpus)]
+        outer += ["--timeout", str(timeout), "--", *inner]
+        rc = _watched(outer, plan.out / HEARTBEAT)
         if rc not in (EXIT_TIMEOUT, EXIT_NO_STATUS) or boot == TESTHOST_BOOTS:
             break
         _say(f"the test host was lost (exit {rc}); resuming in a fresh one ({boot + 1}/{TESTHOST_BOOTS})")
@@ -162,6 +183,31 @@ def _in_testhost(plan: Plan, args: argparse.Namespace) -> int:
         _say(f"the run in the test host exited {rc}; what it measured is below")
     rendered = _render(plan.out)
     return rc or rendered
+
+
+def _watched(argv: list[str], heartbeat: Path) -> int:
+    """Run the test host; one that has said nothing for ``STALL`` seconds is stopped (exit 124, as lost)."""
+    from evmm.testhost.runner import EXIT_TIMEOUT
+
+    heartbeat.touch()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    try:
+        while proc.poll() is None:
+            time.sleep(5)
+            if time.time() - heartbeat.stat().st_mtime > STALL:
+                _say(f"the test host said nothing for {STALL:g} s: stopping it")
+                proc.terminate()  # the runner kills its QEMU on SIGTERM
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                return EXIT_TIMEOUT
+        return proc.returncode
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def _render(out: Path) -> int:
