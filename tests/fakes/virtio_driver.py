@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from evmm.devices.virtio import mmio as regs
 from evmm.devices.virtio.chain import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from evmm.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, VirtioDevice
-from evmm.devices.virtio.mmio import VirtioMmio
+from evmm.devices.virtio.mmio import NotifyRegistrar, VirtioMmio
 from evmm.memory import GuestMemory
 from tests.fakes.irq import RecordingInterrupt
 
@@ -161,10 +161,13 @@ class MmioDriver:
         loop: asyncio.AbstractEventLoop,
         features: int | None = None,
         mem: GuestMemory | None = None,
+        notify: NotifyRegistrar | None = None,
     ) -> None:
         self.mem = mem or new_memory()
         self.irq = RecordingInterrupt()
-        self.transport = VirtioMmio(device, self.mem, self.irq, loop, base=0xD0000000)
+        # ``notify``: queue kicks by ioeventfd, as with KVM (tests/fakes/vhost.py has one); without it every
+        # QueueNotify write is trapped.
+        self.transport = VirtioMmio(device, self.mem, self.irq, loop, base=0xD0000000, notify=notify)
         self.alloc = Allocator()
         self.queues: list[DriverQueue] = []
         self.wanted = features

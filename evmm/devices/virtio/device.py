@@ -2,8 +2,9 @@
 
 Devices never see the transport (virtio-mmio or virtio-pci) nor KVM.  When the driver sets DRIVER_OK the
 transport builds the queues and calls ``activate(ctx)``: the context carries guest memory, the queues, the
-reactor, and the two ways to interrupt the driver.  Every fd a device owns is registered on the reactor by the
-device itself and handled there; the reactor thread owns all device state.
+reactor, the two ways to interrupt the driver, and the eventfds of a queue a device hands to a backend outside
+evmm (vhost).  Every fd a device owns is registered on the reactor by the device itself and handled there;
+the reactor thread owns all device state.
 """
 
 from __future__ import annotations
@@ -43,6 +44,14 @@ class DeviceContext:
     signal_config: Callable[[], None]
     # The device cannot go on (a broken queue): DEVICE_NEEDS_RESET plus a config interrupt (§2.1.2).
     needs_reset: Callable[[str], None]
+    # For a device whose queue ``i`` is served outside evmm (the kernel's vhost): an eventfd signalled on every
+    # driver notification of that queue (§2.9), which the transport then no longer passes to queue_notify.
+    # The transport takes it back when the device is reset.
+    take_kick: Callable[[int], int]
+    # The other direction for such a queue: an eventfd the backend writes when it has used buffers and has
+    # itself decided, from the driver's used_event or flags (§2.7.10), that the driver wants an interrupt.
+    # The transport interrupts for every write, unsuppressed; it closes the eventfd at reset.
+    call_fd: Callable[[int], int]
 
     def queue(self, index: int) -> Virtqueue:
         q = self.queues[index] if 0 <= index < len(self.queues) else None

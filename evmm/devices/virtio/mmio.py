@@ -2,7 +2,8 @@
 
 Runs on the reactor: register accesses arrive through the vCPU exit channel, queue kicks through ioeventfds
 (one per queue, KVM matching the queue index written to QueueNotify, so a kick never exits to userspace), and
-interrupts leave through an irqfd.
+interrupts leave through an irqfd.  A device may hand a queue to a backend outside evmm (vhost): the queue's
+ioeventfd becomes the backend's kick, and the backend's call eventfd is read here and becomes an interrupt.
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ class VirtioMmio:
         self._notify = notify
         self._on_error = on_error
         self._kick_fds: list[int] = []
+        self._handed_kicks: dict[int, int] = {}  # queue -> kick eventfd a device handed to its backend
+        self._call_fds: dict[int, int] = {}  # queue -> eventfd a backend writes to interrupt the driver
         self._reset_state()
         if notify is not None:
             for i in range(len(device.queue_sizes)):
@@ -117,6 +120,7 @@ class VirtioMmio:
         if len(device.queue_sizes) != len(self.device.queue_sizes):
             raise ValueError("a replacement device must have the same number of queues")
         self.device.reset()
+        self._take_back_queues()
         self.device = device
 
     # ---- BusDevice ---------------------------------------------------------------------------------------
@@ -212,6 +216,7 @@ class VirtioMmio:
         log.debug("%s at %#x: status %#x -> %#x", self.device.name, self.base, self.status, value)
         if value == 0:
             self.device.reset()
+            self._take_back_queues()
             self._reset_state()
             return
         if value & FEATURES_OK and not self.status & FEATURES_OK:
@@ -251,6 +256,8 @@ class VirtioMmio:
             signal_used=self.signal_used,
             signal_config=self.signal_config,
             needs_reset=self.set_needs_reset,
+            take_kick=self.take_kick,
+            call_fd=self.call_fd,
         )
         self.device.activate(ctx)
         # A driver may queue buffers and kick before DRIVER_OK (Linux's virtio-rng requests entropy while it
@@ -271,11 +278,81 @@ class VirtioMmio:
     def kick(self, index: int) -> None:
         if not self.status & DRIVER_OK or self.status & DEVICE_NEEDS_RESET:
             return
+        handed = self._handed_kicks.get(index)
+        if handed is not None:
+            # The queue is the backend's: a notification that reached us (no ioeventfd, or the driver's
+            # buffers found at activation) is passed on.
+            os.eventfd_write(handed, 1)
+            return
         if 0 <= index < len(self.active) and self.active[index] is not None:
             try:
                 self.device.queue_notify(index)
             except QueueBroken as e:
                 self.set_needs_reset(str(e))
+
+    # ---- queues served outside evmm (vhost) -----------------------------------------------------------------
+
+    def take_kick(self, index: int) -> int:
+        """Hand queue ``index``'s notifications to a backend until reset (``DeviceContext.take_kick``).
+
+        With KVM it is the queue's ioeventfd itself, which the reactor stops reading: a kick then goes from the
+        guest's QueueNotify write to the backend with no exit and no reactor wake.  Without an ioeventfd (unit
+        tests) it is a fresh eventfd that ``kick`` writes.
+        """
+        if not 0 <= index < len(self.device.queue_sizes):
+            raise QueueBroken(f"queue {index} does not exist")
+        fd = self._handed_kicks.get(index)
+        if fd is not None:
+            return fd
+        if self._kick_fds:
+            fd = self._kick_fds[index]
+            self._reactor.remove_reader(fd)
+        else:
+            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._handed_kicks[index] = fd
+        return fd
+
+    def call_fd(self, index: int) -> int:
+        """An eventfd for a backend's used-buffer notifications of queue ``index`` (``DeviceContext.call_fd``).
+
+        It cannot be the irqfd: Linux's virtio-mmio handler (vm_interrupt) reads InterruptStatus and ignores
+        the interrupt unless INT_VRING is set, and only we can set it.  So the reactor reads the eventfd, sets
+        INT_VRING and triggers the irqfd: one reactor wake per interrupt, the price of an honest
+        InterruptStatus (a sticky INT_VRING would let the backend write the irqfd directly, but the guest would
+        then scan every queue on every interrupt, config changes included).  No EVENT_IDX check here: the
+        backend applied the driver's used_event itself, and the Virtqueue's record of what was signalled knows
+        nothing of the used entries the backend wrote.
+        """
+        if not 0 <= index < len(self.device.queue_sizes):
+            raise QueueBroken(f"queue {index} does not exist")
+        fd = self._call_fds.get(index)
+        if fd is None:
+            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._call_fds[index] = fd
+            self._reactor.add_reader(fd, self._on_call_fd, fd)
+        return fd
+
+    def _on_call_fd(self, fd: int) -> None:
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            return
+        if self.status & DRIVER_OK:
+            self.interrupt_status |= INT_VRING
+            self._interrupt.trigger()
+
+    def _take_back_queues(self) -> None:
+        """After the device's reset: its backend has let go of the eventfds (§2.4: the queues are gone)."""
+        for index, fd in self._handed_kicks.items():
+            if self._kick_fds:
+                self._reactor.add_reader(fd, self._on_kick_fd, index, fd)
+            else:
+                os.close(fd)
+        self._handed_kicks.clear()
+        for fd in self._call_fds.values():
+            self._reactor.remove_reader(fd)
+            os.close(fd)
+        self._call_fds.clear()
 
     # ---- interrupts ----------------------------------------------------------------------------------------
 
@@ -302,6 +379,7 @@ class VirtioMmio:
 
     def close(self) -> None:
         self.device.reset()
+        self._take_back_queues()
         self.device.close()
         self._reset_state()
         for i, fd in enumerate(self._kick_fds):
