@@ -15,6 +15,7 @@ import struct
 from evmm.devices.virtio.chain import DescriptorChain, InvalidChain
 from evmm.devices.virtio.device import COMMON_FEATURES, VIRTIO_ID_VSOCK, DeviceContext, VirtioDevice
 from evmm.devices.virtio.queue import Virtqueue
+from evmm.devices.virtio.vsock.event import EventQueue
 from evmm.devices.virtio.vsock.muxer import VsockMuxer
 from evmm.devices.virtio.vsock.packet import HDR_SIZE, parse_header
 from evmm.memory import GuestMemory
@@ -24,7 +25,6 @@ log = logging.getLogger("evmm")
 RX_QUEUE, TX_QUEUE, EVENT_QUEUE = 0, 1, 2
 QUEUE_SIZE = 256
 VIRTIO_VSOCK_F_STREAM = 1 << 0  # §5.10.3
-VIRTIO_VSOCK_EVENT_TRANSPORT_RESET = 0  # §5.10.6.7
 MAX_TX_BATCH = 256  # TX packets per kick before the reactor serves others
 
 
@@ -60,7 +60,7 @@ class VirtioVsock(VirtioDevice):
         self.guest_cid = muxer.guest_cid
         self._filling = False
         self._tx_stalled = False  # TX stopped while too many answers waited for RX buffers
-        self._pending_event = False
+        self._events = EventQueue(EVENT_QUEUE)
         self.rx_packets = 0
         self.tx_packets = 0
 
@@ -81,8 +81,8 @@ class VirtioVsock(VirtioDevice):
             self._process_tx()
         elif index == RX_QUEUE:
             self._fill_rx()
-        elif index == EVENT_QUEUE and self._pending_event:
-            self._send_event()
+        elif index == EVENT_QUEUE:
+            self._events.flush(self.ctx)
 
     # ---- TX: the guest's packets -------------------------------------------------------------------------------
 
@@ -185,31 +185,12 @@ class VirtioVsock(VirtioDevice):
         self.muxer.stop()
         if self.ctx is not None:
             self.muxer.start(self.ctx.reactor, self._wake_rx)
-            self._pending_event = True
-            self._send_event()
-
-    def _send_event(self) -> None:
-        ctx = self.ctx
-        if ctx is None:
-            return
-        q = ctx.queue(EVENT_QUEUE)
-        while True:
-            chain = q.pop(ctx.mem)
-            if chain is None:
-                q.set_notification(True)  # sent when the driver posts a buffer
-                return
-            if isinstance(chain, DescriptorChain) and chain.writable_len >= 4:
-                chain.write(ctx.mem, struct.pack("<I", VIRTIO_VSOCK_EVENT_TRANSPORT_RESET))
-                q.add_used(chain.head, 4)
-                self._pending_event = False
-                ctx.signal_used(EVENT_QUEUE)
-                return
-            q.add_used(chain.head, 0)  # unusable buffer: give it back and try the next
+            self._events.transport_reset(self.ctx)
 
     def reset(self) -> None:
         """The driver reset the device: every connection is dropped (its queues are gone, so no event)."""
         self.muxer.stop()
-        self._pending_event = False
+        self._events.clear()
         self._tx_stalled = False
         super().reset()
 
