@@ -55,7 +55,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="a virtio-net NIC on a tap (repeatable)",
     )
     p.add_argument(
-        "--vsock", metavar="cid=N,path=SOCK", help="virtio-vsock; host side is the Unix socket SOCK"
+        "--vsock",
+        metavar="cid=N,path=SOCK|vhost=on",
+        help="virtio-vsock; host side: the Unix socket SOCK, or the kernel's /dev/vhost-vsock (AF_VSOCK)",
     )
     p.add_argument("--virtio-console", metavar="PATH|stdio|pty", help="virtio-console (hvc0) endpoint")
     p.add_argument(

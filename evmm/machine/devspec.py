@@ -116,8 +116,8 @@ def parse_net(text: str) -> NetSpec:
 @dataclass(frozen=True)
 class VsockSpec:
     cid: int
-    path: Path  # host side: a Unix socket (hybrid vsock), PATH_<port> for guest-initiated connections
-    vhost: bool = False  # use /dev/vhost-vsock instead (then path is unused)
+    path: Path | None = None  # host side: a Unix socket (hybrid vsock), PATH_<port> for guest connections
+    vhost: bool = False  # or the kernel's /dev/vhost-vsock: host programs use AF_VSOCK sockets (CID 2)
 
 
 def parse_vsock(text: str) -> VsockSpec:
@@ -129,7 +129,13 @@ def parse_vsock(text: str) -> VsockSpec:
     vhost = parse_bool("--vsock", "vhost", kv.get("vhost", "off"))
     if "path" not in kv and not vhost:
         raise ConfigError(f"--vsock {text!r}: path= is required (or vhost=on)")
-    return VsockSpec(cid=cid, path=Path(kv.get("path", "")), vhost=vhost)
+    if "path" in kv and vhost:
+        # With vhost the kernel carries every packet to AF_VSOCK sockets: no Unix socket could see them.
+        raise ConfigError(
+            f"--vsock {text!r}: path= and vhost=on exclude each other "
+            "(with vhost=on, host programs use AF_VSOCK sockets, CID 2)"
+        )
+    return VsockSpec(cid=cid, path=Path(kv["path"]) if "path" in kv else None, vhost=vhost)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,8 @@ def kernel(tmp_path: Path) -> Path:
         (["--cpus", "0"], "--cpus 0 is out of range"),
         (["--cpus", "999"], "--cpus 999 is out of range"),
         (["--cpus", "two"], "--cpus 'two' is not a number"),
+        (["--vsock", "cid=3,path=/tmp/v.sock,vhost=on"], "path= and vhost=on exclude each other"),
+        (["--vsock", "cid=2,vhost=on"], "--vsock: cid=2 is out of range"),
     ],
 )
 def test_bad_input_is_one_line(

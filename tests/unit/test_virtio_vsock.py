@@ -512,8 +512,8 @@ def test_make_vsock_errors(tmp_path: Path) -> None:
         make_vsock(VsockSpec(cid=3, path=tmp_path / "file"))
     with pytest.raises(ConfigError, match="longer than"):
         make_vsock(VsockSpec(cid=3, path=tmp_path / ("x" * 120)))
-    with pytest.raises(ConfigError, match="not supported yet"):
-        make_vsock(VsockSpec(cid=3, path=Path(""), vhost=True))
+    with pytest.raises(ConfigError, match="path= is required"):
+        make_vsock(VsockSpec(cid=3))
     live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     live.bind(str(tmp_path / "live"))
     live.listen()

@@ -1,23 +1,68 @@
-"""virtio-vsock with a hybrid (Unix-socket) host side.  ``make_vsock`` is the only way the board builds one."""
+"""virtio-vsock, with a hybrid (Unix-socket) host side or the kernel's vhost-vsock.
+
+``make_vsock`` is the only way the board builds one.
+"""
 
 from __future__ import annotations
+
+import errno
+from collections.abc import Callable
 
 from evmm.devices.virtio.device import VirtioDevice
 from evmm.devices.virtio.vsock.device import VirtioVsock
 from evmm.devices.virtio.vsock.muxer import VsockMuxer
 from evmm.devices.virtio.vsock.unix import HybridListener, listen_unix
+from evmm.devices.virtio.vsock.vhost import VhostVsock, VhostVsockBackend
 from evmm.errors import ConfigError
 from evmm.machine.devspec import VsockSpec
 
+VhostOpener = Callable[[], VhostVsockBackend]
 
-def make_vsock(spec: VsockSpec) -> VirtioDevice:
-    """A vsock device for ``--vsock``: listens on ``spec.path`` now, so a bad path fails before boot."""
+
+def make_vsock(spec: VsockSpec, *, open_vhost: VhostOpener | None = None) -> VirtioDevice:
+    """A vsock device for ``--vsock``, with its host side claimed now, so a bad one fails before boot.
+
+    ``open_vhost`` opens /dev/vhost-vsock (tests pass a fake).
+    """
     if spec.vhost:
-        raise ConfigError(
-            "--vsock vhost=on: /dev/vhost-vsock is not supported yet; use the Unix-socket host side (path=SOCK)"
-        )
+        if open_vhost is None:
+            from evmm.kvm.vhost import VhostVsockFd
+
+            open_vhost = VhostVsockFd.open
+        return _make_vhost(spec, open_vhost)
+    if spec.path is None:
+        raise ConfigError(f"--vsock cid={spec.cid}: path= is required (or vhost=on)")
     sock = listen_unix(spec.path, "--vsock", port_suffix=True)
     return VirtioVsock(VsockMuxer(spec.cid, spec.path, HybridListener(sock, spec.path)))
 
 
-__all__ = ["VirtioVsock", "make_vsock"]
+def _make_vhost(spec: VsockSpec, open_vhost: VhostOpener) -> VhostVsock:
+    what = f"--vsock cid={spec.cid},vhost=on"
+    try:
+        backend = open_vhost()
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENODEV, errno.ENXIO):
+            raise ConfigError(
+                f"{what}: /dev/vhost-vsock does not exist: this host's kernel has no vhost-vsock "
+                "(modprobe vhost_vsock), or use path=SOCK for a Unix-socket host side"
+            ) from None
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise ConfigError(
+                f"{what}: /dev/vhost-vsock: permission denied (run as root or give this user access to it)"
+            ) from None
+        raise ConfigError(f"{what}: {e.strerror or e}") from None
+    try:
+        device = VhostVsock(spec.cid, backend)
+        backend.set_guest_cid(spec.cid)
+    except OSError as e:
+        backend.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                f"{what}: CID {spec.cid} is already in use on this host (by another VM, or as this host's own "
+                "vsock address): pick another cid="
+            ) from None
+        raise ConfigError(f"{what}: {e.strerror or e}") from None
+    return device
+
+
+__all__ = ["VhostVsock", "VirtioVsock", "make_vsock"]
