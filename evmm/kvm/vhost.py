@@ -14,7 +14,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from evmm.kvm._vhost_ffi import ffi, lib
+from evmm.errors import EvmmError
+
+try:
+    from evmm.kvm._vhost_ffi import ffi, lib
+except ImportError as e:  # pragma: no cover - only on an install from before the vhost bindings
+    raise EvmmError(
+        "evmm's vhost bindings are not compiled: reinstall with `pip install -e .` (needs gcc and linux-libc-dev)"
+    ) from e
 
 if TYPE_CHECKING:
     from evmm.memory import MemoryRegion
