@@ -22,6 +22,7 @@ from evmm.devices.virtio.net import device as net_device
 from evmm.devices.virtio.net import header as h
 from evmm.devices.virtio.net.device import TX_BUDGET, VirtioNet
 from evmm.devices.virtio.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN
+from evmm.devices.virtio.queue import Virtqueue
 from evmm.errors import ConfigError
 from evmm.machine.devspec import NetSpec
 from tests.fakes.virtio_driver import MmioDriver, Used
@@ -368,6 +369,31 @@ def test_rx_large_frame_spans_buffers_when_merging(loop: asyncio.AbstractEventLo
     packets = rx_packets(used)
     assert packets[0] == h.NetHeader(h.F_NEEDS_CSUM, h.GSO_TCPV4, 66, 1448, 34, 16, count).pack() + big
     assert packets[1] == h.NetHeader(num_buffers=1).pack() + frame(60, 8)
+
+
+def test_rx_merged_frame_is_published_whole(
+    loop: asyncio.AbstractEventLoop, tap: FakeTap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The used index moves past a merged frame's buffers in one store: Linux's driver reads num_buffers from
+    the first buffer and takes the rest at once, so an index published part-way through a frame makes it
+    drop the frame and read the rest as frames of their own (with headers made of payload)."""
+    published: list[int] = []
+    publish = Virtqueue.publish_used
+
+    def spy(q: Virtqueue) -> None:
+        if q.index == 0:
+            published.append(q.next_used)
+        publish(q)
+
+    monkeypatch.setattr(Virtqueue, "publish_used", spy)
+    dev, d = up(loop, tap)
+    post_rx(d, *[4096] * 20)
+    tap.send(frame(60000, 7))
+    tap.send(frame(60, 8))
+    spin(loop, lambda: dev.stats.rx_packets == 2)
+    count = -(-(60000 + 12) // 4096)
+    assert published and set(published) <= {count, count + 1}
+    assert rx_packets(d.queues[0].get_used())[1] == h.NetHeader(num_buffers=1).pack() + frame(60, 8)
 
 
 def test_rx_big_buffers_without_merging(loop: asyncio.AbstractEventLoop, tap: FakeTap) -> None:

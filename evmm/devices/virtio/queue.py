@@ -130,9 +130,20 @@ class Virtqueue:
         x86 stores are not reordered with other stores (Intel SDM vol. 3A §9.2.2), and these are plain stores
         into the guest's RAM mapping, so the driver never sees the new index before the element.
         """
+        self.fill_used(head, length)
+        self.publish_used()
+
+    def fill_used(self, head: int, length: int) -> None:
+        """Write a used element without moving the index the driver reads: ``publish_used`` makes it (and
+        every element filled before it) visible at once.  For completions the driver must see together,
+        such as the buffers of one merged virtio-net packet: Linux reads num_buffers from the first and
+        takes the rest at once, counting any it cannot find yet as an error (virtio 1.2 §5.1.6.4)."""
         slot = self.next_used % self.size
         _USED_ELEM.pack_into(self._used, 4 + 8 * slot, head, length)
         self.next_used = (self.next_used + 1) & 0xFFFF
+
+    def publish_used(self) -> None:
+        """Store the used index: the driver now sees every element filled so far."""
         _U16.pack_into(self._used, 2, self.next_used)
 
     @staticmethod

@@ -388,10 +388,13 @@ class VirtioNet(VirtioDevice):
         for chain in self._held[:count]:
             n = min(chain.writable_len, need - offset)
             _scatter(ctx.mem, chain, self._rx_view[offset : offset + n])
-            q.add_used(chain.head, n)
+            q.fill_used(chain.head, n)
             offset += n
             self._held_bytes -= chain.writable_len
             self._held_descs -= len(chain.descriptors)
+        # One index store for the whole frame: a driver polling the ring must never see its first buffers
+        # without the rest (it would take the next frame's for them, or drop this one).
+        q.publish_used()
         del self._held[:count]
         self.stats.rx_packets += 1
         self.stats.rx_bytes += need - h.HDR_LEN
