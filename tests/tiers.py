@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -44,9 +45,40 @@ REPORT_ENV = "EVMM_TIER_REPORT"  # set for the inner run: where it writes one JS
 TIMEOUT_ENV = "EVMM_LINUX_TIER_TIMEOUT"
 DEFAULT_TIER_TIMEOUT = 1500.0  # seconds for the whole linux tier, so a hang fails CI instead of blocking it
 STALL_ENV = "EVMM_LINUX_TIER_STALL"
-DEFAULT_STALL = 180.0  # seconds without a test report before a test host counts as hung (no phase takes as long)
+# Seconds without a sign of life from the inner run (a test report, or its heartbeat) before a test host
+# counts as hung: the heartbeat goes on through a long test, so only a test host that stopped running stops it.
+DEFAULT_STALL = 180.0
+CPUS_ENV = "EVMM_TESTHOST_CPUS"  # the test host's vCPUs for the tier
+DEFAULT_CPUS = 2
+HEARTBEAT = 10.0  # seconds between the inner run's signs of life (a test may run longer than the stall)
 MAX_BOOTS = 4  # test host boots for one tier: the first, and fresh ones after lost ones
 HOST_SIDE = "host_side"
+
+
+def heartbeat_path(report: Path) -> Path:
+    return report.with_suffix(".alive")
+
+
+def _beat(path: Path) -> None:
+    """The inner run's sign of life for the outer side's stall check, every ``HEARTBEAT`` seconds."""
+    while True:
+        with contextlib.suppress(OSError):
+            path.write_text(f"{time.time():.0f}\n")
+        time.sleep(HEARTBEAT)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return -1.0
 
 
 @dataclass(frozen=True)
@@ -319,6 +351,7 @@ class TierPlugin:
         left = max(60.0, deadline - time.monotonic())
         argv = [
             *(sys.executable, "-m", "evmm.testhost", "run", "--share", str(results)),
+            *("--cpus", os.environ.get(CPUS_ENV, str(DEFAULT_CPUS))),
             *("--timeout", f"{left:g}", "--", *inner, *nodeids),
         ]
         env = {**os.environ, REPORT_ENV: str(report), "PYTHONDONTWRITEBYTECODE": "1"}
@@ -337,15 +370,16 @@ class TierPlugin:
                 start_new_session=True,
             )
             why: str | None = None
-            last_size, last_change = -1, time.monotonic()
+            alive = heartbeat_path(report)
+            last_sign, last_change = None, time.monotonic()
             while proc.poll() is None:
                 time.sleep(2)
-                size = report.stat().st_size if report.exists() else 0
+                sign = (_size(report), _mtime(alive))
                 now = time.monotonic()
-                if size != last_size:
-                    last_size, last_change = size, now
+                if sign != last_sign:
+                    last_sign, last_change = sign, now
                 elif now - last_change > stall:
-                    why = f"the test host reported nothing for {stall:g} s"
+                    why = f"the test host gave no sign of life (report or heartbeat) for {stall:g} s"
                 elif now > deadline + 120:
                     why = f"the tier ran past its {self.tier_timeout:g} s timeout ({TIMEOUT_ENV})"
                 if why is not None:
@@ -392,6 +426,12 @@ class TierPlugin:
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         if self.report_path:
             self._append({"header": self.plan.linux_header})
+            threading.Thread(
+                target=_beat,
+                args=(heartbeat_path(Path(self.report_path)),),
+                name="tier-heartbeat",
+                daemon=True,
+            ).start()
 
     def _append(self, entry: dict[str, Any]) -> None:
         assert self.report_path is not None
@@ -406,7 +446,15 @@ class TierPlugin:
             text = str(report.longrepr[2])
         else:
             text = report.longreprtext
-        self._append({"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome, "text": text})
+        self._append(
+            {
+                "nodeid": report.nodeid,
+                "when": report.when,
+                "outcome": report.outcome,
+                "text": text,
+                "duration": round(report.duration, 2),
+            }
+        )
 
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
         # Direct mode: the whole tier shares one deadline; a guest that hangs past it fails the test it is in.
