@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import os
 import signal
 import sys
@@ -181,6 +182,9 @@ def run_machine(
 
     # The kick signal must have a handler (any) so that it interrupts KVM_RUN instead of killing the process.
     signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+    # SIGUSR2 prints every thread's Python stack to stderr and the VM goes on: where a VM that has gone
+    # silent is stuck (the linux tier's harness asks for it when a guest times out).
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     in_fd = sys.stdin.fileno() if sys.stdin is not None else None

@@ -10,6 +10,7 @@ overlap.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import enum
 import signal
 import threading
@@ -26,6 +27,16 @@ from evmm.loop.channel import ChannelClosed, ExitChannel
 # The signal that knocks a vCPU thread out of KVM_RUN (with immediate_exit closing the race where it arrives
 # just before the ioctl).  Its Python handler does nothing; the main thread installs it before vCPUs start.
 KICK_SIGNAL = signal.SIGUSR1
+
+
+_PR_SET_NAME = 15  # prctl(2)
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def name_os_thread(name: str) -> None:
+    """Name the calling thread for the kernel (``top -H``, ``/proc/PID/task/TID/comm``; at most 15 bytes):
+    Python 3.11 names its threads only for itself, so every thread would otherwise show as the interpreter."""
+    _libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
 class VcpuState(enum.Enum):
@@ -123,6 +134,7 @@ class VcpuThread:
         self._on_state(self.index, state)
 
     def _main(self) -> None:
+        name_os_thread(f"evmm-vcpu{self.index}")
         # Only the main thread should run Python signal handlers; block the async ones here so a Ctrl-C is
         # never delivered to a vCPU thread (the kick signal stays unblocked to interrupt KVM_RUN).
         signal.pthread_sigmask(

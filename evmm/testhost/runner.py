@@ -329,6 +329,7 @@ def run(config: RunConfig, out_fd: int = 1, err_fd: int = 2, stdin_fd: int = 0) 
                 return runner.pump(proc, stdin_fd if config.interactive else None)
     except _Terminated as e:
         runner.say(f"killed the test host on signal {e.signum}")
+        runner.failed = True  # stopped from outside (a caller's timeout): its console says what it was doing
         return 128 + e.signum
     except KeyboardInterrupt:
         runner.say("killed the test host on Ctrl-C")

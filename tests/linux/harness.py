@@ -8,8 +8,10 @@ at ``close`` (the fixtures in tests/conftest.py close every guest and attach its
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -38,6 +40,26 @@ def kernel_messages(lines: int = 15) -> str:
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"  | (dmesg: {e})"
     return "\n".join(f"  | {ln}" for ln in r.stdout.splitlines()[-lines:]) or "  | (empty)"
+
+
+def thread_cpu(pid: int) -> dict[int, tuple[str, str, float]]:
+    """Each thread of ``pid``: its name, scheduler state and CPU seconds used so far (proc(5) stat)."""
+    out: dict[int, tuple[str, str, float]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        # The name is in parentheses and may hold spaces: the fields after the last ')' are fixed.
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[int(tid)] = (name, fields[0], (int(fields[11]) + int(fields[12])) / tick)
+    return out
 
 
 class GuestError(AssertionError):
@@ -173,10 +195,34 @@ class Guest(VmProcess):
                         raise GuestKernelCrash(
                             f"{self.name}: the guest kernel crashed before {READY!r}\n{self.tail(60)}"
                         )
-                    raise GuestTimeout(
-                        f"{self.name}: no {regex.pattern!r} within {timeout:g} s\n{self.tail(30)}"
-                    )
+                    break
                 self._cond.wait(remaining)
+        # Outside the lock: the console reader must go on collecting what the VMM prints while we look.
+        state = self.diagnose()
+        raise GuestTimeout(
+            f"{self.name}: no {regex.pattern!r} within {timeout:g} s\n{self.tail(30)}\n{state}"
+        )
+
+    def diagnose(self, interval: float = 1.0) -> str:
+        """Where a silent VM is: each VMM thread's state and CPU use over ``interval``, and the Python stack
+        of every thread (evmm dumps them on SIGUSR2).  Tells a guest spinning in KVM_RUN (a vCPU thread
+        using CPU), a halted or stuck guest (none), and a reactor that stopped serving (its stack)."""
+        before = thread_cpu(self.pid)
+        end = len(self._buf)
+        if "evmm" in " ".join(self.argv):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGUSR2)
+        time.sleep(interval)
+        after = thread_cpu(self.pid)
+        lines = [f"VMM threads over {interval:g} s (state, CPU ms):"]
+        for tid, (name, st, cpu) in sorted(after.items()):
+            used = (cpu - before[tid][2]) * 1000 if tid in before else float("nan")
+            lines.append(f"  {tid} {name:<16} {st} {used:6.0f}")
+        with self._cond:
+            dump = bytes(self._buf[end:]).decode(errors="replace").strip()
+        if dump:
+            lines += ["what the VMM printed since (SIGUSR2: its threads' stacks):", dump[-6000:]]
+        return "\n".join(lines)
 
     _text_pos = 0  # expect() searches the text from here
 
