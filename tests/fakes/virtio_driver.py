@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from collections import Counter
 from dataclasses import dataclass
 
 from evmm.devices.virtio import mmio as regs
@@ -63,6 +64,8 @@ class DriverQueue:
         self.last_used = 0
         self.buffers: dict[int, list[tuple[int, int, bool]]] = {}
         self.slots: dict[int, list[int]] = {}  # descriptor slots each in-flight chain holds
+        self.in_flight: Counter[int] = Counter()  # heads made available and not yet used (a hostile test
+        # driver may post one head twice)
 
     @property
     def end(self) -> int:
@@ -111,6 +114,7 @@ class DriverQueue:
         return head
 
     def publish(self, head: int) -> None:
+        self.in_flight[head] += 1
         self.mem.write_u16(self.avail + 4 + 2 * (self.avail_idx % self.size), head)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         self.mem.write_u16(self.avail + 2, self.avail_idx)
@@ -135,6 +139,10 @@ class DriverQueue:
         while self.last_used != self.used_idx():
             slot = self.last_used % self.size
             head, length = struct.unpack("<II", self.mem.read(self.used + 4 + 8 * slot, 8))
+            # What Linux's virtqueue_get_buf checks before it trusts a used element (BAD_RING otherwise).
+            assert head < self.size, f"used id {head} out of range"
+            assert self.in_flight[head] > 0, f"used id {head} is not a head (not in flight)"
+            self.in_flight[head] -= 1
             out.append(Used(head, length))
             self.last_used = (self.last_used + 1) & 0xFFFF
             out[-1].data = self.written(head, length)
