@@ -27,6 +27,17 @@ class BusDevice(Protocol):
     def write(self, offset: int, size: int, value: int) -> None: ...
 
 
+class SplitDevice(BusDevice, Protocol):
+    """A device whose hottest registers are safe on the vCPU thread, and the rest belong to the reactor.
+
+    ``read_inline`` returns None and ``write_inline`` False for a register it leaves to the reactor.
+    """
+
+    def read_inline(self, offset: int, size: int) -> int | None: ...
+
+    def write_inline(self, offset: int, size: int, value: int) -> bool: ...
+
+
 @dataclass(frozen=True)
 class Mapping:
     base: int
@@ -37,6 +48,9 @@ class Mapping:
     # guard their own state with a lock and do no blocking I/O: the UART, whose console output costs several
     # exits per byte, and the ACPI power block, which must work even while the reactor is busy.
     inline: bool = False
+    # A ``SplitDevice``: the vCPU thread tries its inline registers first (virtio-mmio's InterruptStatus and
+    # InterruptAck, two exits per interrupt), and hands only the others to the reactor.
+    split: bool = False
 
     @property
     def end(self) -> int:
@@ -51,10 +65,21 @@ class Bus:
         self._bases: list[int] = []
         self._maps: list[Mapping] = []
 
-    def insert(self, base: int, length: int, device: BusDevice, name: str, *, inline: bool = False) -> None:
+    def insert(
+        self,
+        base: int,
+        length: int,
+        device: BusDevice,
+        name: str,
+        *,
+        inline: bool = False,
+        split: bool = False,
+    ) -> None:
         if length <= 0:
             raise ConfigError(f"{self.name} bus: {name} has an empty range at {base:#x}")
-        m = Mapping(base, length, device, name, inline)
+        if split and not (hasattr(device, "read_inline") and hasattr(device, "write_inline")):
+            raise ConfigError(f"{self.name} bus: {name} has no inline registers to split on")
+        m = Mapping(base, length, device, name, inline, split)
         i = bisect.bisect_right(self._bases, base)
         for other in self._maps[max(i - 1, 0) : i + 1]:
             if other.base < m.end and m.base < other.end:

@@ -1,7 +1,8 @@
 """A vCPU thread: ``KVM_RUN`` in a loop, one dispatch on the exit, an explicit Running/Paused/Stopped state.
 
 Port I/O and MMIO exits go to the device on the bus.  Devices mapped ``inline`` (the UART, the ACPI power block:
-they lock their own state) are called right here; every other device is called on the reactor thread through
+they lock their own state) are called right here, as are the few registers of a ``split`` device that are safe
+here (virtio-mmio's interrupt status and acknowledge); every other device is called on the reactor thread through
 the ``ExitChannel``, and the vCPU waits for the answer before re-entering the guest, because the guest's next
 instruction may depend on it.  The GIL is released while KVM_RUN runs, so vCPU threads and the reactor
 overlap.
@@ -17,9 +18,10 @@ import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from evmm import exitcodes
-from evmm.devices.bus import Bus, Mapping
+from evmm.devices.bus import Bus, Mapping, SplitDevice
 from evmm.errors import EvmmError
 from evmm.kvm import Vcpu, exits
 from evmm.loop.channel import ChannelClosed, ExitChannel
@@ -252,6 +254,8 @@ class VcpuThread:
         value = int.from_bytes(data, "little")
         if m.inline:
             m.device.write(addr - m.base, size, value)
+        elif m.split and cast(SplitDevice, m.device).write_inline(addr - m.base, size, value):
+            return
         else:
             self.reactor_calls += 1
             self._channel.call(m.device.write, addr - m.base, size, value)
@@ -262,6 +266,8 @@ class VcpuThread:
             return b"\xff" * size
         if m.inline:
             value = m.device.read(addr - m.base, size)
+        elif m.split and (fast := cast(SplitDevice, m.device).read_inline(addr - m.base, size)) is not None:
+            value = fast
         else:
             self.reactor_calls += 1
             value = self._channel.call(m.device.read, addr - m.base, size)

@@ -214,7 +214,7 @@ def _virtio_transports(
         b.closers.append(irq.close)
         t = VirtioMmio(device, memory, irq, loop, base, notify=notify, on_error=log.warning)
         b.closers.append(t.close)
-        mmio.insert(base, layout.VIRTIO_MMIO_SIZE, t, f"virtio-{name}")
+        mmio.insert(base, layout.VIRTIO_MMIO_SIZE, t, f"virtio-{name}", split=True)
         transports.append(t)
     return transports
 

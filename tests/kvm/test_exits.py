@@ -84,6 +84,34 @@ def test_inline_devices_run_on_the_vcpu_thread() -> None:
         assert pio_dev.threads == {"vcpu0"}
 
 
+class SplitRecorder(Recorder):
+    """A split device: reads of 0x20 are answered inline, everything else goes to the reactor."""
+
+    def __init__(self) -> None:
+        super().__init__({0x10: 0xAAAA})
+        self.inline_threads: set[str] = set()
+
+    def read_inline(self, offset: int, size: int) -> int | None:
+        self.inline_threads.add(threading.current_thread().name)
+        return 0xC0DE if offset == 0x20 else None
+
+    def write_inline(self, offset: int, size: int, value: int) -> bool:
+        self.inline_threads.add(threading.current_thread().name)
+        return False
+
+
+def test_a_split_device_answers_its_inline_registers_on_the_vcpu_thread_and_the_rest_on_the_reactor() -> None:
+    with tiny_guest(PROGRAM, data={0x600: b"hello"}) as t:
+        dev = SplitRecorder()
+        t.mmio.insert(0x20000, 0x100, dev, "test-split", split=True)
+        assert t.run().code == 7
+        assert struct.unpack("<H", t.memory.read(0x502, 2))[0] == 0xC0DE
+        assert dev.reads == []  # the read at 0x20 never reached the reactor
+        assert dev.writes == [(0x10, 2, 0x1234)]  # write_inline declined it
+        assert dev.inline_threads == {"vcpu0"}
+        assert dev.threads == {threading.current_thread().name}
+
+
 def test_unclaimed_ports_and_mmio_read_all_ones() -> None:
     with tiny_guest(PROGRAM, data={0x600: b"hello"}) as t:
         assert t.run().code == 7

@@ -95,6 +95,23 @@ def test_interrupt_status_and_ack(loop: asyncio.AbstractEventLoop) -> None:
     assert d.r(regs.INTERRUPT_STATUS) == regs.INT_CONFIG
 
 
+def test_only_interrupt_status_and_ack_are_inline(loop: asyncio.AbstractEventLoop) -> None:
+    d = MmioDriver(VirtioRng(), loop=loop)
+    d.bring_up()
+    t = d.transport
+    t.signal_config()
+    assert t.read_inline(regs.INTERRUPT_STATUS, 4) == regs.INT_CONFIG
+    for offset in (regs.MAGIC_VALUE, regs.STATUS, regs.QUEUE_READY, regs.CONFIG_GENERATION):
+        assert t.read_inline(offset, 4) is None
+    assert t.read_inline(regs.INTERRUPT_STATUS, 2) is None
+    assert not t.write_inline(regs.STATUS, 4, 0)
+    assert not t.write_inline(regs.QUEUE_NOTIFY, 4, 0)
+    assert d.r(regs.STATUS) != 0  # the declined write changed nothing
+    assert not t.write_inline(regs.INTERRUPT_ACK, 2, regs.INT_CONFIG)
+    assert t.write_inline(regs.INTERRUPT_ACK, 4, regs.INT_CONFIG)
+    assert t.read_inline(regs.INTERRUPT_STATUS, 4) == 0
+
+
 def test_narrow_and_unaligned_register_accesses_are_ignored(loop: asyncio.AbstractEventLoop) -> None:
     d = MmioDriver(VirtioRng(), loop=loop)
     assert d.transport.read(regs.MAGIC_VALUE, 2) == 0

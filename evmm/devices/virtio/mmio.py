@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import Callable
 from typing import Protocol
 
@@ -94,6 +95,10 @@ class VirtioMmio:
         self._kick_fds: list[int] = []
         self._handed_kicks: dict[int, int] = {}  # queue -> kick eventfd a device handed to its backend
         self._call_fds: dict[int, int] = {}  # queue -> eventfd a backend writes to interrupt the driver
+        # InterruptStatus is read and acknowledged on vCPU threads (read_inline/write_inline) while the reactor
+        # sets bits: every read-modify-write of it holds this lock, so no bit set by one is lost to the other.
+        # (CPython 3.11 happens not to switch threads inside ``x |= y``; the language does not promise it.)
+        self._isr_lock = threading.Lock()
         self._reset_state()
         if notify is not None:
             for i in range(len(device.queue_sizes)):
@@ -112,7 +117,8 @@ class VirtioMmio:
         self.queue_sel = 0
         self.queues = [QueueConfig() for _ in self.device.queue_sizes]
         self.active: list[Virtqueue | None] = [None] * len(self.device.queue_sizes)
-        self.interrupt_status = 0
+        with self._isr_lock:
+            self.interrupt_status = 0
         self.config_generation = 0
 
     def replace_device(self, device: VirtioDevice) -> None:
@@ -122,6 +128,32 @@ class VirtioMmio:
         self.device.reset()
         self._take_back_queues()
         self.device = device
+
+    # ---- SplitDevice: the registers of Linux's interrupt handler, on the vCPU thread -------------------------
+
+    def read_inline(self, offset: int, size: int) -> int | None:
+        """InterruptStatus without a trip to the reactor: Linux's vm_interrupt reads it on every interrupt.
+
+        A bit the reactor sets just after this read comes with its own interrupt (it triggers the irqfd after
+        setting the bit), so the driver never misses one."""
+        if offset == INTERRUPT_STATUS and size == 4:
+            return self.interrupt_status
+        return None
+
+    def write_inline(self, offset: int, size: int, value: int) -> bool:
+        """InterruptAck, the other half of every interrupt (§4.2.2)."""
+        if offset == INTERRUPT_ACK and size == 4:
+            self._clear_interrupt(value)
+            return True
+        return False
+
+    def _set_interrupt(self, bits: int) -> None:
+        with self._isr_lock:
+            self.interrupt_status |= bits
+
+    def _clear_interrupt(self, bits: int) -> None:
+        with self._isr_lock:
+            self.interrupt_status &= ~bits
 
     # ---- BusDevice ---------------------------------------------------------------------------------------
 
@@ -181,7 +213,7 @@ class VirtioMmio:
         elif offset == QUEUE_NOTIFY:
             self.kick(value)
         elif offset == INTERRUPT_ACK:
-            self.interrupt_status &= ~value
+            self._clear_interrupt(value)
         elif offset == STATUS:
             self._write_status(value)
         elif q is not None and not self.status & DRIVER_OK:
@@ -338,7 +370,7 @@ class VirtioMmio:
         except BlockingIOError:
             return
         if self.status & DRIVER_OK:
-            self.interrupt_status |= INT_VRING
+            self._set_interrupt(INT_VRING)
             self._interrupt.trigger()
 
     def _take_back_queues(self) -> None:
@@ -360,12 +392,12 @@ class VirtioMmio:
         q = self.active[index] if 0 <= index < len(self.active) else None
         if q is None or not q.needs_interrupt():
             return
-        self.interrupt_status |= INT_VRING
+        self._set_interrupt(INT_VRING)
         self._interrupt.trigger()
 
     def signal_config(self) -> None:
         self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
-        self.interrupt_status |= INT_CONFIG
+        self._set_interrupt(INT_CONFIG)
         self._interrupt.trigger()
 
     def set_needs_reset(self, reason: str) -> None:
