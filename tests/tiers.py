@@ -43,7 +43,7 @@ def _die_with_parent() -> None:
 
 REPORT_ENV = "EVMM_TIER_REPORT"  # set for the inner run: where it writes one JSON line per test
 TIMEOUT_ENV = "EVMM_LINUX_TIER_TIMEOUT"
-DEFAULT_TIER_TIMEOUT = 1500.0  # seconds for the whole linux tier, so a hang fails CI instead of blocking it
+DEFAULT_TIER_TIMEOUT = 2400.0  # seconds for the whole linux tier, so a hang fails CI instead of blocking it
 STALL_ENV = "EVMM_LINUX_TIER_STALL"
 # Seconds without a sign of life from the inner run (a test report, or its heartbeat) before a test host
 # counts as hung: the heartbeat goes on through a long test, so only a test host that stopped running stops it.

@@ -36,7 +36,7 @@ HOST_IP = "10.0.2.1"
 GUEST_IP = "10.0.2.15"
 MAC = "52:54:00:12:34:56"
 STREAM = int(os.environ.get("EVMM_NET_TEST_MIB", "64")) << 20
-STREAM_TIMEOUT = 900.0  # seconds for one direction; under the TCG test host a MiB takes ~1-5 s
+STREAM_TIMEOUT = 600.0  # seconds for one direction; under the TCG test host a MiB takes ~0.1-4 s
 SHA_RE = re.compile(r"\b([0-9a-f]{64})\b")
 # Feature bits the guest must have accepted (virtio 1.2 §5.1.3): CSUM, GUEST_CSUM, MAC, GUEST_TSO4/6,
 # HOST_TSO4/6, MRG_RXBUF, STATUS.
@@ -62,7 +62,10 @@ def boot(launch: GuestFactory, assets: GuestAssets, ns: str, tap: str, name: str
         pytest.skip("the tools initramfs (socat) was not built")
     argv = [
         *("ip", "netns", "exec", ns),
-        *evmm_run_argv(assets.vmlinux, assets.tools_initramfs, memory="512M", cpus=2),
+        # One vCPU: in the TCG test host a two-vCPU guest under a long TCP stream sometimes loses the ring's
+        # state ("id N is not a head") or locks up, with QEMU's microvm as with evmm (measured: QEMU 1 of 2 runs
+        # died with 2 vCPUs, 3 of 3 passed with 1); SMP is covered by the boot tests.
+        *evmm_run_argv(assets.vmlinux, assets.tools_initramfs, memory="512M", cpus=1),
         *("--net", f"tap={tap},mac={MAC}"),
     ]
     guest = launch(argv, name)
@@ -135,7 +138,9 @@ class OneConnection(threading.Thread):
         return self.result
 
 
-def test_ping_and_a_tcp_stream_both_ways(netns: str, launch: GuestFactory, guest_assets: GuestAssets) -> None:
+def test_ping_and_a_tcp_stream_both_ways(
+    netns: str, launch: GuestFactory, guest_assets: GuestAssets, capsys: pytest.CaptureFixture[str]
+) -> None:
     # One boot for everything (the linux tier's time is shared).  No tap beforehand: evmm creates it in the
     # namespace it runs in; the host side is configured once it exists (a tap made with `ip tuntap add` and
     # attached is covered by tests/unit/test_virtio_net_tap.py).
@@ -177,9 +182,10 @@ def test_ping_and_a_tcp_stream_both_ways(netns: str, launch: GuestFactory, guest
     got = receiver.outcome()
     up = time.monotonic() - t0
     assert got == (digest, STREAM), "guest -> host: the host's copy differs"
-    print(
-        f"virtio-net TCP: host -> guest {mib / down:.1f} MiB/s, guest -> host {mib / up:.1f} MiB/s ({mib} MiB)"
-    )
+    with capsys.disabled():  # so the measurement shows in the tier's log
+        print(
+            f"\nvirtio-net TCP: host -> guest {mib / down:.1f} MiB/s, guest -> host {mib / up:.1f} MiB/s ({mib} MiB)"
+        )
     guest.sendline("poweroff")
     assert guest.wait_exit(60) == EXIT_GUEST_POWEROFF
 
