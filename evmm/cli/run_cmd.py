@@ -221,6 +221,11 @@ def run_machine(
             loop.add_signal_handler(signal.SIGINT, m.stop, exitcodes.EXIT_SIGINT, "interrupted (SIGINT)")
             loop.add_signal_handler(signal.SIGTERM, m.stop, exitcodes.EXIT_SIGTERM, "terminated (SIGTERM)")
             loop.add_signal_handler(signal.SIGHUP, m.stop, exitcodes.EXIT_SIGTERM, "hung up (SIGHUP)")
+            hvc = m.virtio_console()
+            if hvc is not None and hvc_stdio and interactive:
+                # The terminal is hvc0's: its size follows the window (virtio 1.2 §5.3.6, F_SIZE).  The serial
+                # console has no way to tell a guest its size (there, `stty rows R cols C` in the guest).
+                loop.add_signal_handler(signal.SIGWINCH, hvc.follow_endpoint_size)
             result = loop.run_until_complete(m.run())
             loop.run_until_complete(close_control())
             close_control = None
@@ -237,7 +242,7 @@ def run_machine(
             machine.close()
         if console is not None:
             console.close()
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGWINCH):
             loop.remove_signal_handler(sig)
         loop.close()
     if stuck:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from evmm.devices.bus import Bus
+from evmm.devices.virtio.console import VirtioConsole
 from evmm.errors import ConfigError, EvmmError
 from evmm.kvm import Kvm, Vcpu, Vm
 from evmm.log import log
@@ -157,6 +158,15 @@ class Machine:
         """Send Ctrl-Alt-Del through the i8042, as Firecracker's SendCtrlAltDel does."""
         kbd = self.parts.devices.get("i8042")
         return bool(kbd.ctrl_alt_del()) if kbd is not None else False  # type: ignore[attr-defined]
+
+    def virtio_console(self) -> VirtioConsole | None:
+        """The ``--virtio-console`` device, if the VM has one."""
+        transports = self.parts.devices.get("virtio")
+        for t in transports if isinstance(transports, list) else []:
+            device = getattr(t, "device", None)
+            if isinstance(device, VirtioConsole):
+                return device
+        return None
 
     def describe(self) -> dict[str, Any]:
         """Configuration and live state, for query-vm."""

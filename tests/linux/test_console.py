@@ -1,6 +1,7 @@
 """``evmm console`` as a person uses it (issue 5, "Done means"), driven in tmux with send-keys/capture-pane:
 reach the guest's shell prompt, run a command, detach with Ctrl-] d (the VM keeps running), reattach, and
-quit the VM from the menu; the terminal's settings are the same afterwards.
+quit the VM from the menu; the terminal's settings are the same afterwards.  And `evmm run --virtio-console stdio`
+in a terminal: the window's size reaches the guest's hvc0 as it changes.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 from evmm.assets import GuestAssets
 from evmm.exitcodes import EXIT_GUEST_POWEROFF
 from tests.conftest import GuestFactory
-from tests.linux.harness import PROMPT, READY, evmm_run_argv
+from tests.linux.harness import PROMPT, READY, evmm_run_argv, kernel_args
 from tests.linux.test_control import wait_for_socket
 
 BOOT_TIMEOUT = 120.0
@@ -141,3 +142,28 @@ def test_console_in_tmux_prompt_command_detach_reattach_quit(
     tmux.wait("second", r"evmm-console-exit=0")
     assert guest.wait_exit(60) == EXIT_GUEST_POWEROFF
     same_terminal(tmux.workdir, "second")
+
+
+def pane_size(tmux: Tmux, name: str) -> str:
+    """``rows cols`` of a tmux window's pane, as ``stty size`` prints them."""
+    return tmux.tmux("display-message", "-p", "-t", f"evmm:{name}", "#{pane_height} #{pane_width}").strip()
+
+
+def test_hvc0_follows_the_terminal_window(guest_assets: GuestAssets, tmux: Tmux) -> None:
+    """``evmm run --virtio-console stdio`` in a terminal: a window resize reaches the guest's hvc0 (F_SIZE)."""
+    append = kernel_args().replace("console=ttyS0", "console=hvc0")
+    argv = [
+        *evmm_run_argv(guest_assets.vmlinux, guest_assets.initramfs, append=append),
+        "--virtio-console",
+        "stdio",
+    ]
+    tmux.start("hvc", f"{shlex.join(argv)}; echo evmm-exit=$?")
+    tmux.wait("hvc", PANE_PROMPT, BOOT_TIMEOUT)
+    for cols, rows in ((100, 30), (140, 45)):
+        tmux.tmux("resize-window", "-t", "evmm:hvc", "-x", str(cols), "-y", str(rows))
+        want = pane_size(tmux, "hvc")
+        # Each round prints a fresh marker, so an old answer on the screen cannot match.
+        tmux.keys("hvc", f"echo size-{cols}=$(stty size)", "Enter")
+        tmux.wait("hvc", rf"size-{cols}={want}\b")
+    tmux.keys("hvc", "poweroff", "Enter")
+    tmux.wait("hvc", rf"evmm-exit={EXIT_GUEST_POWEROFF}\b")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
+import pty
 import socket
 import struct
+import termios
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -281,6 +284,28 @@ def test_given_fds(loop: asyncio.AbstractEventLoop) -> None:
     assert os.get_blocking(out_w)  # restored
     for fd in (in_r, out_r, out_w):
         os.close(fd)
+
+
+def test_a_terminal_endpoint_passes_its_window_size_on(loop: asyncio.AbstractEventLoop) -> None:
+    """--virtio-console stdio on a terminal: hvc0 starts at the window's size and follows it (SIGWINCH)."""
+    master, slave = pty.openpty()
+    try:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+        dev = make_console(ConsoleSpec("stdio"), (slave, slave))
+        g = Guest(dev, loop)
+        assert (g.d.config(0, 2), g.d.config(2, 2)) == (100, 30)
+        before = g.d.irq.count
+        dev.follow_endpoint_size()  # nothing changed: no interrupt
+        assert g.d.irq.count == before
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 45, 160, 0, 0))
+        dev.follow_endpoint_size()
+        assert (g.d.config(0, 2), g.d.config(2, 2)) == (160, 45)
+        assert g.d.irq.count == before + 1 and g.d.r(0x060) & 2  # config change (§5.3.6)
+        dev.reset()
+        dev.close()
+    finally:
+        os.close(master)
+        os.close(slave)
 
 
 def test_input_from_a_regular_file(tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:

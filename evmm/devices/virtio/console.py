@@ -69,6 +69,13 @@ class VirtioConsole(VirtioDevice):
         if self.ctx is not None and self.ctx.features & VIRTIO_CONSOLE_F_SIZE:
             self.ctx.signal_config()
 
+    def follow_endpoint_size(self) -> None:
+        """The endpoint's terminal may have changed size (SIGWINCH): pass it on, so the guest's hvc0 (and
+        every full-screen program on it) gets the new rows and columns (Linux: hvc_resize, TIOCSWINSZ)."""
+        size = self.backend.size()
+        if size is not None:
+            self.set_size(*size)
+
     def activate(self, ctx: DeviceContext) -> None:
         super().activate(ctx)
         self.backend.start(ctx.reactor, self._fill_rx)
