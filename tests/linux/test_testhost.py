@@ -124,6 +124,13 @@ def _child_pids(pid: int) -> list[int]:
         return []
 
 
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text()
+    except OSError:
+        return ""
+
+
 def _gone(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"  # a zombie runs nothing
@@ -137,11 +144,11 @@ def test_no_qemu_outlives_the_runner(testhost_images: None, tmp_path: Path, sign
     """SIGTERM/SIGINT: the runner kills QEMU and exits 128+N; SIGKILL: PR_SET_PDEATHSIG takes QEMU with it."""
     proc = start_testhost("--", "sleep", "600", cwd=tmp_path)
     deadline = time.monotonic() + 30
-    while not (children := _child_pids(proc.pid)):
+    # The child is the runner's own Python between fork and exec for a moment: wait for QEMU itself.
+    while not (qemus := [c for c in _child_pids(proc.pid) if _comm(c).startswith("qemu-system")]):
         assert time.monotonic() < deadline and proc.poll() is None, "QEMU never started"
         time.sleep(0.05)
-    qemu = children[0]
-    assert Path(f"/proc/{qemu}/comm").read_text().startswith("qemu-system")
+    qemu = qemus[0]
     proc.send_signal(signum)
     status = proc.wait(30)
     assert status == (-signal.SIGKILL if signum == signal.SIGKILL else 128 + signum)
