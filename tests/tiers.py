@@ -47,7 +47,7 @@ DEFAULT_TIER_TIMEOUT = 2400.0  # seconds for the whole linux tier, so a hang fai
 STALL_ENV = "EVMM_LINUX_TIER_STALL"
 # Seconds without a sign of life from the inner run (a test report, or its heartbeat) before a test host
 # counts as hung: the heartbeat goes on through a long test, so only a test host that stopped running stops it.
-DEFAULT_STALL = 180.0
+DEFAULT_STALL = 120.0
 CPUS_ENV = "EVMM_TESTHOST_CPUS"  # the test host's vCPUs for the tier
 DEFAULT_CPUS = 2
 HEARTBEAT = 10.0  # seconds between the inner run's signs of life (a test may run longer than the stall)
