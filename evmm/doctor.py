@@ -11,11 +11,12 @@ import mmap
 import shutil
 import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from evmm.errors import EvmmError
 from evmm.hostkvm import HostKvm, probe
 from evmm.kvm import OPTIONAL_CAPS, REQUIRED_CAPS, Kvm, exits
+from evmm.record import record
 
 PROBE_ITERATIONS = 20_000
 NATIVE_THRESHOLD = 20_000_000  # loop iterations per second; native KVM does >100M, PVM ring 0 ~10k-100k
@@ -68,7 +69,7 @@ def ring0_loop_rate(kvm: Kvm, iterations: int = PROBE_ITERATIONS) -> float:
         mem.close()
 
 
-@dataclass
+@record
 class Report:
     host: HostKvm
     api_version: int = 0

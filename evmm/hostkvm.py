@@ -8,11 +8,12 @@ adds a timed probe; this module only reads what the kernel tells us, so it is ch
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
+from evmm.record import record
 
-@dataclass(frozen=True)
+
+@record(frozen=True)
 class HostKvm:
     present: bool  # /dev/kvm exists and can be opened read-write
     module: str  # kvm_intel, kvm_amd, kvm_pvm, or "" when unknown

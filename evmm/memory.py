@@ -10,9 +10,9 @@ from __future__ import annotations
 import mmap
 import struct
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 from evmm.errors import ConfigError, GuestMemoryError
+from evmm.record import record
 
 
 def _full_barrier() -> None:
@@ -29,7 +29,7 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class MemoryRegion:
     """One contiguous range of guest-physical RAM backed by one host mapping."""
 

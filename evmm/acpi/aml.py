@@ -12,8 +12,9 @@ import enum
 import re
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol, TypeAlias
+
+from evmm.record import record
 
 
 class AmlObject(Protocol):
@@ -129,7 +130,7 @@ def term_list(terms: Sequence[AmlObject]) -> bytes:
 _INTEGER_FORMS = ((BYTE_PREFIX, "<B"), (WORD_PREFIX, "<H"), (DWORD_PREFIX, "<I"), (QWORD_PREFIX, "<Q"))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Integer:
     """An integer in its shortest form: Zero, One, Ones, or a Byte/Word/DWord/QWord constant.
 
@@ -173,7 +174,7 @@ def eisa_id(pnp_id: str) -> Integer:
     return Integer(int.from_bytes(compressed.to_bytes(4, "big"), "little"))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class String:
     """A String: ASCII characters 0x01-0x7F, NUL-terminated."""
 
@@ -185,7 +186,7 @@ class String:
         return bytes([STRING_PREFIX]) + self.text.encode("ascii") + b"\0"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Buffer:
     """A Buffer whose size is its initializer's length."""
 
@@ -195,7 +196,7 @@ class Buffer:
         return bytes([BUFFER_OP]) + _package(Integer(len(self.data)).to_aml() + self.data)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Package:
     elements: tuple[Operand, ...]
 
@@ -206,7 +207,7 @@ class Package:
         return bytes([PACKAGE_OP]) + _package(body)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class NameRef:
     r"""A reference to a named object by path, e.g. ``NameRef("\\_SB.PWRB")``."""
 
@@ -216,7 +217,7 @@ class NameRef:
         return name_string(self.path)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Local:
     index: int
 
@@ -226,7 +227,7 @@ class Local:
         return bytes([LOCAL0_OP + self.index])
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Arg:
     index: int
 
@@ -239,7 +240,7 @@ class Arg:
 # --- Named objects and namespace modifiers (§20.2.5.1, §20.2.5.2) ---
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Name:
     name: str
     value: Operand
@@ -248,7 +249,7 @@ class Name:
         return bytes([NAME_OP]) + name_string(self.name) + encode(self.value)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Scope:
     path: str
     terms: tuple[AmlObject, ...]
@@ -257,7 +258,7 @@ class Scope:
         return bytes([SCOPE_OP]) + _package(name_string(self.path) + term_list(self.terms))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Device:
     name: str
     terms: tuple[AmlObject, ...]
@@ -267,7 +268,7 @@ class Device:
         return bytes([EXT_OP_PREFIX, DEVICE_OP]) + _package(body)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Method:
     """MethodFlags: bits 2:0 ArgCount, bit 3 SerializeFlag, bits 7:4 SyncLevel (§20.2.5.2)."""
 
@@ -292,7 +293,7 @@ class RegionSpace(enum.IntEnum):
     SYSTEM_IO = 0x01
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class OperationRegion:
     name: str
     space: RegionSpace
@@ -335,7 +336,7 @@ class UpdateRule(enum.IntEnum):
     WRITE_AS_ZEROS = 2
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class FieldUnit:
     """A NamedField: NameSeg, then its width in bits encoded as a PkgLength (not counting itself)."""
 
@@ -346,7 +347,7 @@ class FieldUnit:
         return name_seg(self.name) + encode_pkg_length(self.bits)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ReservedField:
     """ASL ``Offset()``/unnamed bits: 0x00, then the number of bits to skip."""
 
@@ -356,7 +357,7 @@ class ReservedField:
         return bytes([0x00]) + encode_pkg_length(self.bits)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Field:
     region: str
     units: tuple[FieldUnit | ReservedField, ...]
@@ -373,7 +374,7 @@ class Field:
 # --- Statements and expressions (§20.2.5.3, §20.2.5.4) ---
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class If:
     predicate: Operand
     body: tuple[AmlObject, ...]
@@ -382,7 +383,7 @@ class If:
         return bytes([IF_OP]) + _package(encode(self.predicate) + term_list(self.body))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LEqual:
     left: Operand
     right: Operand
@@ -391,7 +392,7 @@ class LEqual:
         return bytes([LEQUAL_OP]) + encode(self.left) + encode(self.right)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class And:
     """Bitwise And; with no target the result is only returned (Target is NullName)."""
 
@@ -404,7 +405,7 @@ class And:
         return bytes([AND_OP]) + encode(self.left) + encode(self.right) + target
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Store:
     source: Operand
     target: AmlObject
@@ -413,7 +414,7 @@ class Store:
         return bytes([STORE_OP]) + encode(self.source) + self.target.to_aml()
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Notify:
     target: AmlObject
     value: Operand
@@ -422,7 +423,7 @@ class Notify:
         return bytes([NOTIFY_OP]) + self.target.to_aml() + encode(self.value)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Return:
     value: Operand
 
@@ -462,7 +463,7 @@ class Sharing(enum.IntEnum):
     SHARED = 1
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class IRQNoFlags:
     """IRQ descriptor without its information byte (§6.4.2.1): edge, active high, exclusive by definition."""
 
@@ -475,7 +476,7 @@ class IRQNoFlags:
         return _small(0x04, struct.pack("<H", mask))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class IO:
     """I/O port descriptor (§6.4.2.5): information (bit 0 = 16-bit decode), min, max, alignment, length."""
 
@@ -496,7 +497,7 @@ class IO:
         return _small(0x08, data)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Memory32Fixed:
     """32-bit fixed memory range (§6.4.3.4): information (bit 0 = read-write), base, length."""
 
@@ -510,7 +511,7 @@ class Memory32Fixed:
         return _large(0x06, struct.pack("<BII", int(self.writable), self.base, self.length))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ExtendedInterrupt:
     """Extended Interrupt descriptor (§6.4.3.6), ASL ``Interrupt()``, without a resource source.
 
@@ -544,7 +545,7 @@ class ExtendedInterrupt:
 END_TAG = _small(0x0F, b"\0")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ResourceTemplate:
     """ASL ``ResourceTemplate()``: the descriptors and an End tag, as a Buffer."""
 

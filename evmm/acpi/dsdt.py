@@ -9,7 +9,6 @@ button: a Generic Event Device (ACPI 6.5 §5.6.9) whose _EVT method notifies a c
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from evmm.acpi.aml import (
     IO,
@@ -54,6 +53,7 @@ from evmm.arch.x86.layout import (
     IRQ_KEYBOARD,
     IRQ_RTC,
 )
+from evmm.record import record
 
 SIGNATURE = b"DSDT"
 REVISION = 2  # 2 or more: AML integers are 64-bit (ACPI 6.5 §5.2.11.1)
@@ -72,7 +72,7 @@ NOTIFY_BUTTON_PRESSED = 0x80
 POWER_BUTTON_PATH = "\\_SB.PWRB"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class VirtioMmioDevice:
     """One virtio-mmio register window and the GSI (IOAPIC pin) it raises."""
 

@@ -7,7 +7,6 @@ it is still finds it by scanning 0xE0000-0xFFFFF on 16-byte boundaries (§5.2.5.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from evmm.acpi import dsdt, fadt, madt
 from evmm.acpi.dsdt import VirtioMmioDevice
@@ -24,6 +23,7 @@ from evmm.arch.x86.layout import (
     VIRTIO_MMIO_MAX_SLOTS,
 )
 from evmm.errors import ConfigError
+from evmm.record import record
 
 __all__ = ["AcpiConfig", "AcpiTables", "VirtioMmioDevice", "build_acpi_tables"]
 
@@ -48,7 +48,7 @@ _RSDP = struct.Struct("<8sB6sBIIQB3x")
 _RESERVED_IRQS = frozenset({0, 2})
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class AcpiConfig:
     num_cpus: int
     virtio_devices: tuple[VirtioMmioDevice, ...] = ()
@@ -59,7 +59,7 @@ class AcpiConfig:
     ged: bool = True
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class AcpiTables:
     rsdp_addr: int
     blob: bytes  # written at the ``base`` given to build_acpi_tables; the RSDP is at its start

@@ -7,9 +7,9 @@ against the host's libraries, while the guest gets the libraries of the unpacked
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from evmm.errors import EvmmError
+from evmm.record import record
 
 _PT_DYNAMIC = 2
 _PT_INTERP = 3
@@ -19,7 +19,7 @@ _DT_RPATH = 15
 _DT_RUNPATH = 29
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DynamicInfo:
     interpreter: str | None  # PT_INTERP, e.g. /lib64/ld-linux-x86-64.so.2; None for a static program
     needed: tuple[str, ...]  # DT_NEEDED sonames, in order

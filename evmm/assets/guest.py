@@ -7,7 +7,6 @@ initramfs-tools.cpio.gz}`` and ``guest.json``, the manifest written last that ma
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from evmm.assets.initramfs import Archive
 from evmm.assets.kernel import extract_vmlinux
 from evmm.assets.workspace import Step, Workspace, no_progress
 from evmm.errors import EvmmError
+from evmm.record import record
 
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 KERNEL_PREFIX = "linux-image-"
@@ -49,7 +49,7 @@ cd /root
 """
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class GuestAssets:
     bzimage: Path  # the cloud kernel as Debian ships it (LZ4 bzImage)
     vmlinux: Path  # the same kernel's uncompressed ELF, booted through its PVH entry

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import gzip
 import stat
-from dataclasses import dataclass
 from pathlib import PurePosixPath
+
+from evmm.record import record
 
 _MAGIC = b"070701"
 _TRAILER = "TRAILER!!!"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Entry:
     path: str  # relative, no leading '/'
     mode: int  # including the file type bits

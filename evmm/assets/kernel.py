@@ -12,10 +12,10 @@ import lzma
 import struct
 import subprocess
 import zlib
-from dataclasses import dataclass
 
 from evmm.assets.debian import require_tool
 from evmm.errors import BootError
+from evmm.record import record
 
 _HDRS = b"HdrS"
 _ELF = b"\x7fELF"
@@ -32,7 +32,7 @@ _MAGICS = (
 )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SetupHeader:
     setup_sects: int
     version: int  # boot protocol, e.g. 0x020f

@@ -8,7 +8,7 @@ the runner alternates the sides (A B A B) and records what each run returns or w
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Protocol
 
@@ -16,12 +16,13 @@ from evmm.assets import GuestAssets
 from evmm.bench.console import VmProcess
 from evmm.bench.results import MetricSpec
 from evmm.bench.vmm import Side, VmSpec
+from evmm.record import record
 
 # Called with each VMM the moment it is launched (the profiler attaches to evmm this way).
 Watch = Callable[[VmProcess], None]
 
 
-@dataclass
+@record
 class Context:
     guest: GuestAssets
     append: str  # the kernel command line, the same on both sides
@@ -36,7 +37,7 @@ class Context:
         return VmSpec(self.guest.vmlinux, initrd, self.append, memory_mib)
 
 
-@dataclass
+@record
 class Measurement:
     values: dict[str, float] = field(default_factory=dict)  # metric key -> value
     work: dict[str, float] = field(default_factory=dict)  # metric key -> the work done (bytes)

@@ -9,8 +9,9 @@ libaio, fio's usual engine for queue depths above 1.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
+
+from evmm.record import record
 
 MiB = 1 << 20
 
@@ -19,7 +20,7 @@ class FioError(Exception):
     pass
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class FioJob:
     name: str  # also the metric's suffix
     rw: str  # read, write, randread
@@ -46,7 +47,7 @@ class FioJob:
         ]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class FioResult:
     job: str
     rw: str  # "read" or "write": the direction fio reports

@@ -8,8 +8,9 @@ the direction round (the guest sends).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
+
+from evmm.record import record
 
 PORT = 5201
 
@@ -18,7 +19,7 @@ class IperfError(Exception):
     pass
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class IperfResult:
     sent_bytes: int
     received_bytes: int

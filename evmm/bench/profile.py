@@ -15,16 +15,17 @@ import shutil
 import subprocess
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 
 from evmm.bench.console import VmProcess
+from evmm.record import record
 
 RATE = 50  # samples per second: low, since every sample stops the process under nested emulation
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
 
-@dataclass
+@record
 class Summary:
     samples: int = 0
     self_time: Counter[str] = field(default_factory=Counter)

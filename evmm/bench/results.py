@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Literal
+
+from evmm.record import record
 
 Better = Literal["lower", "higher"]
 SCHEMA = 1
@@ -20,7 +22,7 @@ EVMM = "evmm"
 QEMU = "qemu"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class MetricSpec:
     key: str  # "boot.ready"
     row: str  # the benchmark row it belongs to: boot, memory, blk, net, control, density
@@ -31,7 +33,7 @@ class MetricSpec:
     note: str = ""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Summary:
     n: int
     median: float
@@ -39,7 +41,7 @@ class Summary:
     max: float
 
 
-@dataclass
+@record
 class Metric:
     spec: MetricSpec
     samples: dict[str, list[float]] = field(default_factory=dict)
@@ -106,7 +108,7 @@ def summarize(values: list[float]) -> Summary | None:
     return Summary(len(values), statistics.median(values), min(values), max(values))
 
 
-@dataclass
+@record
 class Results:
     metrics: dict[str, Metric] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)

@@ -19,7 +19,6 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from evmm.bench.overhead import MemoryRow
 from evmm.bench.profile import Profiler
 from evmm.bench.results import Results
 from evmm.bench.vmm import EVMM
+from evmm.record import record
 
 ROWS: dict[str, Callable[[], Row]] = {
     "boot": BootRow,
@@ -47,7 +47,7 @@ PROFILED = ("boot", "blk", "net", "control")
 RESULTS = "results.json"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Plan:
     rows: tuple[str, ...]
     runs: int

@@ -9,8 +9,9 @@ round a RAM block up to its alignment).  Parsing is pure, for unit tests; ``read
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
+
+from evmm.record import record
 
 KiB = 1024
 MiB = 1 << 20
@@ -23,7 +24,7 @@ class SmapsError(Exception):
     pass
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Mapping:
     start: int
     end: int
@@ -40,7 +41,7 @@ class Mapping:
         return self.path == "" or self.path.startswith("[anon")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Usage:
     total: int  # bytes resident, every mapping
     guest: int  # bytes resident in the guest RAM mappings

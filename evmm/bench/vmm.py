@@ -11,15 +11,16 @@ evmm's) and, as a second QEMU side, on (the kernel moves the packets: what a use
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
+
+from evmm.record import record
 
 QEMU_BINARY = "qemu-system-x86_64"
 QEMU_MACHINE = "microvm,rtc=on,x-option-roms=off"
 MAC = "52:54:00:12:34:56"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class VmSpec:
     kernel: Path
     initrd: Path
@@ -34,7 +35,7 @@ class VmSpec:
     verbose: bool = False  # evmm -v: logs the boot-timer register's reading (a few lines in all)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Side:
     """One VMM configuration: a column of the table."""
 

@@ -16,7 +16,7 @@ import asyncio
 import inspect
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -25,6 +25,7 @@ from evmm.errors import EvmmError
 from evmm.exitcodes import EXIT_GUEST_POWEROFF, EXIT_GUEST_RESET
 from evmm.log import log
 from evmm.machine.devspec import DriveSpec, NetSpec
+from evmm.record import record
 
 PAUSE_TIMEOUT = 15.0  # seconds for every vCPU to leave KVM_RUN; far more than a kick takes, even nested
 _MAC_RE = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
@@ -90,7 +91,7 @@ _TYPE_NAMES: dict[type, str] = {
 }
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Param:
     """One parameter: its type, whether it is required, its default, and for strings the allowed values."""
 
@@ -156,7 +157,7 @@ def check_params(method: str, spec: Mapping[str, Param], params: Mapping[str, An
 # ---- the table ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Call:
     method: str
     params: dict[str, Any]
@@ -166,7 +167,7 @@ class Call:
 Handler = Callable[[Call], Awaitable[Any]]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Command:
     name: str
     handler: Handler

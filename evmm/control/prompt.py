@@ -21,18 +21,18 @@ import contextlib
 import io
 import os
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from evmm.control.client import Client
 from evmm.control.commands import Commands
 from evmm.errors import EvmmError
+from evmm.record import record
 
 ESCAPE = 0x1D  # Ctrl-]
 ESC = 0x1B
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Status:
     state: str
     vcpus: int

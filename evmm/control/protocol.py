@@ -19,10 +19,11 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
+
+from evmm.record import record
 
 MAX_FRAME = 1 << 20  # payload bytes; console chunks and query-vm answers are far below this
 MAX_METHOD = 64
@@ -54,27 +55,27 @@ class ProtocolError(Exception):
         self.fatal = fatal
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Request:
     id: int | str
     method: str
     params: dict[str, Any]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ErrorInfo:
     code: int
     message: str
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Response:
     id: int | str | None
     result: Any = None
     error: ErrorInfo | None = None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Event:
     event: str
     data: dict[str, Any]

@@ -19,7 +19,6 @@ import itertools
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from evmm.control.commands import CommandError, Commands
 from evmm.control.server import CLOSE_FLUSH, MAX_CLIENTS, MAX_QUEUED, bind_unix, peer_name
 from evmm.errors import ConfigError
 from evmm.log import log
+from evmm.record import record
 
 MAX_MESSAGE = 1 << 20
 _WS = b" \t\r\n"
@@ -63,7 +63,7 @@ def parse_qmp_spec(text: str) -> Path:
 # ---- the wire ------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class JsonError:
     """Input that is not a JSON object; ``fatal`` when no boundary can be trusted any more."""
 
@@ -235,7 +235,7 @@ def check_args(args: Mapping[str, Any], spec: Mapping[str, tuple[type, bool]]) -
     return out
 
 
-@dataclass
+@record
 class _Node:
     path: str
     readonly: bool

@@ -8,10 +8,10 @@ runs; lookups are then read-only, so vCPU threads may resolve addresses without 
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
 from typing import Protocol
 
 from evmm.errors import ConfigError
+from evmm.record import record
 
 
 class BusDevice(Protocol):
@@ -38,7 +38,7 @@ class SplitDevice(BusDevice, Protocol):
     def write_inline(self, offset: int, size: int, value: int) -> bool: ...
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Mapping:
     base: int
     length: int

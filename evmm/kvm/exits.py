@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from evmm.record import record
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class IoIn:
     """``in`` / ``ins``: the vCPU wants ``count`` values of ``size`` bytes from ``port``."""
 
@@ -14,7 +14,7 @@ class IoIn:
     count: int
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class IoOut:
     """``out`` / ``outs``: ``data`` holds ``count`` values of ``size`` bytes for ``port``."""
 
@@ -24,37 +24,37 @@ class IoOut:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class MmioRead:
     addr: int
     size: int
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class MmioWrite:
     addr: int
     size: int
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Hlt:
     """HLT with no in-kernel irqchip (evmm always has one, so only tiny test guests see this)."""
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Shutdown:
     """The vCPU shut down: on x86 a triple fault."""
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class SystemEvent:
     """A PSCI-style event (``KVM_SYSTEM_EVENT_SHUTDOWN``/``RESET``/``CRASH``)."""
 
     type: int
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class InternalError:
     suberror: int
     data: tuple[int, ...]
@@ -70,7 +70,7 @@ class InternalError:
         return f"KVM internal error: {kinds.get(self.suberror, f'suberror {self.suberror}')} [{words}]"
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class FailEntry:
     reason: int
     cpu: int
@@ -81,12 +81,12 @@ class FailEntry:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Interrupted:
     """KVM_RUN returned EINTR: a signal or ``immediate_exit`` asked the vCPU thread to look at its state."""
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Unhandled:
     reason: int
 

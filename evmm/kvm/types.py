@@ -5,10 +5,12 @@ These cross the ``evmm/kvm`` boundary instead of cdata: boot code fills them, sn
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
+
+from evmm.record import record
 
 
-@dataclass
+@record
 class Regs:
     rax: int = 0
     rbx: int = 0
@@ -30,7 +32,7 @@ class Regs:
     rflags: int = 0x2  # bit 1 is reserved and always set (Intel SDM vol. 1 §3.4.3)
 
 
-@dataclass
+@record
 class Segment:
     base: int = 0
     limit: int = 0
@@ -46,7 +48,7 @@ class Segment:
     unusable: int = 0
 
 
-@dataclass
+@record
 class DTable:
     base: int = 0
     limit: int = 0
@@ -55,7 +57,7 @@ class DTable:
 SEGMENT_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
 
 
-@dataclass
+@record
 class Sregs:
     cs: Segment = field(default_factory=Segment)
     ds: Segment = field(default_factory=Segment)
@@ -77,7 +79,7 @@ class Sregs:
     interrupt_bitmap: tuple[int, int, int, int] = (0, 0, 0, 0)
 
 
-@dataclass
+@record
 class Fpu:
     fcw: int = 0x37F  # x87 default control word after FNINIT (SDM vol. 1 §8.1.5)
     fsw: int = 0
@@ -88,7 +90,7 @@ class Fpu:
     mxcsr: int = 0x1F80  # SSE default: all exceptions masked (SDM vol. 1 §10.2.3)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CpuidEntry:
     function: int
     index: int

@@ -11,10 +11,10 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from evmm.errors import EvmmError
+from evmm.record import record
 
 try:
     from evmm.kvm._vhost_ffi import ffi, lib
@@ -42,7 +42,7 @@ def _check(ret: int, what: str) -> int:
     return ret
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class MemTableEntry:
     gpa: int
     size: int

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from evmm.kvm._ffi import check, ffi, ioctl, ioctl_val, lib
+from evmm.record import record
 
 if TYPE_CHECKING:
     from mmap import mmap
@@ -20,7 +20,7 @@ IRQCHIP_PIC_SLAVE = lib.KVM_IRQCHIP_PIC_SLAVE
 IRQCHIP_IOAPIC = lib.KVM_IRQCHIP_IOAPIC
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class GsiRoute:
     gsi: int
     chip: int = 0

@@ -17,7 +17,6 @@ import signal
 import threading
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import cast
 
 from evmm import exitcodes
@@ -25,6 +24,7 @@ from evmm.devices.bus import Bus, Mapping, SplitDevice
 from evmm.errors import EvmmError
 from evmm.kvm import Vcpu, exits
 from evmm.loop.channel import ChannelClosed, ExitChannel
+from evmm.record import record
 
 # The signal that knocks a vCPU thread out of KVM_RUN (with immediate_exit closing the race where it arrives
 # just before the ioctl).  Its Python handler does nothing; the main thread installs it before vCPUs start.
@@ -48,7 +48,7 @@ class VcpuState(enum.Enum):
     STOPPED = "stopped"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class StopRequest:
     code: int
     message: str

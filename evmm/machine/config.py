@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 
 from evmm.arch.x86 import layout
 from evmm.errors import ConfigError
 from evmm.machine.devspec import ConsoleSpec, DriveSpec, NetSpec, RngSpec, VsockSpec
+from evmm.record import record
 
 MIN_MEMORY = 32 * layout.MiB
 MAX_MEMORY = 1 << 40
@@ -57,7 +58,7 @@ def check_file(path: Path, what: str) -> Path:
     return path
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class MachineConfig:
     kernel: Path
     initrd: Path | None = None

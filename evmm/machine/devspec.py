@@ -7,10 +7,10 @@ boolean or number.  Nothing here opens a file; the devices do, and report their 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from evmm.errors import ConfigError
+from evmm.record import record
 
 _TRUE = {"on", "yes", "true", "1"}
 _FALSE = {"off", "no", "false", "0"}
@@ -65,7 +65,7 @@ def _check_id(option: str, value: str) -> str:
     return value
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DriveSpec:
     path: Path
     readonly: bool = False
@@ -85,7 +85,7 @@ def parse_drive(text: str) -> DriveSpec:
     )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class NetSpec:
     tap: str | None = None  # a tap interface to open (created if it does not exist)
     fd: int | None = None  # an already-open tap fd passed in by the caller
@@ -113,7 +113,7 @@ def parse_net(text: str) -> NetSpec:
     )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class VsockSpec:
     cid: int
     path: Path | None = None  # host side: a Unix socket (hybrid vsock), PATH_<port> for guest connections
@@ -138,7 +138,7 @@ def parse_vsock(text: str) -> VsockSpec:
     return VsockSpec(cid=cid, path=Path(kv["path"]) if "path" in kv else None, vhost=vhost)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ConsoleSpec:
     kind: str  # "stdio" (the terminal; the serial port then goes quiet), "pty", or "socket"
     path: Path | None = None  # the Unix socket to listen on, for "socket"
@@ -154,7 +154,7 @@ def parse_virtio_console(text: str) -> ConsoleSpec:
     return ConsoleSpec("socket", Path(text))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class RngSpec:
     rate: int | None = None  # bytes per second, None for unlimited
 

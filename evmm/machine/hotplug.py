@@ -10,13 +10,13 @@ Runs on the reactor, which owns the devices.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from evmm.devices.virtio.device import VirtioDevice
 from evmm.errors import ConfigError
 from evmm.machine.devspec import DriveSpec, NetSpec
+from evmm.record import record
 
 
 def empty_disk() -> Any:
@@ -39,7 +39,7 @@ def make_empty_net(slot_id: str, index: int) -> VirtioDevice:
     return net.VirtioNet.empty(net.default_mac(NetSpec(tap=slot_id), 100 + index))
 
 
-@dataclass
+@record
 class HotplugSlot:
     id: str
     kind: str  # "blk" or "net"

@@ -8,7 +8,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from evmm.machine.config import MachineConfig
 from evmm.machine.devspec import DriveSpec, NetSpec
 from evmm.machine.hotplug import HotplugSlot
 from evmm.memory import GuestMemory
+from evmm.record import record
 
 JOIN_TIMEOUT = 5.0
 
@@ -37,7 +38,7 @@ def process_age() -> float | None:
         return None
 
 
-@dataclass
+@record
 class MachineParts:
     """What the builder made, handed over whole to ``Machine``."""
 

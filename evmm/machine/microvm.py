@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from evmm import exitcodes
 from evmm.acpi.tables import AcpiConfig, VirtioMmioDevice, build_acpi_tables
@@ -37,6 +36,7 @@ from evmm.machine.hotplug import HotplugSlot, make_empty_blk, make_empty_net
 from evmm.machine.interrupts import IrqfdInterrupt, KvmIrqLine, KvmNotifyRegistrar
 from evmm.machine.machine import Machine, MachineParts
 from evmm.memory import GuestMemory
+from evmm.record import record
 
 COM1_BASE = 0x3F8
 RTC_BASE = 0x70
@@ -78,7 +78,7 @@ def _reactor_timer(
     return arm
 
 
-@dataclass
+@record
 class _Build:
     """What the build has created so far, so a failure can release it in order."""
 

@@ -6,7 +6,6 @@ vmlinux (PVH entry), which under TCG reaches /init about twice as soon as the bz
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from evmm.assets.initramfs import Archive
 from evmm.assets.kernel import extract_vmlinux
 from evmm.assets.workspace import Step, Workspace, no_progress
 from evmm.errors import EvmmError
+from evmm.record import record
 
 KERNEL_METAPACKAGE = "linux-image-amd64"
 KERNEL_PREFIX = "linux-image-"
@@ -37,7 +37,7 @@ MODULES = (
 MANIFEST = "testhost.json"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class TesthostAssets:
     kernel: Path  # ELF vmlinux of Debian's generic kernel
     initramfs: Path

@@ -22,11 +22,12 @@ import time
 import tty
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from types import FrameType
 
 from evmm.errors import EvmmError
+from evmm.record import record
 
 EXIT_TIMEOUT = 124  # the test host or the command timed out (as timeout(1) reports it)
 EXIT_NO_STATUS = 125  # the test host failed before the command's exit status came back
@@ -49,13 +50,13 @@ FORWARDED_PREFIXES = ("EVMM_", "PYTHON")
 _PR_SET_PDEATHSIG = 1
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Share:
     path: Path  # absolute; mounted at the same path inside
     writable: bool = True
 
 
-@dataclass
+@record
 class RunConfig:
     command: Sequence[str]
     kernel: Path

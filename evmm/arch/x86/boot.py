@@ -6,7 +6,6 @@ state.  Boot code only runs before the first KVM_RUN.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from evmm.arch.x86 import cpu, layout
@@ -19,9 +18,10 @@ from evmm.arch.x86.pvh import PvhParams, build_start_info
 from evmm.errors import BootError
 from evmm.kvm import CpuidEntry, Vcpu
 from evmm.memory import GuestMemory
+from evmm.record import record
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class BootPlan:
     kind: EntryKind
     entry: int

@@ -7,10 +7,10 @@ arch/x86/include/uapi/asm/bootparam.h.  Everything here is pure: bytes in, bytes
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from enum import IntEnum
 
 from evmm.errors import BootError
+from evmm.record import record
 
 ZERO_PAGE_SIZE = 4096
 SETUP_HEADER_OFFSET = 0x1F1  # the header lives at this offset in both the bzImage and the zero page
@@ -72,7 +72,7 @@ class E820Type(IntEnum):
     UNUSABLE = 5
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class E820Entry:
     addr: int
     size: int
@@ -82,7 +82,7 @@ class E820Entry:
         return struct.pack("<QQI", self.addr, self.size, int(self.type))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SetupHeader:
     """The fields of a bzImage's setup header that a 64-bit boot needs."""
 
@@ -151,7 +151,7 @@ def _put(page: bytearray, name: str, value: int) -> None:
     struct.pack_into("<" + fmt, page, off, value)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ZeroPageParams:
     cmdline_addr: int
     e820: tuple[E820Entry, ...]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from evmm.arch.x86 import layout
 from evmm.arch.x86.bootparams import ENTRY_64_OFFSET, SetupHeader, parse_setup_header
 from evmm.errors import BootError
 from evmm.memory import GuestMemory
+from evmm.record import record
 
 ELF_MAGIC = b"\x7fELF"
 _EM_X86_64 = 62
@@ -43,14 +43,14 @@ class EntryKind(Enum):
 Image = bytes | memoryview
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Segment:
     paddr: int
     data: Image
     memsz: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class KernelImage:
     kind: EntryKind
     entry: int

@@ -7,9 +7,9 @@ RSDP and the memory map from it, and builds its own zero page.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from evmm.arch.x86.bootparams import E820Entry
+from evmm.record import record
 
 HVM_START_MAGIC = 0x336EC578
 HVM_START_INFO_SIZE = 56
@@ -17,7 +17,7 @@ MODLIST_ENTRY_SIZE = 32
 MEMMAP_ENTRY_SIZE = 24
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PvhParams:
     base: int  # where start_info goes; the module list and memory map follow it
     cmdline_addr: int

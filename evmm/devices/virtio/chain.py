@@ -8,10 +8,10 @@ buffers come after device-readable ones (§2.7.4.2).  Anything else is an ``Inva
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from evmm.errors import GuestMemoryError
 from evmm.memory import GuestMemory
+from evmm.record import record
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -21,14 +21,14 @@ MAX_INDIRECT = 1024  # descriptors in one indirect table; Linux never uses more 
 MAX_CHAIN_BYTES = 1 << 32  # a chain's total length must fit the used ring's 32-bit len
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Descriptor:
     addr: int
     length: int
     writable: bool
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class InvalidChain:
     head: int
     reason: str

@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from evmm.devices.virtio.queue import QueueBroken, Virtqueue
 from evmm.memory import GuestMemory
+from evmm.record import record
 
 # Device IDs (virtio 1.2 §5).
 VIRTIO_ID_NET = 1
@@ -32,7 +32,7 @@ VIRTIO_F_VERSION_1 = 1 << 32
 COMMON_FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_F_INDIRECT_DESC | VIRTIO_F_EVENT_IDX
 
 
-@dataclass
+@record
 class DeviceContext:
     mem: GuestMemory
     queues: list[Virtqueue | None]  # by queue number; None where the driver did not set the queue up

@@ -9,11 +9,11 @@ queue whose rings cannot be trusted at all raises ``QueueBroken`` (the transport
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from evmm.devices.virtio.chain import Descriptor, DescriptorChain, InvalidChain, walk_chain
 from evmm.errors import GuestMemoryError
 from evmm.memory import GuestMemory
+from evmm.record import record
 
 # Ring layout (§2.7.6 avail ring, §2.7.8 used ring).
 _U16 = struct.Struct("<H")
@@ -32,7 +32,7 @@ def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
 
 
-@dataclass
+@record
 class QueueConfig:
     """What the driver programs through the transport before setting QueueReady."""
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from evmm.devices.virtio.blk.backend import FileBackend, IoWorkers
@@ -36,6 +35,7 @@ from evmm.devices.virtio.chain import DescriptorChain, InvalidChain
 from evmm.devices.virtio.device import COMMON_FEATURES, VIRTIO_ID_BLOCK, DeviceContext, VirtioDevice
 from evmm.devices.virtio.queue import QueueBroken, Virtqueue
 from evmm.errors import GuestMemoryError
+from evmm.record import record
 
 # Feature bits (§5.2.3).
 VIRTIO_BLK_F_SIZE_MAX = 1 << 1
@@ -69,7 +69,7 @@ _CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3xIII")
 Outcome = tuple[int, int, str]
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class _InFlight:
     head: int
     status_addr: int

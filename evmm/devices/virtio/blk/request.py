@@ -15,11 +15,11 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 from evmm.devices.virtio.chain import Descriptor
 from evmm.errors import GuestMemoryError
+from evmm.record import record
 
 SECTOR_SHIFT = 9
 SECTOR_SIZE = 1 << SECTOR_SHIFT  # the protocol's unit whatever blk_size says (§5.2.5)
@@ -83,7 +83,7 @@ class Range(NamedTuple):
     unmap: bool
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Limits:
     """What the device told the driver (config space §5.2.4, features §5.2.3), to hold requests to."""
 

@@ -22,7 +22,6 @@ import asyncio
 import logging
 import os
 import struct
-from dataclasses import dataclass
 from typing import Protocol
 
 from evmm.devices.virtio.chain import DescriptorChain, InvalidChain
@@ -32,6 +31,7 @@ from evmm.devices.virtio.net.tap import tap_offloads
 from evmm.devices.virtio.queue import QueueBroken, Virtqueue
 from evmm.errors import GuestMemoryError
 from evmm.memory import GuestMemory
+from evmm.record import record
 
 log = logging.getLogger("evmm")  # evmm's logger: its handler prints "evmm: ..." on stderr
 
@@ -81,7 +81,7 @@ class NoTap:
         pass
 
 
-@dataclass
+@record
 class NetStats:
     """Counters for metrics.  Bytes count Ethernet frames, without the virtio-net header."""
 

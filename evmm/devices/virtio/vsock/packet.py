@@ -8,8 +8,10 @@ payload of ``len`` bytes follows it (§5.10.6.1).  Parsing never raises: a buffe
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from enum import IntEnum
+
+from evmm.record import record
 
 # struct virtio_vsock_hdr (§5.10.6): src_cid, dst_cid (le64); src_port, dst_port, len (le32); type, op (le16);
 # flags, buf_alloc, fwd_cnt (le32).  Packed: 44 bytes.
@@ -48,7 +50,7 @@ class Op(IntEnum):
 _OPS = frozenset(int(op) for op in Op)
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Header:
     src_cid: int
     dst_cid: int
@@ -86,7 +88,7 @@ def parse_header(data: bytes | bytearray | memoryview) -> Header | None:
     return Header(*_HDR.unpack_from(data, 0))
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Rejection:
     """Why a guest packet was not taken; ``reset`` asks for an RST to its sender (§5.10.6.2)."""
 
