@@ -42,5 +42,8 @@ sys.exit(0 if managed and sys.prefix == sys.base_prefix else 1)'; then
     evmm_note "installing evmm and its dependencies (pip install -e .[dev,bench])"
     "$PY" -m pip install -q -e "$root[dev,bench]"
   fi
+  # Bytecode for evmm's sources now: where PYTHONDONTWRITEBYTECODE is set, every `evmm run` would compile
+  # them again (evmm/bytecode.py).
+  "$PY" -c 'from evmm.bytecode import precompile; precompile()'
   export PY
 }

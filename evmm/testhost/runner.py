@@ -26,6 +26,7 @@ from dataclasses import field
 from pathlib import Path
 from types import FrameType
 
+from evmm.bytecode import precompile
 from evmm.errors import EvmmError
 from evmm.record import record
 
@@ -303,6 +304,7 @@ def run(config: RunConfig, out_fd: int = 1, err_fd: int = 2, stdin_fd: int = 0) 
     for p in (config.kernel, config.initramfs):
         if not p.is_file():
             raise EvmmError(f"test host image {p} is missing: run `evmm assets`")
+    precompile()  # what runs inside would otherwise compile evmm from source at every start, under TCG
     results = Path(tempfile.mkdtemp(prefix="evmm-testhost-"))
     proc: subprocess.Popen[bytes] | None = None
     runner = _Run(config, results, out_fd, err_fd)
