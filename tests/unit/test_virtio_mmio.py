@@ -145,3 +145,21 @@ def test_buffers_queued_before_driver_ok_are_served_at_activation(loop: asyncio.
     d.bring_up()
     used = d.queues[0].get_used()
     assert [u.head for u in used] == staged and used[0].length == 32
+
+
+def test_describe_shows_both_sides_of_each_queue(loop: asyncio.AbstractEventLoop) -> None:
+    """query-vm's view of a device: what someone debugging a stalled queue reads."""
+    d = MmioDriver(VirtioRng(), loop=loop)
+    assert d.transport.describe()["virtio"]["queues"] == [None]  # type: ignore[index]
+    d.bring_up()
+    d.queues[0].add([], [16])
+    d.queues[0].add([], [16])
+    before = d.transport.describe()["virtio"]
+    q = before["queues"][0]  # type: ignore[index]
+    assert (q["size"], q["avail_idx"], q["next_avail"], q["used_idx"]) == (256, 2, 0, 0)
+    d.kick(0)
+    after = d.transport.describe()["virtio"]
+    q = after["queues"][0]  # type: ignore[index]
+    assert (q["next_avail"], q["next_used"], q["used_idx"]) == (2, 2, 2)
+    assert q["signalled_used"] == 2 and "used_event" in q  # EVENT_IDX was negotiated
+    assert after["interrupt_status"] == regs.INT_VRING and after["device"] == "virtio-rng"  # type: ignore[index]

@@ -94,5 +94,9 @@ class VirtioDevice(ABC):
         """The driver reset the device (status 0): drop queues and stop every activity started by activate."""
         self.ctx = None
 
+    def debug_state(self) -> dict[str, object]:
+        """Device-specific live state for query-vm (backpressure, frames in flight); empty by default."""
+        return {}
+
     def close(self) -> None:  # noqa: B027 - devices with host resources override it
         """The VM is going away: release host resources (files, sockets, taps)."""

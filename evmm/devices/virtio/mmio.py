@@ -129,6 +129,20 @@ class VirtioMmio:
         self._take_back_queues()
         self.device = device
 
+    def describe(self) -> dict[str, object]:
+        """Transport and queue state for query-vm (on the reactor, which owns all of it)."""
+        queues = [None if q is None else q.status() for q in self.active]
+        return {
+            "virtio": {
+                "device": self.device.name,
+                "status": self.status,
+                "driver_features": self.driver_features,
+                "interrupt_status": self.interrupt_status,
+                "queues": queues,
+                **self.device.debug_state(),
+            }
+        }
+
     # ---- SplitDevice: the registers of Linux's interrupt handler, on the vCPU thread -------------------------
 
     def read_inline(self, offset: int, size: int) -> int | None:

@@ -164,6 +164,30 @@ class Virtqueue:
         flags = int(_U16.unpack_from(self._avail, 0)[0])
         return not flags & VRING_AVAIL_F_NO_INTERRUPT
 
+    def status(self) -> dict[str, int | bool]:
+        """Both sides' indices as they stand (query-vm): what to read when a queue stalls.
+
+        next_avail/avail_idx: chains the device has taken / the driver has offered; next_used/used_idx: the
+        device's completions filled / published; with EVENT_IDX, avail_event and used_event are each side's
+        request to be notified (§2.7.10), signalled_used the used index at the last interrupt sent.
+        """
+        out: dict[str, int | bool] = {
+            "size": self.size,
+            "next_avail": self.next_avail,
+            "avail_idx": self.avail_idx(),
+            "next_used": self.next_used,
+            "used_idx": int(_U16.unpack_from(self._used, 2)[0]),
+            "notify": self._notify,
+        }
+        if self.event_idx:
+            out["used_event"] = int(_U16.unpack_from(self._avail, 4 + 2 * self.size)[0])
+            out["avail_event"] = int(_U16.unpack_from(self._used, 4 + 8 * self.size)[0])
+            out["signalled_used"] = -1 if self._signalled_used is None else self._signalled_used
+        else:
+            out["avail_flags"] = int(_U16.unpack_from(self._avail, 0)[0])
+            out["used_flags"] = int(_U16.unpack_from(self._used, 0)[0])
+        return out
+
     def set_notification(self, enabled: bool) -> None:
         """Ask the driver to kick (or not) when it adds buffers (§2.7.7, §2.7.10).
 

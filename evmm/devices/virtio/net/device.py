@@ -19,6 +19,7 @@ buffers (one 1-descriptor chain to walk instead of 19), a 64 KiB frame 1.2-2x mo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import struct
@@ -223,6 +224,15 @@ class VirtioNet(VirtioDevice):
     def close(self) -> None:
         self._stop_io()
         self.tap.close()
+
+    def debug_state(self) -> dict[str, object]:
+        return {
+            "rx_reading": self._reading,  # the tap is on the reactor (False: waiting for receive buffers)
+            "rx_pending": self._pending,  # bytes of a frame read from the tap and not yet placed
+            "rx_held_chains": len(self._held),
+            "tx_blocked": self._writing,  # the tap refused a write; waiting for it to drain
+            "stats": dataclasses.asdict(self.stats),
+        }
 
     # ---- plumbing ---------------------------------------------------------------------------------------
 
