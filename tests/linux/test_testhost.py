@@ -27,9 +27,22 @@ host_side = pytest.mark.host_side
 BOOT_SLACK = 90.0  # generous: two cores shared with everything else on the machine
 
 
+def _default_sigint() -> None:
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an inherited SIG_IGN instead of
+    # installing its KeyboardInterrupt handler: the runner must see Ctrl-C as a user's terminal sends it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_testhost(*args: str, cwd: Path) -> subprocess.Popen[str]:
     argv = [sys.executable, "-m", "evmm.testhost", "run", *args]
-    return subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        argv,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint,
+    )
 
 
 def corrupt(bzimage: bytes) -> bytes:
