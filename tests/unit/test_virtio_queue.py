@@ -217,3 +217,34 @@ def test_an_empty_ring_asks_for_the_next_kick_with_event_idx() -> None:
     assert isinstance(vq.pop(MEM), DescriptorChain)
     assert vq.pop(MEM) is None
     assert dq.avail_event() == 3  # not updated while the device does not want kicks
+
+
+def test_a_head_offered_again_before_it_was_used_breaks_the_queue() -> None:
+    """§2.7.13: a buffer is the device's until it is used; acting on a second offer would complete it twice."""
+    dq, vq = make_queue()
+    head = dq.add([b"frame"], [])
+    assert isinstance(vq.pop(MEM), DescriptorChain)
+    dq.publish(head)
+    with pytest.raises(QueueBroken, match=f"head {head} again"):
+        vq.pop(MEM)
+
+
+def test_a_head_used_then_offered_again_is_fine_and_undo_pop_lets_it_go() -> None:
+    dq, vq = make_queue()
+    head = dq.add([b"frame"], [])
+    chain = vq.pop(MEM)
+    assert isinstance(chain, DescriptorChain)
+    vq.undo_pop()  # the device found no room: the same chain comes again
+    again = vq.pop(MEM)
+    assert isinstance(again, DescriptorChain) and again.head == head
+    vq.add_used(head, 0)
+    dq.publish(head)  # the driver may offer it again once it has it back
+    assert isinstance(vq.pop(MEM), DescriptorChain)
+
+
+def test_completing_a_head_the_device_does_not_hold_is_refused() -> None:
+    dq, vq = make_queue()
+    head = dq.add([b"frame"], [])
+    with pytest.raises(QueueBroken, match="does not hold"):
+        vq.add_used(head, 0)
+    assert dq.used_idx() == 0  # nothing reached the driver

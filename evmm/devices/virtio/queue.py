@@ -78,6 +78,11 @@ class Virtqueue:
         self.next_used = 0
         self._notify = True  # the device wants kicks (set_notification)
         self._signalled_used: int | None = None  # used idx at the last interrupt, for EVENT_IDX suppression
+        # Heads the device holds (popped, not yet used).  A driver that offers one of them again has broken the
+        # ring (§2.7.13: a buffer is the device's until it is used), and the device must not act on it twice:
+        # two completions of one head free the driver's buffer twice ("id N is not a head!" in Linux).
+        self._in_flight: set[int] = set()
+        self._last_head = -1
 
     def release(self) -> None:
         """Drop the ring views (the device is reset or the VM is going away)."""
@@ -116,11 +121,19 @@ class Virtqueue:
             # No valid head to complete: count it as consumed and report it with head 0 length 0 is wrong
             # (that would complete someone else's chain), so the queue is unusable.
             raise QueueBroken(f"queue {self.index}: descriptor head {head} is outside a ring of {self.size}")
+        if head in self._in_flight:
+            raise QueueBroken(
+                f"queue {self.index}: the driver offered descriptor head {head} again before it was used"
+            )
+        self._in_flight.add(head)
+        self._last_head = head
         return walk_chain(mem, self._desc, self.size, head)
 
     def undo_pop(self) -> None:
         """Put the last popped chain back (a device that found no room for it will retry later)."""
         self.next_avail = (self.next_avail - 1) & 0xFFFF
+        self._in_flight.discard(self._last_head)
+        self._last_head = -1
 
     # ---- device -> driver ----------------------------------------------------------------------------
 
@@ -138,6 +151,10 @@ class Virtqueue:
         every element filled before it) visible at once.  For completions the driver must see together,
         such as the buffers of one merged virtio-net packet: Linux reads num_buffers from the first and
         takes the rest at once, counting any it cannot find yet as an error (virtio 1.2 §5.1.6.4)."""
+        if head not in self._in_flight:
+            # A device bug, never the driver's doing: completing a head twice corrupts the driver's state.
+            raise QueueBroken(f"queue {self.index}: the device completed head {head}, which it does not hold")
+        self._in_flight.discard(head)
         slot = self.next_used % self.size
         _USED_ELEM.pack_into(self._used, 4 + 8 * slot, head, length)
         self.next_used = (self.next_used + 1) & 0xFFFF
