@@ -28,7 +28,10 @@ FIO = {
 
 # iperf3 3.12 -J -R (trimmed): the totals of both ends.
 IPERF = {
-    "start": {"version": "iperf 3.12", "test_start": {"protocol": "TCP", "bytes": 10485760, "reverse": 1}},
+    "start": {
+        "version": "iperf 3.12",
+        "test_start": {"protocol": "TCP", "duration": 15, "omit": 3, "bytes": 0, "reverse": 1},
+    },
     "end": {
         "sum_sent": {
             "seconds": 0.011174,
@@ -95,6 +98,7 @@ def test_iperf_result() -> None:
     r = iperf.parse(json.dumps(IPERF))
     assert (r.sent_bytes, r.received_bytes) == (10485760, 10485760)
     assert r.gbit_s == pytest.approx(9.8400093842)
+    assert (r.duration, r.omit, r.reverse) == (15, 3, True)
 
 
 def test_iperf_errors() -> None:
@@ -104,12 +108,15 @@ def test_iperf_errors() -> None:
         iperf.parse("iperf3: error")
     with pytest.raises(iperf.IperfError, match="sum_sent"):
         iperf.parse(json.dumps({"end": {}}))
+    with pytest.raises(iperf.IperfError, match="test_start"):
+        iperf.parse(json.dumps({"end": IPERF["end"]}))
 
 
 def test_iperf_client_line() -> None:
-    argv = iperf.client_argv("10.0.2.15", 1 << 20, guest_sends=True)
+    argv = iperf.client_argv("10.0.2.15", 15, 3, guest_sends=True)
     assert argv[:3] == ["iperf3", "-c", "10.0.2.15"] and "-R" in argv and "-J" in argv
-    assert "-R" not in iperf.client_argv("10.0.2.15", 1 << 20, guest_sends=False)
+    assert argv[argv.index("-t") + 1] == "15" and argv[argv.index("-O") + 1] == "3"
+    assert "-R" not in iperf.client_argv("10.0.2.15", 15, 3, guest_sends=False)
 
 
 # py-spy 0.4 record --format raw --threads: "thread (TID): NAME" first, then the frames, outermost first.
