@@ -16,4 +16,3 @@ def test_writes_bytecode_even_when_python_would_not(tmp_path: Path, monkeypatch:
     (tmp_path / "mod.py").write_text("X = 1\n")
     precompile(tmp_path)
     assert Path(importlib.util.cache_from_source(str(tmp_path / "mod.py"))).is_file()
-
