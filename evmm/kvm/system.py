@@ -41,9 +41,6 @@ OPTIONAL_CAPS: dict[str, int] = {
 _CPUID_MAX_ENTRIES = 256
 
 
-LEAF1_ECX_TSC_DEADLINE = 1 << 24  # CPUID.01H:ECX[24], Intel SDM vol. 2A table 3-10
-
-
 class Kvm:
     """An open ``/dev/kvm``."""
 
@@ -97,18 +94,10 @@ class Kvm:
     def supported_cpuid(self) -> list[CpuidEntry]:
         cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": _CPUID_MAX_ENTRIES, "entries": _CPUID_MAX_ENTRIES})
         ioctl(self.fd, lib.KVM_GET_SUPPORTED_CPUID, cpuid, "KVM_GET_SUPPORTED_CPUID")
-        entries = [
+        return [
             CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
             for e in (cpuid.entries[i] for i in range(cpuid.nent))
         ]
-        # KVM emulates the TSC-deadline LAPIC timer mode but leaves its bit out of KVM_GET_SUPPORTED_CPUID:
-        # userspace sets it when KVM_CAP_TSC_DEADLINE_TIMER is there (Documentation/virt/kvm/api.rst).  Without
-        # it Linux falls back to the one-shot LAPIC timer (a TMICT write per timer, and its calibration).
-        if self.check_extension(lib.KVM_CAP_TSC_DEADLINE_TIMER):
-            entries = [
-                e.with_regs(ecx=e.ecx | LEAF1_ECX_TSC_DEADLINE) if e.function == 1 else e for e in entries
-            ]
-        return entries
 
     def msr_index_list(self) -> list[int]:
         probe = ffi.new("struct kvm_msr_list *", {"nmsrs": 0})
