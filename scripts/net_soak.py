@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Stream TCP through evmm's virtio-net until the guest's NIC breaks, then show both ends (not a test).
+
+Issue 4's open bug: under sustained streams the guest's driver finds a used ring it cannot believe
+("virtio_net virtio0: output.0:id N is not a head!"), marks the queue broken and the NIC is dead.  This boots
+the tools guest (iperf3 inside) with a tap in a network namespace of its own, runs timed iperf3 streams both
+ways, and when one hangs prints the guest's dmesg tail, `query-vm` (every virtqueue's indices on both sides)
+and the host's TCP state.  Needs root and a KVM that boots Linux; on this machine run it in the test host:
+
+    evmm testhost run --cpus 1 -- python3 scripts/net_soak.py [--rounds N] [--vmm qemu]
+
+``--vmm qemu`` runs QEMU microvm instead (`evmm bench`'s command line), the comparison that says whether a
+failure is evmm's.  Exit status: 0 if every stream finished, 1 at the first hang.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from evmm.assets import default_guest
+from evmm.bench.console import PROMPT, READY, VmProcess
+from evmm.bench.runner import kernel_cmdline
+from evmm.bench.vmm import VmSpec, evmm_argv, qemu_argv
+
+NETNS = "evmm-soak"
+TAP = "soak0"
+HOST_IP, GUEST_IP = "10.0.2.1", "10.0.2.15"
+STREAM_SECONDS = 15
+HANG = 60.0  # a 15 s stream (plus 3 s warm-up) that has not finished by then has hung
+
+
+def sh(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+
+def guest_says(vm: VmProcess, command: str) -> str:
+    try:
+        return vm.check(command, 60)
+    except Exception as e:  # the guest may be what hung
+        return f"(the guest did not answer: {type(e).__name__})"
+
+
+def device_state(sock: Path) -> str:
+    r = subprocess.run(
+        [sys.executable, "-m", "evmm", "ctl", str(sock), "query-vm", "--json"], capture_output=True, text=True
+    )
+    try:
+        devices = json.loads(r.stdout).get("devices", [])
+    except json.JSONDecodeError:
+        return (r.stdout + r.stderr).strip()
+    return json.dumps([d for d in devices if "virtio" in d], indent=1)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=20, help="rounds of one stream each way (20)")
+    ap.add_argument("--vmm", choices=("evmm", "qemu"), default="evmm")
+    args = ap.parse_args()
+    subprocess.run(["ip", "netns", "del", NETNS], capture_output=True, check=False)
+    sh("ip", "netns", "add", NETNS)
+    try:
+        return soak(args.vmm, args.rounds)
+    finally:
+        subprocess.run(["ip", "netns", "del", NETNS], capture_output=True, check=False)
+
+
+def soak(which: str, rounds: int) -> int:
+    sh("ip", "-n", NETNS, "link", "set", "lo", "up")
+    guest = default_guest()
+    sock = Path(tempfile.mkdtemp(prefix="evmm-soak-")) / "api.sock"
+    spec = VmSpec(guest.vmlinux, guest.tools_initramfs, kernel_cmdline(), 512, tap=TAP, api_sock=sock)
+    argv = evmm_argv(spec) if which == "evmm" else qemu_argv(spec)
+    vm = VmProcess(["ip", "netns", "exec", NETNS, *argv], which)
+    try:
+        vm.wait_for(READY, 300)
+        vm.wait_for(PROMPT, 60)
+        sh("ip", "-n", NETNS, "addr", "add", f"{HOST_IP}/24", "dev", TAP)
+        sh("ip", "-n", NETNS, "link", "set", TAP, "up")
+        nic = next(n for n in vm.check("ls /sys/class/net", 30).split() if n != "lo")
+        vm.check(f"ip addr add {GUEST_IP}/24 dev {nic} && ip link set {nic} up && iperf3 -s -D", 30)
+        vm.check(f"ping -c 1 -W 10 {HOST_IP} >/dev/null", 60)
+        for i in range(rounds):
+            for reverse in (True, False):
+                name = "guest -> host" if reverse else "host -> guest"
+                client = ["iperf3", "-c", GUEST_IP, "-t", str(STREAM_SECONDS), "-O", "3", "-J"]
+                p = subprocess.Popen(
+                    ["ip", "netns", "exec", NETNS, *client, *(["-R"] if reverse else [])],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                try:
+                    out, _ = p.communicate(timeout=HANG)
+                except subprocess.TimeoutExpired:
+                    print(f"round {i + 1}: {name} hung", flush=True)
+                    print("guest dmesg:\n" + guest_says(vm, "dmesg | tail -n 12"))
+                    if which == "evmm":
+                        print("evmm's virtio devices (query-vm):\n" + device_state(sock))
+                    print("host TCP:\n" + sh("ip", "netns", "exec", NETNS, "ss", "-tino"))
+                    p.kill()
+                    p.communicate()
+                    return 1
+                data = json.loads(out) if out.strip().startswith("{") else {}
+                end = data.get("end", {}).get("sum_received", {})
+                rate = f"{end['bits_per_second'] / 1e6:.1f} Mbit/s" if end else f"error: {data.get('error')}"
+                print(f"round {i + 1}: {name} {rate}", flush=True)
+        print(f"{which}: {2 * rounds} streams, none hung")
+        vm.sendline("poweroff")
+        vm.wait_exit(120)
+        return 0
+    finally:
+        if vm.alive():
+            vm.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
