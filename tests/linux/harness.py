@@ -23,6 +23,7 @@ from evmm.assets import GuestAssets
 from evmm.bench.console import PROMPT as PROMPT
 from evmm.bench.console import READY as READY
 from evmm.bench.console import VmProcess
+from evmm.exitcodes import EXIT_TRIPLE_FAULT
 
 # Linux's messages about firmware tables it rejects or repairs (drivers/acpi, "ACPI BIOS Error", "[Firmware Bug]").
 ACPI_TROUBLE = re.compile(
@@ -81,6 +82,7 @@ class GuestKernelCrash(GuestError):
     the kernel with state no guest code set: seen once in ~40 boots, an int3 inside the double-fault handler
     with CR2 holding a user-space address at a time the guest had no user space, i.e. L1's CR2 leaking into
     L2.  A crash of evmm's making repeats, so it still fails the rerun; the rerun is reported (pytest's ``R``).
+    A vCPU that triple-faults before the ready line counts too (the same death without the kernel's report).
     """
 
 
@@ -184,6 +186,9 @@ class Guest(VmProcess):
                     deadline = time.monotonic() + CRASH_GRACE  # it will not get better: finish soon
                 if self._eof:
                     status = self.proc.wait()
+                    # A triple fault before the ready line is the same death without the kernel's last words
+                    # (seen once in a CI run: a two-vCPU guest, before its first console line).
+                    crashed = crashed or (status == EXIT_TRIPLE_FAULT and READY not in text)
                     kind = GuestKernelCrash if crashed else GuestExited
                     raise kind(
                         f"{self.name}: VMM exited ({status}) before {regex.pattern!r} appeared"

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.linux.harness import CRASH_GRACE, READY, Guest, GuestKernelCrash, GuestTimeout
+from tests.linux.harness import CRASH_GRACE, READY, Guest, GuestExited, GuestKernelCrash, GuestTimeout
 
 OOPS = (
     r"[    0.485345] int3: 0000 [#1] PREEMPT SMP NOPTI\n[    0.485345] RIP: 0010:__kprobes_text_end+0x2f559"
@@ -44,3 +44,17 @@ def test_a_quiet_hang_is_a_timeout() -> None:
         with pytest.raises(GuestTimeout) as e:
             guest.expect(READY, timeout=1)
         assert not isinstance(e.value, GuestKernelCrash)
+
+
+def test_a_triple_fault_before_ready_is_a_boot_crash_and_after_ready_is_not() -> None:
+    script = "printf 'evmm: vCPU 0 shut down (triple fault): the guest crashed\\n'; exit 4"
+    with vmm(script) as guest, pytest.raises(GuestKernelCrash, match=r"exited \(4\)"):
+        guest.expect(READY, timeout=30)
+    with vmm(f"printf '{READY}\\n'; exit 4") as guest:
+        guest.expect(READY, timeout=10)
+        with pytest.raises(GuestExited) as e:
+            guest.expect("never printed", timeout=10)
+        assert not isinstance(e.value, GuestKernelCrash)
+    with vmm("exit 1") as guest, pytest.raises(GuestExited) as e:
+        guest.expect(READY, timeout=10)
+    assert not isinstance(e.value, GuestKernelCrash)
