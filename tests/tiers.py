@@ -226,7 +226,8 @@ class TierPlugin:
         elif not host_side and self.plan.linux_mode == "skip":
             item.add_marker(pytest.mark.skip(reason=f"linux tier: {self.plan.linux_reason}"))
         elif not host_side and self.plan.linux_mode == "direct":
-            # A guest kernel that dies booting is rerun once (see GuestKernelCrash); any other failure is final.
+            # A guest that dies (an oops before ready, a triple fault) is rerun once (see GuestKernelCrash);
+            # any other failure is final.
             item.add_marker(pytest.mark.flaky(reruns=1, only_rerun=[GuestKernelCrash]))
 
     @pytest.hookimpl(trylast=True)
