@@ -434,6 +434,18 @@ class TierPlugin:
                 daemon=True,
             ).start()
 
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        self.exitstatus = int(exitstatus)
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        # The inner run, once its summary is out: exit now.  A test that failed half-way can leave a thread
+        # blocked (in accept(), say), and the interpreter would wait on it at exit, with the test host, and
+        # the heartbeat thread keeping the tier from calling that a stall, until the tier's whole timeout.
+        if self.report_path and getattr(self, "exitstatus", None) is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(self.exitstatus)
+
     def _append(self, entry: dict[str, Any]) -> None:
         assert self.report_path is not None
         # One line per phase, flushed at once, so whatever finished survives a killed test host.

@@ -93,7 +93,7 @@ def hybrid_connect(path: Path, port: int, timeout: float = 60.0) -> socket.socke
 def send_all_then_drain(s: socket.socket, data: bytes) -> bytes:
     """Send ``data``, half-close, and read what comes back until the guest closes."""
     out = bytearray()
-    reader = threading.Thread(target=lambda: _read_to_eof(s, out))
+    reader = threading.Thread(daemon=True, target=lambda: _read_to_eof(s, out))
     reader.start()
     s.sendall(data)
     s.shutdown(socket.SHUT_WR)
@@ -145,7 +145,7 @@ def test_16mib_each_way(
         _read_to_eof(conn, got)
         conn.close()
 
-    t = threading.Thread(target=serve)
+    t = threading.Thread(daemon=True, target=serve)
     t.start()
     started = time.monotonic()
     guest.check(f"socat -u -b {BLOCK} FILE:/tmp/blob VSOCK-CONNECT:2:5001", timeout=180)
@@ -193,8 +193,8 @@ def test_eight_concurrent_streams_and_rst(
         _read_to_eof(conn, uploads[i])
         conn.close()
 
-    threads = [threading.Thread(target=echo, args=(i,)) for i in range(4)]
-    threads += [threading.Thread(target=accept, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(daemon=True, target=echo, args=(i,)) for i in range(4)]
+    threads += [threading.Thread(daemon=True, target=accept, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     guest.check(
@@ -270,7 +270,7 @@ def test_vhost_16mib_each_way(
         _read_to_eof(conn, got)
         conn.close()
 
-    t = threading.Thread(target=serve)
+    t = threading.Thread(daemon=True, target=serve)
     t.start()
     started = time.monotonic()
     guest.check(f"socat -u -b {BLOCK} FILE:/tmp/blob VSOCK-CONNECT:2:5001", timeout=180)
@@ -328,8 +328,8 @@ def test_vhost_concurrent_streams_rst_and_a_cid_in_use(
         _read_to_eof(conn, uploads[i])
         conn.close()
 
-    threads = [threading.Thread(target=echo, args=(i,)) for i in range(4)]
-    threads += [threading.Thread(target=accept, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(daemon=True, target=echo, args=(i,)) for i in range(4)]
+    threads += [threading.Thread(daemon=True, target=accept, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     guest.check(
