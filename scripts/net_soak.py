@@ -25,9 +25,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from evmm.assets import default_guest
+from evmm.bench import iperf
 from evmm.bench.console import PROMPT, READY, VmProcess
 from evmm.bench.runner import kernel_cmdline
 from evmm.bench.vmm import VmSpec, evmm_argv, qemu_argv
+from evmm.netns import ip
 
 NETNS = "evmm-soak"
 TAP = "soak0"
@@ -64,7 +66,7 @@ def main() -> int:
     ap.add_argument("--vmm", choices=("evmm", "qemu"), default="evmm")
     args = ap.parse_args()
     subprocess.run(["ip", "netns", "del", NETNS], capture_output=True, check=False)
-    sh("ip", "netns", "add", NETNS)
+    ip("netns", "add", NETNS)
     try:
         return soak(args.vmm, args.rounds)
     finally:
@@ -72,7 +74,7 @@ def main() -> int:
 
 
 def soak(which: str, rounds: int) -> int:
-    sh("ip", "-n", NETNS, "link", "set", "lo", "up")
+    ip("-n", NETNS, "link", "set", "lo", "up")
     guest = default_guest()
     sock = Path(tempfile.mkdtemp(prefix="evmm-soak-")) / "api.sock"
     spec = VmSpec(guest.vmlinux, guest.tools_initramfs, kernel_cmdline(), 512, tap=TAP, api_sock=sock)
@@ -81,17 +83,19 @@ def soak(which: str, rounds: int) -> int:
     try:
         vm.wait_for(READY, 300)
         vm.wait_for(PROMPT, 60)
-        sh("ip", "-n", NETNS, "addr", "add", f"{HOST_IP}/24", "dev", TAP)
-        sh("ip", "-n", NETNS, "link", "set", TAP, "up")
+        ip("-n", NETNS, "addr", "add", f"{HOST_IP}/24", "dev", TAP)
+        ip("-n", NETNS, "link", "set", TAP, "up")
         nic = next(n for n in vm.check("ls /sys/class/net", 30).split() if n != "lo")
-        vm.check(f"ip addr add {GUEST_IP}/24 dev {nic} && ip link set {nic} up && iperf3 -s -D", 30)
+        vm.check(
+            f"ip addr add {GUEST_IP}/24 dev {nic} && ip link set {nic} up && iperf3 -s -D -p {iperf.PORT}", 30
+        )
         vm.check(f"ping -c 1 -W 10 {HOST_IP} >/dev/null", 60)
         for i in range(rounds):
             for reverse in (True, False):
                 name = "guest -> host" if reverse else "host -> guest"
-                client = ["iperf3", "-c", GUEST_IP, "-t", str(STREAM_SECONDS), "-O", "3", "-J"]
+                client = iperf.client_argv(GUEST_IP, STREAM_SECONDS, 3, guest_sends=reverse)
                 p = subprocess.Popen(
-                    ["ip", "netns", "exec", NETNS, *client, *(["-R"] if reverse else [])],
+                    ["ip", "netns", "exec", NETNS, *client],
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
                     text=True,
@@ -107,9 +111,10 @@ def soak(which: str, rounds: int) -> int:
                     p.kill()
                     p.communicate()
                     return 1
-                data = json.loads(out) if out.strip().startswith("{") else {}
-                end = data.get("end", {}).get("sum_received", {})
-                rate = f"{end['bits_per_second'] / 1e6:.1f} Mbit/s" if end else f"error: {data.get('error')}"
+                try:
+                    rate = f"{iperf.parse(out).bits_per_second / 1e6:.1f} Mbit/s"
+                except iperf.IperfError as e:
+                    rate = f"error: {e}"
                 print(f"round {i + 1}: {name} {rate}", flush=True)
         print(f"{which}: {2 * rounds} streams, none hung")
         vm.sendline("poweroff")
