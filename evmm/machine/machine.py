@@ -14,7 +14,7 @@ from typing import Any
 
 from evmm.devices.bus import Bus
 from evmm.devices.virtio.console import VirtioConsole
-from evmm.errors import ConfigError, EvmmError
+from evmm.errors import ConfigError, EvmmError, KvmError
 from evmm.kvm import Kvm, Vcpu, Vm
 from evmm.log import log
 from evmm.loop.channel import ExitChannel
@@ -36,6 +36,31 @@ def process_age() -> float | None:
         return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _registers(t: VcpuThread) -> dict[str, int] | None:
+    """A parked vCPU's instruction pointer, stack and control registers (None while it runs).
+
+    Only a paused vCPU: KVM_GET_REGS waits for the vCPU's mutex, which KVM_RUN holds, so asking a running
+    one would block the reactor until its next exit.  What a hung guest is doing is the first question;
+    pausing a few times and reading RIP against the kernel's System.map answers it.
+    """
+    if t.state is not VcpuState.PAUSED:
+        return None
+    try:
+        regs, sregs = t.vcpu.get_regs(), t.vcpu.get_sregs()
+    except KvmError:
+        return None
+    return {
+        "rip": regs.rip,
+        "rsp": regs.rsp,
+        "rflags": regs.rflags,
+        "cr0": sregs.cr0,
+        "cr2": sregs.cr2,
+        "cr3": sregs.cr3,
+        "cr4": sregs.cr4,
+        "efer": sregs.efer,
+    }
 
 
 @record
@@ -187,6 +212,7 @@ class Machine:
                     "state": t.state.value,
                     "exits": t.exit_count + t.vcpu.fast_exits,
                     "fast_exits": t.vcpu.fast_exits,
+                    "registers": _registers(t),
                 }
                 for t in self.threads
             ],

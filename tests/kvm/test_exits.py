@@ -8,7 +8,7 @@ import threading
 import time
 
 from evmm import exitcodes
-from tests.kvm.tiny import FINISH_PORT, tiny_guest
+from tests.kvm.tiny import CODE_ADDR, FINISH_PORT, tiny_guest
 
 
 class Recorder:
@@ -163,6 +163,29 @@ def test_pause_parks_the_vcpu_and_resume_continues() -> None:
         assert a == b, "the counter advanced while paused"
         assert c > b, "the counter did not advance after resume"
         assert code == 0
+
+
+def test_query_vm_shows_a_paused_vcpus_registers_and_not_a_running_ones() -> None:
+    with tiny_guest(COUNTER) as t:
+        m = t.machine
+
+        async def scenario() -> tuple[object, object]:
+            runner = asyncio.ensure_future(m.run())
+            await asyncio.sleep(0.3)
+            running = m.describe()["vcpus"][0]["registers"]
+            await m.pause()
+            paused = m.describe()["vcpus"][0]["registers"]
+            m.stop(0, "done")
+            await runner
+            return running, paused
+
+        running, paused = t.loop.run_until_complete(asyncio.wait_for(scenario(), 20))
+        assert running is None  # reading a running vCPU would wait for its next exit
+        assert isinstance(paused, dict)
+        # The guest loops over its 7 bytes of real-mode code; RIP is inside them, the stack where tiny put it.
+        assert CODE_ADDR <= paused["rip"] < CODE_ADDR + len(COUNTER)
+        assert paused["rsp"] == 0xF000
+        assert paused["cr0"] & 1 == 0  # real mode
 
 
 def test_stop_from_another_thread_interrupts_a_running_vcpu() -> None:
