@@ -16,10 +16,13 @@ failure is evmm's.  Exit status: 0 if every stream finished, 1 at the first hang
 from __future__ import annotations
 
 import argparse
+import bisect
+import collections
 import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -35,6 +38,7 @@ NETNS = "evmm-soak"
 TAP = "soak0"
 HOST_IP, GUEST_IP = "10.0.2.1", "10.0.2.15"
 STREAM_SECONDS = 15
+SYMBOLS_PORT = 7777
 HANG = 60.0  # a 15 s stream (plus 3 s warm-up) that has not finished by then has hung
 
 
@@ -58,6 +62,67 @@ def device_state(sock: Path) -> str:
     except json.JSONDecodeError:
         return (r.stdout + r.stderr).strip()
     return json.dumps([d for d in devices if "virtio" in d], indent=1)
+
+
+def ctl(sock: Path, *args: str) -> str:
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "evmm", "ctl", str(sock), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        return f"(evmm ctl {' '.join(args)}: no answer in 60 s)"
+    return r.stdout + r.stderr
+
+
+def kernel_symbols(vm: VmProcess) -> tuple[list[int], list[str]]:
+    """The running guest's text symbols (KASLR moves them every boot), sent from /proc/kallsyms over the
+    network while it still works: Debian's System.map is a placeholder, its vmlinux has no symbol table."""
+    out = Path(tempfile.mkdtemp(prefix="evmm-soak-")) / "kallsyms"
+    listener = subprocess.Popen(
+        ["ip", "netns", "exec", NETNS, "socat", "-u", f"TCP-LISTEN:{SYMBOLS_PORT},reuseaddr", f"CREATE:{out}"]
+    )
+    try:
+        time.sleep(0.5)
+        vm.check(f"grep -i ' t ' /proc/kallsyms | socat -u - TCP:{HOST_IP}:{SYMBOLS_PORT}", 120)
+        listener.wait(30)
+    except Exception as e:  # symbols are a nicety: the soak goes on without them
+        print(f"(no guest symbols: {type(e).__name__})")
+        listener.kill()
+        return [], []
+    pairs = sorted(
+        (int(a, 16), name) for a, _, name in (line.split()[:3] for line in out.read_text().splitlines())
+    )
+    return [a for a, _ in pairs], [n for _, n in pairs]
+
+
+def where_vcpus(sock: Path, symbols: tuple[list[int], list[str]], samples: int = 16) -> str:
+    """Pause the VM a few times and say where each vCPU was (RIP against the guest's kallsyms)."""
+    addrs, names = symbols
+    seen: collections.Counter[str] = collections.Counter()
+    for _ in range(samples):
+        paused = ctl(sock, "pause")
+        answer = ctl(sock, "query-vm", "--json")
+        try:
+            vcpus = json.loads(answer).get("vcpus", [])
+        except json.JSONDecodeError:
+            vcpus = []
+        ctl(sock, "resume")
+        if not any(v.get("registers") for v in vcpus):
+            # Report what stopped the sample instead of sampling on: a pause that fails keeps failing.
+            return f"pause: {paused.strip()}\nvCPUs: {json.dumps(vcpus) if vcpus else answer.strip()}"
+        for v in vcpus:
+            regs = v.get("registers") or {}
+            rip = regs.get("rip")
+            if rip is None:
+                continue
+            i = bisect.bisect_right(addrs, rip) - 1
+            where = f"{names[i]}+{rip - addrs[i]:#x}" if i >= 0 and rip - addrs[i] < 0x10000 else f"{rip:#x}"
+            seen[f"vcpu{v['index']} {where}"] += 1
+        time.sleep(0.2)
+    return "\n".join(f"{n:3d} {w}" for w, n in seen.most_common()) or "(no registers: is this evmm?)"
 
 
 def main() -> int:
@@ -90,6 +155,7 @@ def soak(which: str, rounds: int) -> int:
             f"ip addr add {GUEST_IP}/24 dev {nic} && ip link set {nic} up && iperf3 -s -D -p {iperf.PORT}", 30
         )
         vm.check(f"ping -c 1 -W 10 {HOST_IP} >/dev/null", 60)
+        symbols = kernel_symbols(vm) if which == "evmm" else ([], [])
         for i in range(rounds):
             for reverse in (True, False):
                 name = "guest -> host" if reverse else "host -> guest"
@@ -107,6 +173,7 @@ def soak(which: str, rounds: int) -> int:
                     print("guest dmesg:\n" + guest_says(vm, "dmesg | tail -n 12"))
                     if which == "evmm":
                         print("evmm's virtio devices (query-vm):\n" + device_state(sock))
+                        print("where the vCPUs are (16 samples):\n" + where_vcpus(sock, symbols))
                     print("host TCP:\n" + sh("ip", "netns", "exec", NETNS, "ss", "-tino"))
                     p.kill()
                     p.communicate()
