@@ -4,13 +4,13 @@
 Issue 4's open bug: under sustained streams the guest's driver finds a used ring it cannot believe
 ("virtio_net virtio0: output.0:id N is not a head!"), marks the queue broken and the NIC is dead.  This boots
 the tools guest (iperf3 inside) with a tap in a network namespace of its own, runs timed iperf3 streams both
-ways, and when one hangs prints the guest's dmesg tail, `query-vm` (every virtqueue's indices on both sides)
+ways, and when one hangs or fails prints the guest's dmesg tail, `query-vm` (every virtqueue's indices on both sides)
 and the host's TCP state.  Needs root and a KVM that boots Linux; on this machine run it in the test host:
 
     evmm testhost run --cpus 1 -- python3 scripts/net_soak.py [--rounds N] [--vmm qemu]
 
 ``--vmm qemu`` runs QEMU microvm instead (`evmm bench`'s command line), the comparison that says whether a
-failure is evmm's.  Exit status: 0 if every stream finished, 1 at the first hang.
+failure is evmm's.  Exit status: 0 if every stream finished, 1 at the first hang or failure.
 """
 
 from __future__ import annotations
@@ -125,6 +125,15 @@ def where_vcpus(sock: Path, symbols: tuple[list[int], list[str]], samples: int =
     return "\n".join(f"{n:3d} {w}" for w, n in seen.most_common()) or "(no registers: is this evmm?)"
 
 
+def report(vm: VmProcess, which: str, sock: Path, symbols: tuple[list[int], list[str]]) -> None:
+    """What both ends look like once a stream has failed."""
+    print("guest dmesg:\n" + guest_says(vm, "dmesg | tail -n 12"))
+    if which == "evmm":
+        print("evmm's virtio devices (query-vm):\n" + device_state(sock))
+        print("where the vCPUs are (16 samples):\n" + where_vcpus(sock, symbols))
+    print("host TCP:\n" + sh("ip", "netns", "exec", NETNS, "ss", "-tino"))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=20, help="rounds of one stream each way (20)")
@@ -168,22 +177,20 @@ def soak(which: str, rounds: int) -> int:
                 )
                 try:
                     out, _ = p.communicate(timeout=HANG)
+                    rate = f"{iperf.parse(out).bits_per_second / 1e6:.1f} Mbit/s"
                 except subprocess.TimeoutExpired:
-                    print(f"round {i + 1}: {name} hung", flush=True)
-                    print("guest dmesg:\n" + guest_says(vm, "dmesg | tail -n 12"))
-                    if which == "evmm":
-                        print("evmm's virtio devices (query-vm):\n" + device_state(sock))
-                        print("where the vCPUs are (16 samples):\n" + where_vcpus(sock, symbols))
-                    print("host TCP:\n" + sh("ip", "netns", "exec", NETNS, "ss", "-tino"))
+                    failure = "hung"
                     p.kill()
                     p.communicate()
-                    return 1
-                try:
-                    rate = f"{iperf.parse(out).bits_per_second / 1e6:.1f} Mbit/s"
                 except iperf.IperfError as e:
-                    rate = f"error: {e}"
-                print(f"round {i + 1}: {name} {rate}", flush=True)
-        print(f"{which}: {2 * rounds} streams, none hung")
+                    failure = f"failed: {e}"  # e.g. the guest's end went away mid-test
+                else:
+                    print(f"round {i + 1}: {name} {rate}", flush=True)
+                    continue
+                print(f"round {i + 1}: {name} {failure}", flush=True)
+                report(vm, which, sock, symbols)
+                return 1
+        print(f"{which}: {2 * rounds} streams, none failed")
         vm.sendline("poweroff")
         vm.wait_exit(120)
         return 0
