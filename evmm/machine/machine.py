@@ -38,14 +38,16 @@ def process_age() -> float | None:
         return None
 
 
-def _registers(t: VcpuThread) -> dict[str, int] | None:
+def _registers(t: VcpuThread, paused: bool) -> dict[str, int] | None:
     """A parked vCPU's instruction pointer, stack and control registers (None while it runs).
 
-    Only a paused vCPU: KVM_GET_REGS waits for the vCPU's mutex, which KVM_RUN holds, so asking a running
-    one would block the reactor until its next exit.  What a hung guest is doing is the first question;
-    pausing a few times and reading RIP against the kernel's System.map answers it.
+    Only in a paused machine, and only a vCPU that is parked: KVM_GET_REGS waits for the vCPU's mutex, which
+    KVM_RUN holds, so asking a running one would block the reactor until its next exit.  ``paused`` (the
+    machine's, changed only on the reactor, where this runs) closes the window after a resume in which a
+    thread still says PAUSED on its way back into KVM_RUN.  What a hung guest is doing is the first question;
+    pausing a few times and reading RIP against the kernel's symbols answers it.
     """
-    if t.state is not VcpuState.PAUSED:
+    if not paused or t.state is not VcpuState.PAUSED:
         return None
     try:
         regs, sregs = t.vcpu.get_regs(), t.vcpu.get_sregs()
@@ -212,7 +214,7 @@ class Machine:
                     "state": t.state.value,
                     "exits": t.exit_count + t.vcpu.fast_exits,
                     "fast_exits": t.vcpu.fast_exits,
-                    "registers": _registers(t),
+                    "registers": _registers(t, self.paused),
                 }
                 for t in self.threads
             ],
