@@ -16,6 +16,7 @@ failure is evmm's.  Exit status: 0 if every stream finished, 1 at the first hang
 from __future__ import annotations
 
 import argparse
+import asyncio
 import bisect
 import collections
 import json
@@ -32,6 +33,8 @@ from evmm.bench import iperf
 from evmm.bench.console import PROMPT, READY, VmProcess
 from evmm.bench.runner import kernel_cmdline
 from evmm.bench.vmm import VmSpec, evmm_argv, qemu_argv
+from evmm.control.client import Client
+from evmm.errors import EvmmError
 from evmm.netns import ip
 
 NETNS = "evmm-soak"
@@ -51,30 +54,6 @@ def guest_says(vm: VmProcess, command: str) -> str:
         return vm.check(command, 60)
     except Exception as e:  # the guest may be what hung
         return f"(the guest did not answer: {type(e).__name__})"
-
-
-def device_state(sock: Path) -> str:
-    r = subprocess.run(
-        [sys.executable, "-m", "evmm", "ctl", str(sock), "query-vm", "--json"], capture_output=True, text=True
-    )
-    try:
-        devices = json.loads(r.stdout).get("devices", [])
-    except json.JSONDecodeError:
-        return (r.stdout + r.stderr).strip()
-    return json.dumps([d for d in devices if "virtio" in d], indent=1)
-
-
-def ctl(sock: Path, *args: str) -> str:
-    try:
-        r = subprocess.run(
-            [sys.executable, "-m", "evmm", "ctl", str(sock), *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    except subprocess.TimeoutExpired:
-        return f"(evmm ctl {' '.join(args)}: no answer in 60 s)"
-    return r.stdout + r.stderr
 
 
 def kernel_symbols(vm: VmProcess) -> tuple[list[int], list[str]]:
@@ -98,39 +77,41 @@ def kernel_symbols(vm: VmProcess) -> tuple[list[int], list[str]]:
     return [a for a, _ in pairs], [n for _, n in pairs]
 
 
-def where_vcpus(sock: Path, symbols: tuple[list[int], list[str]], samples: int = 16) -> str:
+async def where_vcpus(c: Client, symbols: tuple[list[int], list[str]], samples: int = 16) -> str:
     """Pause the VM a few times and say where each vCPU was (RIP against the guest's kallsyms)."""
     addrs, names = symbols
     seen: collections.Counter[str] = collections.Counter()
     for _ in range(samples):
-        paused = ctl(sock, "pause")
-        answer = ctl(sock, "query-vm", "--json")
-        try:
-            vcpus = json.loads(answer).get("vcpus", [])
-        except json.JSONDecodeError:
-            vcpus = []
-        ctl(sock, "resume")
-        if not any(v.get("registers") for v in vcpus):
-            # Report what stopped the sample instead of sampling on: a pause that fails keeps failing.
-            return f"pause: {paused.strip()}\nvCPUs: {json.dumps(vcpus) if vcpus else answer.strip()}"
+        await c.call("pause")
+        vcpus = (await c.call("query-vm"))["vcpus"]
+        await c.call("resume")
         for v in vcpus:
-            regs = v.get("registers") or {}
-            rip = regs.get("rip")
+            rip = (v["registers"] or {}).get("rip")
             if rip is None:
                 continue
             i = bisect.bisect_right(addrs, rip) - 1
             where = f"{names[i]}+{rip - addrs[i]:#x}" if i >= 0 and rip - addrs[i] < 0x10000 else f"{rip:#x}"
             seen[f"vcpu{v['index']} {where}"] += 1
-        time.sleep(0.2)
-    return "\n".join(f"{n:3d} {w}" for w, n in seen.most_common()) or "(no registers: is this evmm?)"
+        await asyncio.sleep(0.2)
+    return "\n".join(f"{n:3d} {w}" for w, n in seen.most_common()) or "(no vCPU registers in query-vm)"
+
+
+async def evmm_state(sock: Path, symbols: tuple[list[int], list[str]]) -> str:
+    """evmm's virtio devices (query-vm) and where the vCPUs are, over one control connection."""
+    try:
+        async with asyncio.timeout(600), Client(sock) as c:
+            devices = (await c.call("query-vm"))["devices"]
+            state = json.dumps([d for d in devices if "virtio" in d], indent=1)
+            return f"{state}\nwhere the vCPUs are (16 samples):\n{await where_vcpus(c, symbols)}"
+    except (EvmmError, TimeoutError) as e:  # a pause that fails says something too
+        return f"(evmm's control socket: {type(e).__name__}: {e})"
 
 
 def report(vm: VmProcess, which: str, sock: Path, symbols: tuple[list[int], list[str]]) -> None:
     """What both ends look like once a stream has failed."""
     print("guest dmesg:\n" + guest_says(vm, "dmesg | tail -n 12"))
     if which == "evmm":
-        print("evmm's virtio devices (query-vm):\n" + device_state(sock))
-        print("where the vCPUs are (16 samples):\n" + where_vcpus(sock, symbols))
+        print("evmm's virtio devices (query-vm):\n" + asyncio.run(evmm_state(sock, symbols)))
     print("host TCP:\n" + sh("ip", "netns", "exec", NETNS, "ss", "-tino"))
 
 
