@@ -29,7 +29,7 @@ import pytest
 
 from evmm.hostkvm import HostKvm, probe
 from evmm.testhost.runner import EXIT_NO_STATUS, EXIT_TIMEOUT
-from tests.linux.harness import GuestKernelCrash, GuestTimeout
+from tests.linux.harness import GuestKernelCrash
 
 TIERS = ("unit", "kvm", "linux")
 # Loaded before any fork (a child of a threaded parent must not dlopen): PR_SET_PDEATHSIG for the test host's
@@ -226,11 +226,9 @@ class TierPlugin:
         elif not host_side and self.plan.linux_mode == "skip":
             item.add_marker(pytest.mark.skip(reason=f"linux tier: {self.plan.linux_reason}"))
         elif not host_side and self.plan.linux_mode == "direct":
-            # A guest that dies (an oops before ready, a triple fault) is rerun once (see GuestKernelCrash),
-            # and so is one that stops answering its console: in the test host QEMU's guests do that as well
-            # as evmm's (a CI run of 2026-12-03: each stalled mid-echo of a command, its vCPU spinning).  A
-            # failure of evmm's making repeats and still fails; any other failure is final.
-            item.add_marker(pytest.mark.flaky(reruns=1, only_rerun=[GuestKernelCrash, GuestTimeout]))
+            # A guest that dies (an oops before ready, a triple fault) is rerun once (see GuestKernelCrash);
+            # any other failure is final.
+            item.add_marker(pytest.mark.flaky(reruns=1, only_rerun=[GuestKernelCrash]))
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_finish(self, session: pytest.Session) -> None:
