@@ -57,3 +57,22 @@ def test_a_triple_fault_is_a_guest_crash_before_ready_and_after() -> None:
     with vmm("exit 1") as guest, pytest.raises(GuestExited) as e:
         guest.expect(READY, timeout=10)
     assert not isinstance(e.value, GuestKernelCrash)
+
+
+def test_qemu_exiting_0_without_the_kernels_reboot_line_is_a_guest_crash() -> None:
+    # sh -c SCRIPT NAME ARGS: the stand-in's argv is QEMU's as far as the harness can tell.
+    qemu = ("qemu-system-x86_64", "-no-reboot")
+    crash = Guest(["sh", "-c", f"printf '{READY}\\n'; exit 0", *qemu], "fake-qemu")
+    with crash as guest:
+        guest.expect(READY, timeout=10)
+        with pytest.raises(GuestKernelCrash, match=r"exited \(0\)"):
+            guest.expect("never printed", timeout=10)
+    # A deliberate power-off says so first: the VMM exiting is then just an exit.
+    poweroff = Guest(["sh", "-c", "printf '[    9.1] reboot: Power down\\n'; exit 0", *qemu], "fake-qemu")
+    with poweroff as guest, pytest.raises(GuestExited) as e:
+        guest.expect("never printed", timeout=10)
+    assert not isinstance(e.value, GuestKernelCrash)
+    # evmm's exit 0 is a clean power-off whatever the console said (its crash is exit 4).
+    with vmm("exit 0") as guest, pytest.raises(GuestExited) as e:
+        guest.expect(READY, timeout=10)
+    assert not isinstance(e.value, GuestKernelCrash)
