@@ -9,6 +9,7 @@ queue whose rings cannot be trusted at all raises ``QueueBroken`` (the transport
 from __future__ import annotations
 
 import struct
+import sys
 
 from evmm.devices.virtio.chain import Descriptor, DescriptorChain, InvalidChain, walk_chain
 from evmm.errors import GuestMemoryError
@@ -16,8 +17,10 @@ from evmm.memory import GuestMemory
 from evmm.record import record
 
 # Ring layout (§2.7.6 avail ring, §2.7.8 used ring).
-_U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
+# The 16-bit ring fields are read and written as native 'H' items of a cast memoryview: the rings are
+# little-endian (virtio 1.2 §2.7), and so is every host evmm runs on (x86).
+assert sys.byteorder == "little"
 VRING_AVAIL_F_NO_INTERRUPT = 1
 VRING_USED_F_NO_NOTIFY = 1
 MAX_QUEUE_SIZE = 32768
@@ -74,6 +77,18 @@ class Virtqueue:
         self._desc = mem.view(cfg.desc_addr, 16 * cfg.size)
         self._avail = mem.view(cfg.avail_addr, 6 + 2 * cfg.size)
         self._used = mem.view(cfg.used_addr, 6 + 8 * cfg.size)
+        # The driver reads and writes the rings' 16-bit fields while we do (its vCPUs run on), so each must
+        # be one 16-bit load or store, as the driver's own are (Linux: READ_ONCE/WRITE_ONCE).  Never
+        # struct.pack_into: it zeroes the destination before writing the value (CPython's s_pack_internal),
+        # so a driver polling used->idx could see it drop to 0 for a moment, take that for a ring's worth of
+        # completions and read used elements not yet written: Linux's "virtio_net: output.0:id N is not a
+        # head!", a broken queue, and its start_xmit spinning on it for good.  An 'H' item of a cast
+        # memoryview is one aligned 16-bit move each way (CPython's memoryobject.c, a sizeof-2 memcpy); the
+        # areas' alignment was checked (§2.7: avail 2, used 4).
+        self._avail16 = self._avail.cast("H")  # [0] flags, [1] idx, [2 + slot] ring, [2 + size] used_event
+        self._used16 = self._used.cast("H")  # [0] flags, [1] idx, [2 + 4 * size] avail_event
+        self._used_event = 2 + cfg.size
+        self._avail_event = 2 + 4 * cfg.size
         self.next_avail = 0
         self.next_used = 0
         self._notify = True  # the device wants kicks (set_notification)
@@ -86,13 +101,13 @@ class Virtqueue:
 
     def release(self) -> None:
         """Drop the ring views (the device is reset or the VM is going away)."""
-        for view in (self._desc, self._avail, self._used):
+        for view in (self._avail16, self._used16, self._desc, self._avail, self._used):
             view.release()
 
     # ---- driver -> device ----------------------------------------------------------------------------
 
     def avail_idx(self) -> int:
-        return int(_U16.unpack_from(self._avail, 2)[0])
+        return self._avail16[1]
 
     def has_available(self) -> bool:
         return self.avail_idx() != self.next_avail
@@ -105,7 +120,7 @@ class Virtqueue:
                 return None
             # Empty: ask for a kick when the driver adds the next buffer (avail_event = next_avail), then look
             # once more, for buffers added before the driver could see the new avail_event (§2.7.10).
-            _U16.pack_into(self._used, 4 + 8 * self.size, self.next_avail)
+            self._used16[self._avail_event] = self.next_avail
             mem.fence()
             avail = self.avail_idx()
             if avail == self.next_avail:
@@ -115,7 +130,7 @@ class Virtqueue:
                 f"queue {self.index}: avail index {avail} is more than a ring ahead of {self.next_avail}"
             )
         slot = self.next_avail % self.size
-        head = int(_U16.unpack_from(self._avail, 4 + 2 * slot)[0])
+        head = self._avail16[2 + slot]
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         if head >= self.size:
             # No valid head to complete: count it as consumed and report it with head 0 length 0 is wrong
@@ -156,12 +171,14 @@ class Virtqueue:
             raise QueueBroken(f"queue {self.index}: the device completed head {head}, which it does not hold")
         self._in_flight.discard(head)
         slot = self.next_used % self.size
+        # pack_into zeroes the element before writing it; harmless here: the driver reads no element at or
+        # beyond used->idx, and this one is only published by the index store after it.
         _USED_ELEM.pack_into(self._used, 4 + 8 * slot, head, length)
         self.next_used = (self.next_used + 1) & 0xFFFF
 
     def publish_used(self) -> None:
         """Store the used index: the driver now sees every element filled so far."""
-        _U16.pack_into(self._used, 2, self.next_used)
+        self._used16[1] = self.next_used
 
     @staticmethod
     def _fence() -> None:
@@ -172,13 +189,13 @@ class Virtqueue:
         # The used index we just stored must be visible before we read the driver's used_event/flags.
         self._fence()
         if self.event_idx:
-            used_event = int(_U16.unpack_from(self._avail, 4 + 2 * self.size)[0])
+            used_event = self._avail16[self._used_event]
             old = self._signalled_used
             self._signalled_used = self.next_used
             if old is None:
                 return True
             return vring_need_event(used_event, self.next_used, old)
-        flags = int(_U16.unpack_from(self._avail, 0)[0])
+        flags = self._avail16[0]
         return not flags & VRING_AVAIL_F_NO_INTERRUPT
 
     def status(self) -> dict[str, int | bool]:
@@ -193,16 +210,16 @@ class Virtqueue:
             "next_avail": self.next_avail,
             "avail_idx": self.avail_idx(),
             "next_used": self.next_used,
-            "used_idx": int(_U16.unpack_from(self._used, 2)[0]),
+            "used_idx": self._used16[1],
             "notify": self._notify,
         }
         if self.event_idx:
-            out["used_event"] = int(_U16.unpack_from(self._avail, 4 + 2 * self.size)[0])
-            out["avail_event"] = int(_U16.unpack_from(self._used, 4 + 8 * self.size)[0])
+            out["used_event"] = self._avail16[self._used_event]
+            out["avail_event"] = self._used16[self._avail_event]
             out["signalled_used"] = -1 if self._signalled_used is None else self._signalled_used
         else:
-            out["avail_flags"] = int(_U16.unpack_from(self._avail, 0)[0])
-            out["used_flags"] = int(_U16.unpack_from(self._used, 0)[0])
+            out["avail_flags"] = self._avail16[0]
+            out["used_flags"] = self._used16[0]
         return out
 
     def set_notification(self, enabled: bool) -> None:
@@ -216,9 +233,9 @@ class Virtqueue:
         if self.event_idx:
             # Disabling is a no-op: an avail_event left behind next_avail already stops further kicks.
             if enabled:
-                _U16.pack_into(self._used, 4 + 8 * self.size, self.next_avail)
+                self._used16[self._avail_event] = self.next_avail
         else:
-            _U16.pack_into(self._used, 0, 0 if enabled else VRING_USED_F_NO_NOTIFY)
+            self._used16[0] = 0 if enabled else VRING_USED_F_NO_NOTIFY
         self._fence()
 
 

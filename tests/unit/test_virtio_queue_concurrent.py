@@ -1,0 +1,167 @@
+"""The ring fields a running driver reads while the device writes them, watched from a C thread.
+
+A guest's vCPU reads used->idx and avail_event without the GIL and without waiting for the device, so what
+matters is every intermediate value the device's stores leave in memory, which no Python thread can see.
+A C thread on another CPU polls the field while the queue publishes values that are never 0; it must never
+see a 0.  (``struct.pack_into`` zeroes its destination before writing, CPython's s_pack_internal: used as
+the index store it made Linux read a ring's worth of stale used elements, "id N is not a head!".)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import struct
+import sys
+from collections.abc import Callable, Iterator
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from evmm.devices.virtio.queue import QueueConfig, Virtqueue
+from tests.fakes.virtio_driver import Allocator, DriverQueue, new_memory
+
+WATCHER = r"""
+#include <pthread.h>
+#include <sched.h>
+#include <stdint.h>
+
+struct watch {
+    uint16_t *field;
+    int cpu;
+    volatile int stop;
+    uint64_t changes, zeros;
+    pthread_t thread;
+};
+
+static void *watch_run(void *arg)
+{
+    struct watch *w = arg;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(w->cpu, &set);
+    pthread_setaffinity_np(pthread_self(), sizeof set, &set);
+    uint16_t last = __atomic_load_n(w->field, __ATOMIC_RELAXED);
+    while (!w->stop) {
+        /* One 16-bit load, as the driver's READ_ONCE. */
+        uint16_t v = __atomic_load_n(w->field, __ATOMIC_RELAXED);
+        if (v != last) {
+            w->changes++;
+            w->zeros += v == 0;
+            last = v;
+        }
+    }
+    return 0;
+}
+
+int watch_start(struct watch *w) { return pthread_create(&w->thread, 0, watch_run, w); }
+int watch_stop(struct watch *w) { w->stop = 1; return pthread_join(w->thread, 0); }
+"""
+
+CDEF = """
+struct watch { uint16_t *field; int cpu; volatile int stop; uint64_t changes, zeros; ...; };
+int watch_start(struct watch *w);
+int watch_stop(struct watch *w);
+"""
+
+ROUNDS = 4  # passes over 1..65535 (a quarter of a million stores)
+
+
+@pytest.fixture(scope="module")
+def watcher(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
+    cffi = pytest.importorskip("cffi")
+    ffi = cffi.FFI()
+    ffi.cdef(CDEF)
+    ffi.set_source("_ring_watch", WATCHER, extra_link_args=["-pthread"])
+    build = tmp_path_factory.mktemp("watch")
+    so = ffi.compile(tmpdir=str(build), verbose=False)
+    spec = importlib.util.spec_from_file_location("_ring_watch", so)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def two_cpus() -> Iterator[tuple[int, int]]:
+    """This thread pinned to one CPU, and another CPU for the watcher; restored afterwards."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs: the watcher must run beside the writer, not between its stores")
+    os.sched_setaffinity(0, {cpus[0]})
+    try:
+        yield cpus[0], cpus[1]
+    finally:
+        os.sched_setaffinity(0, set(cpus))
+
+
+def watch(module: ModuleType, field: memoryview, cpu: int, store: Callable[[int], None]) -> tuple[int, int]:
+    """Run ``store(v)`` for v over 1..65535 ROUNDS times while a C thread on ``cpu`` polls ``field``;
+    (changes it saw, zeros among them)."""
+    ffi, lib = module.ffi, module.lib
+    keep = ffi.from_buffer(field)
+    w: Any = ffi.new("struct watch *")
+    w.field = ffi.cast("uint16_t *", keep)
+    w.cpu = cpu
+    assert lib.watch_start(w) == 0
+    try:
+        for _ in range(ROUNDS):
+            for v in range(1, 0x10000):
+                store(v)
+    finally:
+        assert lib.watch_stop(w) == 0
+    return int(w.changes), int(w.zeros)
+
+
+def make_queue(event_idx: bool) -> tuple[DriverQueue, Virtqueue, Any]:
+    mem = new_memory()
+    dq = DriverQueue(mem, 0x10000, 256, Allocator())
+    vq = Virtqueue(0, QueueConfig(256, dq.desc, dq.avail, dq.used, True), mem, event_idx=event_idx)
+    return dq, vq, mem
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="pthread_setaffinity_np")
+def test_the_used_index_never_shows_a_value_the_device_did_not_publish(
+    watcher: ModuleType, two_cpus: tuple[int, int]
+) -> None:
+    dq, vq, mem = make_queue(event_idx=True)
+
+    def publish(v: int) -> None:
+        vq.next_used = v
+        vq.publish_used()
+
+    changes, zeros = watch(watcher, mem.view(dq.used + 2, 2), two_cpus[1], publish)
+    # The watcher ran beside the stores (else this proves nothing) and never saw the index drop to 0.
+    assert changes > 1000, f"the watcher saw only {changes} changes: it did not run alongside"
+    assert zeros == 0, f"used->idx read 0 {zeros} times in {changes} changes"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="pthread_setaffinity_np")
+def test_avail_event_never_shows_a_value_the_device_did_not_publish(
+    watcher: ModuleType, two_cpus: tuple[int, int]
+) -> None:
+    dq, vq, mem = make_queue(event_idx=True)
+
+    def request_kick(v: int) -> None:
+        vq.next_avail = v
+        vq.set_notification(True)
+
+    field = mem.view(dq.used + 4 + 8 * 256, 2)  # avail_event follows the used ring (§2.7.8)
+    changes, zeros = watch(watcher, field, two_cpus[1], request_kick)
+    assert changes > 1000, f"the watcher saw only {changes} changes: it did not run alongside"
+    assert zeros == 0, f"avail_event read 0 {zeros} times in {changes} changes"
+
+
+def test_the_watcher_sees_a_store_that_passes_through_zero(
+    watcher: ModuleType, two_cpus: tuple[int, int]
+) -> None:
+    # The checks above can fail: struct.pack_into on the same field is caught at it.
+    dq, _, mem = make_queue(event_idx=True)
+    ring = mem.view(dq.used, 4)
+    u16 = struct.Struct("<H")
+    changes, zeros = watch(
+        watcher, mem.view(dq.used + 2, 2), two_cpus[1], lambda v: u16.pack_into(ring, 2, v)
+    )
+    print(f"struct.pack_into: {zeros} zeros in {changes} changes")
+    assert zeros > 0, f"no 0 seen in {changes} changes"
