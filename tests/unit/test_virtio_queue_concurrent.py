@@ -2,9 +2,10 @@
 
 A guest's vCPU reads used->idx and avail_event without the GIL and without waiting for the device, so what
 matters is every intermediate value the device's stores leave in memory, which no Python thread can see.
-A C thread on another CPU polls the field while the queue publishes values that are never 0; it must never
-see a 0.  (``struct.pack_into`` zeroes its destination before writing, CPython's s_pack_internal: used as
-the index store it made Linux read a ring's worth of stale used elements, "id N is not a head!".)
+A C thread on another CPU polls the field while the queue stores 1, 2, ... 65535 in turn; it must never see
+the field go backwards (a transient or torn store), other than at the wrap back to 1.  (``struct.pack_into``
+zeroes its destination before writing, CPython's s_pack_internal: used as the index store it made Linux read
+a ring's worth of stale used elements, "id N is not a head!".)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ struct watch {
     uint16_t *field;
     int cpu;
     volatile int stop;
-    uint64_t changes, zeros;
+    uint64_t changes, backwards;
     pthread_t thread;
 };
 
@@ -48,7 +49,8 @@ static void *watch_run(void *arg)
         uint16_t v = __atomic_load_n(w->field, __ATOMIC_RELAXED);
         if (v != last) {
             w->changes++;
-            w->zeros += v == 0;
+            /* Backwards by less than half the range: not the wrap from 65535 to 1. */
+            w->backwards += (uint16_t)(last - v) < 0x8000;
             last = v;
         }
     }
@@ -60,12 +62,13 @@ int watch_stop(struct watch *w) { w->stop = 1; return pthread_join(w->thread, 0)
 """
 
 CDEF = """
-struct watch { uint16_t *field; int cpu; volatile int stop; uint64_t changes, zeros; ...; };
+struct watch { uint16_t *field; int cpu; volatile int stop; uint64_t changes, backwards; ...; };
 int watch_start(struct watch *w);
 int watch_stop(struct watch *w);
 """
 
 ROUNDS = 4  # passes over 1..65535 (a quarter of a million stores)
+PASSES = 20  # of ROUNDS each, at most, for the control test
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +101,7 @@ def two_cpus() -> Iterator[tuple[int, int]]:
 
 def watch(module: ModuleType, field: memoryview, cpu: int, store: Callable[[int], None]) -> tuple[int, int]:
     """Run ``store(v)`` for v over 1..65535 ROUNDS times while a C thread on ``cpu`` polls ``field``;
-    (changes it saw, zeros among them)."""
+    (changes it saw, how many went backwards)."""
     ffi, lib = module.ffi, module.lib
     keep = ffi.from_buffer(field)
     w: Any = ffi.new("struct watch *")
@@ -111,7 +114,7 @@ def watch(module: ModuleType, field: memoryview, cpu: int, store: Callable[[int]
                 store(v)
     finally:
         assert lib.watch_stop(w) == 0
-    return int(w.changes), int(w.zeros)
+    return int(w.changes), int(w.backwards)
 
 
 def make_queue(event_idx: bool) -> tuple[DriverQueue, Virtqueue, Any]:
@@ -131,10 +134,10 @@ def test_the_used_index_never_shows_a_value_the_device_did_not_publish(
         vq.next_used = v
         vq.publish_used()
 
-    changes, zeros = watch(watcher, mem.view(dq.used + 2, 2), two_cpus[1], publish)
-    # The watcher ran beside the stores (else this proves nothing) and never saw the index drop to 0.
+    changes, backwards = watch(watcher, mem.view(dq.used + 2, 2), two_cpus[1], publish)
+    # The watcher ran beside the stores (else this proves nothing) and never saw the index go back.
     assert changes > 1000, f"the watcher saw only {changes} changes: it did not run alongside"
-    assert zeros == 0, f"used->idx read 0 {zeros} times in {changes} changes"
+    assert backwards == 0, f"used->idx went backwards {backwards} times in {changes} changes"
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="pthread_setaffinity_np")
@@ -148,20 +151,25 @@ def test_avail_event_never_shows_a_value_the_device_did_not_publish(
         vq.set_notification(True)
 
     field = mem.view(dq.used + 4 + 8 * 256, 2)  # avail_event follows the used ring (§2.7.8)
-    changes, zeros = watch(watcher, field, two_cpus[1], request_kick)
+    changes, backwards = watch(watcher, field, two_cpus[1], request_kick)
     assert changes > 1000, f"the watcher saw only {changes} changes: it did not run alongside"
-    assert zeros == 0, f"avail_event read 0 {zeros} times in {changes} changes"
+    assert backwards == 0, f"avail_event went backwards {backwards} times in {changes} changes"
 
 
 def test_the_watcher_sees_a_store_that_passes_through_zero(
     watcher: ModuleType, two_cpus: tuple[int, int]
 ) -> None:
-    # The checks above can fail: struct.pack_into on the same field is caught at it.
+    # The checks above can fail: struct.pack_into on the same field is caught at it.  Each pass shows it
+    # dozens of times on an idle machine; a loaded one (the linux tier's test host beside) may need more.
     dq, _, mem = make_queue(event_idx=True)
     ring = mem.view(dq.used, 4)
     u16 = struct.Struct("<H")
-    changes, zeros = watch(
-        watcher, mem.view(dq.used + 2, 2), two_cpus[1], lambda v: u16.pack_into(ring, 2, v)
-    )
-    print(f"struct.pack_into: {zeros} zeros in {changes} changes")
-    assert zeros > 0, f"no 0 seen in {changes} changes"
+    seen = 0
+    for _ in range(PASSES):
+        changes, backwards = watch(
+            watcher, mem.view(dq.used + 2, 2), two_cpus[1], lambda v: u16.pack_into(ring, 2, v)
+        )
+        seen += changes
+        if backwards:
+            return
+    pytest.fail(f"struct.pack_into never went backwards in {seen} changes over {PASSES} passes")
