@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """Stream TCP through evmm's virtio-net until the guest's NIC breaks, then show both ends (not a test).
 
-Issue 4's open bug: under sustained streams the guest's driver finds a used ring it cannot believe
-("virtio_net virtio0: output.0:id N is not a head!"), marks the queue broken and the NIC is dead.  This boots
-the tools guest (iperf3 inside) with a tap in a network namespace of its own, runs timed iperf3 streams both
-ways, and when one hangs or fails prints the guest's dmesg tail, `query-vm` (every virtqueue's indices on both sides)
-and the host's TCP state.  Needs root and a KVM that boots Linux; on this machine run it in the test host:
+Written for issue 4's net bug: under sustained streams the guest's driver found a used ring it could not
+believe ("virtio_net virtio0: output.0:id N is not a head!"), marked the queue broken and, on TX, spun in
+start_xmit for good (this script's vCPU samples found it there).  The cause was evmm's used-index store
+passing through 0 (struct.pack_into zeroes first; see evmm/devices/virtio/queue.py), fixed in a4c2d81.
+This boots the tools guest (iperf3 inside) with a tap in a network namespace of its own, runs timed iperf3
+streams both ways, and when one hangs or fails prints the guest's dmesg tail, `query-vm` (every virtqueue's
+indices on both sides), where the vCPUs are (symbolized with the guest's own kallsyms) and the host's TCP
+state.  Needs root and a KVM that boots Linux; on this machine run it in the test host:
 
     evmm testhost run --cpus 1 -- python3 scripts/net_soak.py [--rounds N] [--vmm qemu]
 

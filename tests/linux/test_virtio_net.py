@@ -62,9 +62,9 @@ def boot(launch: GuestFactory, assets: GuestAssets, ns: str, tap: str, name: str
         pytest.skip("the tools initramfs (socat) was not built")
     argv = [
         *("ip", "netns", "exec", ns),
-        # One vCPU: in the TCG test host a two-vCPU guest under a long TCP stream sometimes loses the ring's
-        # state ("id N is not a head") or locks up, with QEMU's microvm as with evmm (measured: QEMU 1 of 2 runs
-        # died with 2 vCPUs, 3 of 3 passed with 1); SMP is covered by the boot tests.
+        # One vCPU: in the TCG test host a two-vCPU guest under a long TCP stream sometimes dies, with QEMU's
+        # microvm as with evmm (measured: QEMU 1 of 2 runs died with 2 vCPUs, 3 of 3 passed with 1); SMP is
+        # covered by the boot tests.  ("id N is not a head", once blamed on the same, was evmm's: a4c2d81.)
         *evmm_run_argv(assets.vmlinux, assets.tools_initramfs, memory="512M", cpus=1),
         *("--net", f"tap={tap},mac={MAC}"),
     ]
