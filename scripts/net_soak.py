@@ -10,7 +10,7 @@ streams both ways, and when one hangs or fails prints the guest's dmesg tail, `q
 indices on both sides), where the vCPUs are (symbolized with the guest's own kallsyms) and the host's TCP
 state.  Needs root and a KVM that boots Linux; on this machine run it in the test host:
 
-    evmm testhost run --cpus 1 -- python3 scripts/net_soak.py [--rounds N] [--vmm qemu]
+    evmm testhost run --cpus 1 -- python3 scripts/net_soak.py [--rounds N] [--vmm qemu] [--cpus N]
 
 ``--vmm qemu`` runs QEMU microvm instead (`evmm bench`'s command line), the comparison that says whether a
 failure is evmm's.  Exit status: 0 if every stream finished, 1 at the first hang or failure.
@@ -122,20 +122,23 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=20, help="rounds of one stream each way (20)")
     ap.add_argument("--vmm", choices=("evmm", "qemu"), default="evmm")
+    ap.add_argument("--cpus", type=int, default=1, help="the guest's vCPUs (1)")
     args = ap.parse_args()
     subprocess.run(["ip", "netns", "del", NETNS], capture_output=True, check=False)
     ip("netns", "add", NETNS)
     try:
-        return soak(args.vmm, args.rounds)
+        return soak(args.vmm, args.rounds, args.cpus)
     finally:
         subprocess.run(["ip", "netns", "del", NETNS], capture_output=True, check=False)
 
 
-def soak(which: str, rounds: int) -> int:
+def soak(which: str, rounds: int, cpus: int) -> int:
     ip("-n", NETNS, "link", "set", "lo", "up")
     guest = default_guest()
     sock = Path(tempfile.mkdtemp(prefix="evmm-soak-")) / "api.sock"
-    spec = VmSpec(guest.vmlinux, guest.tools_initramfs, kernel_cmdline(), 512, tap=TAP, api_sock=sock)
+    spec = VmSpec(
+        guest.vmlinux, guest.tools_initramfs, kernel_cmdline(), 512, cpus=cpus, tap=TAP, api_sock=sock
+    )
     argv = evmm_argv(spec) if which == "evmm" else qemu_argv(spec)
     vm = VmProcess(["ip", "netns", "exec", NETNS, *argv], which)
     try:
