@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import struct
-import sys
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import pytest
 
 from evmm.devices.virtio.queue import QueueConfig, Virtqueue
+from evmm.memory import GuestMemory
 from tests.fakes.virtio_driver import Allocator, DriverQueue, new_memory
 
 WATCHER = r"""
@@ -132,66 +132,58 @@ def observe(module: ModuleType, field: memoryview, cpu: int, store: Callable[[in
     return changes, backwards
 
 
-def make_queue(event_idx: bool) -> tuple[DriverQueue, Virtqueue, Any]:
-    mem = new_memory()
+def queue(mem: GuestMemory) -> tuple[DriverQueue, Virtqueue]:
     dq = DriverQueue(mem, 0x10000, 256, Allocator())
-    vq = Virtqueue(0, QueueConfig(256, dq.desc, dq.avail, dq.used, True), mem, event_idx=event_idx)
-    return dq, vq, mem
+    return dq, Virtqueue(0, QueueConfig(256, dq.desc, dq.avail, dq.used, True), mem, event_idx=True)
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="pthread_setaffinity_np")
-def test_the_used_index_never_shows_a_value_the_device_did_not_publish(
-    watcher: ModuleType, two_cpus: tuple[int, int]
-) -> None:
-    dq, vq, mem = make_queue(event_idx=True)
+def used_index(mem: GuestMemory) -> tuple[memoryview, Callable[[int], None]]:
+    dq, vq = queue(mem)
 
     def publish(v: int) -> None:
         vq.next_used = v
         vq.publish_used()
 
-    changes, backwards = observe(watcher, mem.view(dq.used + 2, 2), two_cpus[1], publish)
-    assert backwards == 0, f"used->idx went backwards {backwards} times in {changes} changes"
+    return mem.view(dq.used + 2, 2), publish
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="pthread_setaffinity_np")
-def test_avail_event_never_shows_a_value_the_device_did_not_publish(
-    watcher: ModuleType, two_cpus: tuple[int, int]
-) -> None:
-    dq, vq, mem = make_queue(event_idx=True)
+def avail_event(mem: GuestMemory) -> tuple[memoryview, Callable[[int], None]]:
+    dq, vq = queue(mem)
 
     def request_kick(v: int) -> None:
         vq.next_avail = v
         vq.set_notification(True)
 
-    field = mem.view(dq.used + 4 + 8 * 256, 2)  # avail_event follows the used ring (§2.7.8)
-    changes, backwards = observe(watcher, field, two_cpus[1], request_kick)
-    assert backwards == 0, f"avail_event went backwards {backwards} times in {changes} changes"
+    return mem.view(dq.used + 4 + 8 * 256, 2), request_kick  # avail_event follows the used ring (§2.7.8)
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="pthread_setaffinity_np")
-def test_guest_memory_write_u16_never_shows_another_value(
-    watcher: ModuleType, two_cpus: tuple[int, int]
-) -> None:
-    mem = new_memory()
+def write_u16(mem: GuestMemory) -> tuple[memoryview, Callable[[int], None]]:
     addr = 0x20002
-    changes, backwards = observe(watcher, mem.view(addr, 2), two_cpus[1], lambda v: mem.write_u16(addr, v))
-    assert backwards == 0, f"the field went backwards {backwards} times in {changes} changes"
+    return mem.view(addr, 2), lambda v: mem.write_u16(addr, v)
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="pthread_setaffinity_np")
+@pytest.mark.parametrize("field", [used_index, avail_event, write_u16])
+def test_a_field_the_guest_reads_never_steps_back(
+    watcher: ModuleType,
+    two_cpus: tuple[int, int],
+    field: Callable[[GuestMemory], tuple[memoryview, Callable[[int], None]]],
+) -> None:
+    view, store = field(new_memory())
+    changes, backwards = observe(watcher, view, two_cpus[1], store)
+    assert backwards == 0, f"{field.__name__} went backwards {backwards} times in {changes} changes"
+
+
 def test_the_watcher_sees_a_store_that_passes_through_zero(
     watcher: ModuleType, two_cpus: tuple[int, int]
 ) -> None:
-    # The checks above can fail: struct.pack_into on the same field is caught at it.  A pass shows it ~20
+    # The check above can fail: struct.pack_into on the same field is caught at it.  A pass shows it ~20
     # times on an idle machine; a loaded one may need more.
-    dq, _, mem = make_queue(event_idx=True)
-    ring = mem.view(dq.used, 4)
+    mem = new_memory()
+    view, _ = write_u16(mem)
     u16 = struct.Struct("<H")
     seen = 0
     for _ in range(MAX_PASSES):
-        changes, backwards = watch(
-            watcher, mem.view(dq.used + 2, 2), two_cpus[1], lambda v: u16.pack_into(ring, 2, v)
-        )
+        changes, backwards = watch(watcher, view, two_cpus[1], lambda v: u16.pack_into(view, 0, v))
         seen += changes
         if backwards:
             return
