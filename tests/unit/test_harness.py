@@ -76,3 +76,21 @@ def test_qemu_exiting_0_without_the_kernels_reboot_line_is_a_guest_crash() -> No
     with vmm("exit 0") as guest, pytest.raises(GuestExited) as e:
         guest.expect(READY, timeout=10)
     assert not isinstance(e.value, GuestKernelCrash)
+
+
+def test_a_guest_that_dies_on_the_way_out_is_a_crash_not_an_exit_status() -> None:
+    # evmm's triple fault while the test waits for the exit (seen: a 2-vCPU guest as `poweroff` was typed).
+    with vmm(f"printf '{READY}\\n'; exit 4") as guest:
+        guest.expect(READY, timeout=10)
+        with pytest.raises(GuestKernelCrash, match=r"exited \(4\)"):
+            guest.wait_exit(10)
+    qemu = ("qemu-system-x86_64", "-no-reboot")
+    crash = Guest(["sh", "-c", f"printf '{READY}\\n'; exit 0", *qemu], "fake-qemu")
+    with crash as guest, pytest.raises(GuestKernelCrash, match=r"exited \(0\)"):
+        guest.wait_exit(10)
+    # Deliberate ends are exit statuses: evmm's 0 and 3, QEMU's 0 after the kernel's "reboot:" line.
+    for code in (0, 3):
+        with vmm(f"exit {code}") as guest:
+            assert guest.wait_exit(10) == code
+    with Guest(["sh", "-c", "printf '[    9.1] reboot: Power down\\n'; exit 0", *qemu], "fake-qemu") as guest:
+        assert guest.wait_exit(10) == 0
