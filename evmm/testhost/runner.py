@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import selectors
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import termios
@@ -112,7 +114,9 @@ def command_script(command: Sequence[str], cwd: Path, env: Mapping[str, str]) ->
     )
 
 
-def qemu_argv(config: RunConfig, results: Path, shares: Sequence[Share]) -> list[str]:
+def qemu_argv(
+    config: RunConfig, results: Path, shares: Sequence[Share], monitor: Path | None = None
+) -> list[str]:
     argv = [
         config.qemu,
         *("-accel", "tcg,thread=multi", "-cpu", CPU, "-M", "q35"),
@@ -128,7 +132,48 @@ def qemu_argv(config: RunConfig, results: Path, shares: Sequence[Share]) -> list
     for i, share in enumerate(shares):
         ro = "" if share.writable else ",readonly=on"
         argv += ["-virtfs", f"local,path={share.path},mount_tag=s{i},security_model=none,multidevs=remap{ro}"]
+    if monitor is not None:
+        argv += ["-monitor", f"unix:{monitor},server=on,wait=off"]
     return argv
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+MONITOR_PROMPT = b"(qemu) "
+# What L1's vCPUs were doing when it went silent: each one's registers (RIP, CR3, HLT: halted for good, or
+# spinning where) and QEMU's view of them.  Asked before the test host is killed for a stall or a timeout.
+WHERE_ARE_THE_VCPUS = ("info cpus", "info registers -a")
+
+
+def monitor_query(path: Path, commands: Sequence[str], timeout: float = 5.0) -> str:
+    """Each of ``commands`` sent to a QEMU human monitor on the Unix socket ``path``; their output.
+
+    Errors come back as text: this only ever feeds a failure report.
+    """
+
+    def until_prompt(sock: socket.socket) -> bytes:
+        data = b""
+        while not data.endswith(MONITOR_PROMPT):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("the monitor closed the connection")
+            data += chunk
+        return data[: -len(MONITOR_PROMPT)]
+
+    out = []
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            until_prompt(sock)  # the greeting
+            for command in commands:
+                sock.sendall(command.encode() + b"\n")
+                text = _ANSI.sub("", until_prompt(sock).decode(errors="replace")).replace("\r", "")
+                # The first line is the monitor's echo of the command, typed back character by character.
+                lines = [ln for ln in text.split("\n")[1:] if ln.strip()]
+                out.append(f"(qemu) {command}\n" + "\n".join(lines))
+    except OSError as e:
+        out.append(f"(the QEMU monitor at {path} did not answer: {e})")
+    return "\n".join(out)
 
 
 # Loaded before any fork: the child of a threaded parent must not dlopen (a lock held at fork would deadlock).
@@ -198,9 +243,12 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 class _Run:
-    def __init__(self, config: RunConfig, results: Path, out_fd: int, err_fd: int) -> None:
+    def __init__(
+        self, config: RunConfig, results: Path, out_fd: int, err_fd: int, monitor: Path | None = None
+    ) -> None:
         self.config = config
         self.results = results
+        self.monitor = monitor
         self.out_fd = out_fd
         self.err_fd = err_fd
         # Reported once the terminal is out of raw mode, where a plain newline is a line break again.
@@ -227,6 +275,16 @@ class _Run:
                 lines = text.splitlines()[-60:]
                 body = "".join(f"  {ln}\n" for ln in lines)
                 _write_all(self.err_fd, f"--- {title} (last {len(lines)} lines) ---\n{body}".encode())
+        if self.vcpus:
+            body = "".join(f"  {ln}\n" for ln in self.vcpus.splitlines())
+            _write_all(self.err_fd, f"--- test host vCPUs before it was killed ---\n{body}".encode())
+
+    def record_vcpus(self) -> None:
+        """Before killing a test host that stopped answering: where its vCPUs are, for the report."""
+        if self.monitor is not None:
+            self.vcpus = monitor_query(self.monitor, WHERE_ARE_THE_VCPUS)
+
+    vcpus = ""
 
     def exit_status(self) -> int | None:
         try:
@@ -275,6 +333,7 @@ class _Run:
                     _write_all(self.out_fd, data)
                 break
             if time.monotonic() > deadline:
+                self.record_vcpus()
                 _kill_group(proc)
                 what = {"boot": "boot", "command": "the command", "shutdown": "shutdown"}[phase]
                 self.say(f"{what} timed out after {limit:g} s; killed the test host")
@@ -306,8 +365,10 @@ def run(config: RunConfig, out_fd: int = 1, err_fd: int = 2, stdin_fd: int = 0) 
             raise EvmmError(f"test host image {p} is missing: run `evmm assets`")
     precompile()  # what runs inside would otherwise compile evmm from source at every start, under TCG
     results = Path(tempfile.mkdtemp(prefix="evmm-testhost-"))
+    # Not in ``results``, which the test host sees over 9p.
+    private = Path(tempfile.mkdtemp(prefix="evmm-testhost-monitor-"))
     proc: subprocess.Popen[bytes] | None = None
-    runner = _Run(config, results, out_fd, err_fd)
+    runner = _Run(config, results, out_fd, err_fd, private / "monitor.sock")
     try:
         shares = visible_shares(
             config.shares, [config.cwd, Path(__file__).resolve().parents[2], *config.visible]
@@ -321,7 +382,7 @@ def run(config: RunConfig, out_fd: int = 1, err_fd: int = 2, stdin_fd: int = 0) 
             (results / "tty").write_text(f"{size.lines} {size.columns}\n")
         with _signals_raise(), open(results / "qemu.err", "wb") as qemu_err:
             proc = subprocess.Popen(
-                qemu_argv(config, results, shares),
+                qemu_argv(config, results, shares, runner.monitor),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=qemu_err,
@@ -333,6 +394,7 @@ def run(config: RunConfig, out_fd: int = 1, err_fd: int = 2, stdin_fd: int = 0) 
     except _Terminated as e:
         runner.say(f"killed the test host on signal {e.signum}")
         runner.failed = True  # stopped from outside (a caller's timeout): its console says what it was doing
+        runner.record_vcpus()
         return 128 + e.signum
     except KeyboardInterrupt:
         runner.say("killed the test host on Ctrl-C")
@@ -342,3 +404,4 @@ def run(config: RunConfig, out_fd: int = 1, err_fd: int = 2, stdin_fd: int = 0) 
             _kill_group(proc)
         runner.report()
         shutil.rmtree(results, ignore_errors=True)
+        shutil.rmtree(private, ignore_errors=True)

@@ -7,6 +7,7 @@ run inside it with the rest of the linux tier.
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import subprocess
@@ -179,6 +180,10 @@ def test_hung_command_is_killed_and_reported(testhost_images: None, tmp_path: Pa
     assert proc.returncode == EXIT_TIMEOUT
     assert "testhost: the command timed out after 5 s" in err
     assert time.monotonic() - started < 5 + BOOT_SLACK
+    # Before the kill, QEMU's monitor said where each of L1's vCPUs was (64-bit: the kernel is running).
+    vcpus = err[err.index("--- test host vCPUs before it was killed ---") :]
+    assert "CPU #0:" in vcpus and "CPU #1:" in vcpus
+    assert len(re.findall(r"RIP=[0-9a-f]{16} RFL=", vcpus)) == 2, vcpus
 
 
 @host_side

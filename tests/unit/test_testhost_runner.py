@@ -1,16 +1,22 @@
-"""The test host runner's pure parts: environment, shares, the command script, QEMU's command line."""
+"""The test host runner: environment, shares, the command script, QEMU's command line, its monitor."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import time
 from pathlib import Path
+
+import pytest
 
 from evmm.testhost.runner import (
     EXIT_NO_STATUS,
+    WHERE_ARE_THE_VCPUS,
     RunConfig,
     Share,
     command_script,
     forwarded_env,
+    monitor_query,
     qemu_argv,
     visible_shares,
 )
@@ -75,3 +81,35 @@ def test_qemu_command_line() -> None:
     assert "local,path=/tmp/b,mount_tag=s1,security_model=none,multidevs=remap,readonly=on" in joined
     assert "console=ttyS1 quiet" in argv[argv.index("-append") + 1]
     assert "-no-reboot" in argv  # L1's panic=-1 reboot ends QEMU
+
+    assert "-monitor" not in argv
+    with_monitor = qemu_argv(config, Path("/tmp/results"), shares, Path("/tmp/m/monitor.sock"))
+    assert with_monitor[-2:] == ["-monitor", "unix:/tmp/m/monitor.sock,server=on,wait=off"]
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 is not installed")
+def test_the_monitor_says_where_each_vcpu_is(tmp_path: Path) -> None:
+    # A real QEMU, stopped before its first instruction (-S): two vCPUs at the reset vector.
+    sock = tmp_path / "monitor.sock"
+    argv = [
+        *("qemu-system-x86_64", "-accel", "tcg", "-M", "q35", "-smp", "2", "-S", "-nodefaults"),
+        *("-display", "none", "-monitor", f"unix:{sock},server=on,wait=off"),
+    ]
+    qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(100):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        text = monitor_query(sock, WHERE_ARE_THE_VCPUS)
+    finally:
+        qemu.kill()
+        qemu.wait()
+    assert "CPU #0:" in text and "CPU #1:" in text  # info cpus
+    assert text.count("EIP=0000fff0") == 2  # info registers -a: each vCPU at the reset vector
+    assert "(qemu) info registers -a\n" in text
+
+
+def test_a_monitor_that_is_not_there_is_a_line_of_the_report(tmp_path: Path) -> None:
+    text = monitor_query(tmp_path / "absent.sock", ["info cpus"], timeout=1)
+    assert text.startswith(f"(the QEMU monitor at {tmp_path / 'absent.sock'} did not answer:")
