@@ -348,6 +348,8 @@ class QmpServer:
             await self._serve(session, reader)
         except (ConnectionError, OSError):
             pass
+        except asyncio.CancelledError:
+            pass  # close() ends every session this way; see ``ControlServer._accept`` for why not re-raised
         finally:
             self.sessions.pop(number, None)
             self._tasks.discard(task)

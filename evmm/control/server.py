@@ -228,6 +228,12 @@ class ControlServer:
             await self._serve(session, reader)
         except (ConnectionError, OSError):
             pass  # the client went away; nothing of the VM depends on it
+        except asyncio.CancelledError:
+            # close() cancels the sessions still open.  The task ends here anyway, and must not end
+            # cancelled: CPython 3.11's asyncio.streams calls task.exception() on a start_unix_server
+            # handler's task when it is done, which raises for a cancelled one, and the loop then prints
+            # "Exception in callback ..." and a traceback on the guest's console (seen at QMP quit).
+            pass
         finally:
             self.sessions.pop(number, None)
             self._tasks.discard(task)

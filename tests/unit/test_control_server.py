@@ -782,3 +782,21 @@ def test_status_line_rendering() -> None:
     assert line.startswith(b"\r\n") and line.endswith(b"\r\n")
     text = re.sub(rb"\x1b\[[0-9;]*m", b"", line)
     assert text == b"\r\n evmm  paused \xc2\xb7 1 vCPU \xc2\xb7 up 0:00:59 \xe2\x94\x82 hello\r\n"
+
+
+async def test_closing_while_a_request_is_in_flight_reports_no_error(sockdir: Path) -> None:
+    # The VMM's exit path with a client mid-request (a pause waiting for vCPUs to park): close() cancels its
+    # session.  Nothing may reach the loop's exception handler, which prints a traceback on the guest's
+    # console (CPython 3.11's asyncio.streams turns a cancelled connection handler into one).
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    path = sockdir / "api.sock"
+    close = await start_control(FakeMachine(park_delay=30), None, api_sock=path, qmp=None)
+    raw = await Raw.open(path)
+    await raw.send(encode_frame(request(1, "pause")))
+    await asyncio.sleep(0.1)  # the server is inside the pause, waiting for the vCPUs
+    await close()
+    assert await raw.recv() is None  # dropped, at EOF, without an answer
+    await asyncio.sleep(0.05)  # done callbacks run
+    assert reported == []

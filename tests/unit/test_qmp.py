@@ -435,3 +435,22 @@ async def test_qmp_and_msgpack_sockets_share_one_core(sockdir: Path) -> None:
     await client.disconnect()
     await close()
     assert not api.exists() and not qpath.exists()
+
+
+async def test_closing_with_a_client_still_connected_reports_no_error(
+    sockdir: Path, machine: FakeMachine
+) -> None:
+    # As at `quit`: the client that asked is still connected while the VMM closes.  Nothing may reach the
+    # loop's exception handler (CPython 3.11's asyncio.streams turns a cancelled handler into a traceback).
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    path = sockdir / "qmp.sock"
+    close = await start_control(machine, None, api_sock=None, qmp=f"unix:{path},server,nowait")
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    assert b'"QMP"' in await asyncio.wait_for(reader.readline(), 5)  # the greeting: it is being served
+    await close()
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # dropped, at EOF
+    writer.close()
+    await asyncio.sleep(0.05)  # done callbacks run
+    assert reported == []
