@@ -10,12 +10,17 @@ import pytest
 
 from evmm.assets import GuestAssets
 from tests.linux.harness import Guest
-from tests.tiers import HOST_SIDE, TierPlugin
+from tests.tiers import COST, HOST_SIDE, TierPlugin
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", f"{HOST_SIDE}: a linux-tier test of the KVM test host itself, run outside it"
+    )
+    config.addinivalue_line(
+        "markers",
+        f"{COST}(seconds): a linux-tier test that takes far longer than most in a one-vCPU KVM test host;"
+        " the tier balances its test hosts with it",
     )
     config.pluginmanager.register(TierPlugin(config), "evmm-tiers")
 

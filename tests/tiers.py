@@ -47,12 +47,20 @@ DEFAULT_TIER_TIMEOUT = 2400.0  # seconds for the whole linux tier, so a hang fai
 STALL_ENV = "EVMM_LINUX_TIER_STALL"
 # Seconds without a sign of life from the inner run (a test report, or its heartbeat) before a test host
 # counts as hung: the heartbeat goes on through a long test, so only a test host that stopped running stops it.
-DEFAULT_STALL = 120.0
-CPUS_ENV = "EVMM_TESTHOST_CPUS"  # the test host's vCPUs for the tier
-DEFAULT_CPUS = 2
+DEFAULT_STALL = 90.0
+SHARDS_ENV = "EVMM_TESTHOST_SHARDS"  # test hosts running the tier's tests side by side
+DEFAULT_SHARDS = 2  # on two host cores: half the tier's time of one two-vCPU test host (docs/testing.md)
+CPUS_ENV = "EVMM_TESTHOST_CPUS"  # each test host's vCPUs
+DEFAULT_CPUS = 2  # with one test host; one each when there are more
 HEARTBEAT = 10.0  # seconds between the inner run's signs of life (a test may run longer than the stall)
-MAX_BOOTS = 4  # test host boots for one tier: the first, and fresh ones after lost ones
+# Test host boots for one tier: the first, and fresh ones after lost ones.  A CI run once lost four in
+# 1000 s, each under a different test; the tier's deadline bounds the time, this the count, and two boots
+# in a row in which no test even started end it sooner (the test host cannot work here).
+MAX_BOOTS = 8
+MAX_BARREN_BOOTS = 2
 HOST_SIDE = "host_side"
+COST = "cost"  # @pytest.mark.cost(seconds): an outlier's time in a one-vCPU test host, to balance the shards
+DEFAULT_COST = 30.0  # what most linux-tier tests take there
 
 
 def heartbeat_path(report: Path) -> Path:
@@ -111,7 +119,7 @@ def plan(host: HostKvm, in_testhost: bool, qemu: str | None) -> TierPlan:
             kvm_header,
             "testhost",
             "",
-            "linux tier: KVM test host (kvm_amd in QEMU TCG), one boot for the tier (another if one is lost)",
+            "linux tier: KVM test host (kvm_amd in QEMU TCG)",
         )
     reason = f"{host.reason}, and qemu-system-x86_64 is not installed for the KVM test host"
     return TierPlan(kvm_skip, kvm_header, "skip", reason, f"linux tier: skipped ({reason})")
@@ -139,6 +147,104 @@ def merge_outcome(reports: list[dict[str, Any]]) -> dict[str, Any]:
         if r["outcome"] == "skipped":
             return {"outcome": "skipped", "text": r["text"], "reruns": reruns}
     return {"outcome": "passed", "text": "", "reruns": reruns}
+
+
+class Boots:
+    """Across the test host boots of one tier: which tests are left, which failed by losing test hosts.
+
+    A test host that exits before every test reported, or shows no sign of life for the stall limit, is
+    lost; the tests that did not finish go on in a fresh boot.  The test that was running when it happened
+    runs once more there; if a second test host is lost under it too, that test fails, naming both.  Pure
+    (the boots' results come in as arguments), so the policy is unit-tested without a test host.
+    """
+
+    def __init__(self, nodeids: list[str]) -> None:
+        self.remaining = list(nodeids)
+        self.outcomes: dict[str, dict[str, Any]] = {}
+        self.lost: dict[str, str] = {}  # nodeid -> why a test host was lost while it ran
+        self.notes: list[str] = []
+        self.count = 0
+        self.barren = 0  # boots in a row in which no test even started: the test host cannot work here
+        self.ended = False  # pytest ended on its own with tests unreported: another boot would do the same
+
+    def more(self) -> bool:
+        return (
+            bool(self.remaining)
+            and not self.ended
+            and self.count < MAX_BOOTS
+            and self.barren < MAX_BARREN_BOOTS
+        )
+
+    def after(self, done: dict[str, dict[str, Any]], status: int, why: str | None) -> None:
+        """One boot's reports (``done``: each test seen, ``complete`` once torn down), its runner's exit
+        status, and why the tier stopped it (None when it ended by itself)."""
+        self.count += 1
+        finished = {k: v for k, v in done.items() if v["complete"] and k in self.remaining}
+        self.outcomes.update(finished)
+        self.barren = 0 if done else self.barren + 1
+        self.remaining = [n for n in self.remaining if n not in self.outcomes]
+        if not self.remaining:
+            return
+        if why is None and status not in (EXIT_TIMEOUT, EXIT_NO_STATUS):
+            self.ended = True  # a collection error, say
+            return
+        if why is None:
+            why = f"the test host exited {status} with {len(self.remaining)} tests unreported"
+        running = next((n for n in self.remaining if n in done), None)
+        if running is None:  # lost before any test started: nothing to blame; ``barren`` counts these
+            self.notes.append(f"boot {self.count}: {why}, before a test started")
+            return
+        self.notes.append(f"boot {self.count}: {why}, while {running} ran")
+        if running in self.lost:
+            self.outcomes[running] = {
+                "outcome": "failed",
+                "text": f"two test hosts were lost while it ran: {self.lost[running]}; then {why}",
+                "reruns": [],
+            }
+            self.remaining.remove(running)
+        else:
+            self.lost[running] = why
+
+    def finish(self) -> dict[str, dict[str, Any]]:
+        """The outcomes, each test that passed in a fresh test host carrying why the first was lost."""
+        for nodeid, why in self.lost.items():
+            if nodeid in self.outcomes and self.outcomes[nodeid]["outcome"] != "failed":
+                self.outcomes[nodeid].setdefault("reruns", []).append(
+                    f"E   a fresh KVM test host ran it after the first was lost: {why}"
+                )
+        return self.outcomes
+
+
+def deal(nodeids: list[str], shards: int, cost: dict[str, float] | None = None) -> list[list[str]]:
+    """``nodeids`` shared out among ``shards`` test hosts so that each has about as many seconds of tests.
+
+    Longest first, each to the host with the least so far (tests without a ``cost`` mark count
+    ``DEFAULT_COST``); then each host runs its tests in collection order.  Equal costs deal out like cards:
+    neighbours, often alike, go to different hosts.  No empty shard.
+    """
+    cost = cost or {}
+    shards = max(1, min(shards, len(nodeids)))
+    order = {n: i for i, n in enumerate(nodeids)}
+    loads = [0.0] * shards
+    parts: list[list[str]] = [[] for _ in range(shards)]
+    for n in sorted(nodeids, key=lambda n: (-cost.get(n, DEFAULT_COST), order[n])):
+        least = loads.index(min(loads))
+        parts[least].append(n)
+        loads[least] += cost.get(n, DEFAULT_COST)
+    return [sorted(p, key=order.__getitem__) for p in parts if p]
+
+
+@dataclass
+class Shard:
+    """One test host's share of the tier: its tests across boots, and its log."""
+
+    index: int
+    boots: Boots
+    results: Path
+
+    @property
+    def log(self) -> Path:
+        return self.results / f"inner-{self.index}.log"
 
 
 class RerunWarning(UserWarning):
@@ -188,11 +294,14 @@ class TierPlugin:
         self.plan = plan(probe(), self.in_testhost, shutil.which("qemu-system-x86_64"))
         self.tier_timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIER_TIMEOUT))
         self.inner_nodeids: list[str] = []
+        self.inner_cost: dict[str, float] = {}
         self.inner: dict[str, dict[str, Any]] | None = None
         self.inner_note = ""
         self.inner_kvm = ""
         self.inner_summary = ""
-        self.inner_log: Path | None = None
+        self.inner_logs: list[Path] = []
+        self.shards = int(os.environ.get(SHARDS_ENV, DEFAULT_SHARDS))
+        self.testhost_cpus = int(os.environ.get(CPUS_ENV, DEFAULT_CPUS if self.shards == 1 else 1))
         self.report_path = os.environ.get(REPORT_ENV)
         self.phases: dict[str, list[dict[str, Any]]] = {}
         self.alarm_armed = False
@@ -200,7 +309,11 @@ class TierPlugin:
     # -- which tests, where -------------------------------------------------------------------------------
 
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
-        return [self.plan.kvm_header, self.plan.linux_header]
+        linux = self.plan.linux_header
+        if self.plan.linux_mode == "testhost":
+            hosts = "one test host" if self.shards == 1 else f"{self.shards} test hosts side by side"
+            linux += f": {hosts}, {self.testhost_cpus} vCPU(s) each (a fresh one if one is lost)"
+        return [self.plan.kvm_header, linux]
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -244,6 +357,8 @@ class TierPlugin:
             assert item.parent is not None
             items[i] = RemoteItem.from_parent(item.parent, name=item.name, original=item, plugin=self)
             self.inner_nodeids.append(item.nodeid)
+            if (mark := item.get_closest_marker(COST)) is not None:
+                self.inner_cost[item.nodeid] = float(mark.args[0])
 
     # -- the inner run (outer side) -----------------------------------------------------------------------
 
@@ -256,14 +371,13 @@ class TierPlugin:
         return result
 
     def _run_inner(self) -> dict[str, dict[str, Any]]:
-        """Run the selected tests in the test host; in a fresh one when it dies or hangs part-way.
+        """Run the selected tests in the test host(s); in a fresh one when one dies or hangs part-way.
 
         The test host (QEMU TCG emulating SVM, with a real KVM inside) is itself not perfectly reliable: seen
-        here, its kernel once panicked ("corrupted stack end detected inside scheduler") and once went idle
-        for good, in both cases while a guest of its KVM was busy.  A test host that exits before every test
-        reported, or reports nothing for ``STALL_ENV`` seconds, is killed; the tests that had not finished go
-        on in a new boot.  The test that was running when it happened runs once more there; if the second
-        test host fails under it too, that test fails, naming both.
+        here, its kernel once panicked ("corrupted stack end detected inside scheduler") and it sometimes
+        stops for good, silently, while a guest of its KVM is busy.  A test host that exits before every test
+        reported, or reports nothing for ``STALL_ENV`` seconds, is killed; ``Boots`` decides what runs next.
+        With ``SHARDS_ENV`` > 1 the tests are dealt out to that many test hosts running side by side.
         """
         from evmm.assets.guest import build_default_guest
         from evmm.testhost.assets import build_testhost_assets
@@ -272,66 +386,58 @@ class TierPlugin:
         build_default_guest()
         build_testhost_assets()
         results = Path(tempfile.mkdtemp(prefix="evmm-linux-tier-"))
-        self.inner_log = results / "inner.log"
-        rootdir = Path(str(self.config.rootpath))
         stall = float(os.environ.get(STALL_ENV, DEFAULT_STALL))
         started = time.monotonic()
         deadline = started + self.tier_timeout
-        outcomes: dict[str, dict[str, Any]] = {}
-        lost: dict[str, str] = {}  # nodeid -> why its first test host was lost under it
-        remaining = list(self.inner_nodeids)
-        boots = 0
-        notes: list[str] = []
-        while remaining and boots < MAX_BOOTS and time.monotonic() < deadline:
-            boots += 1
-            report = results / f"report-{boots}.jsonl"
-            status, why = self._boot_once(rootdir, results, report, remaining, stall, deadline, boots)
-            done = self._read_report(report)
-            outcomes.update({k: v for k, v in done.items() if v["complete"]})
-            remaining = [n for n in remaining if n not in outcomes]
-            if not remaining:
-                break
-            if why is None and status not in (EXIT_TIMEOUT, EXIT_NO_STATUS):
-                break  # pytest itself ended there (a collection error, say): another boot would do the same
-            if why is None:
-                why = f"the test host exited {status} with {len(remaining)} tests unreported"
-            running = next((n for n in remaining if n in done), remaining[0])
-            notes.append(f"boot {boots}: {why}, while {running} ran")
-            if running in lost:
-                outcomes[running] = {
-                    "outcome": "failed",
-                    "text": f"two test hosts were lost while it ran: {lost[running]}; then {why}",
-                    "reruns": [],
-                }
-                remaining.remove(running)
-            else:
-                lost[running] = why
-        for nodeid, why in lost.items():
-            if nodeid in outcomes and outcomes[nodeid]["outcome"] != "failed":
-                outcomes[nodeid].setdefault("reruns", []).append(
-                    f"E   a fresh KVM test host ran it after the first was lost: {why}"
-                )
+        shards = [
+            Shard(i, Boots(part), results)
+            for i, part in enumerate(deal(self.inner_nodeids, self.shards, self.inner_cost))
+        ]
+        self.inner_logs = [sh.log for sh in shards]
+        threads = [
+            threading.Thread(target=self._run_shard, args=(sh, stall, deadline), name=f"testhost-{sh.index}")
+            for sh in shards
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
         elapsed = time.monotonic() - started
-        tail = "\n".join(self.inner_log.read_text(errors="replace").splitlines()[-40:])
+        outcomes: dict[str, dict[str, Any]] = {}
+        notes, tails = [], []
+        for sh in shards:
+            outcomes.update(sh.boots.finish())
+            notes += [f"test host {sh.index}, {n}" if len(shards) > 1 else n for n in sh.boots.notes]
+            if sh.boots.remaining:
+                lines = sh.log.read_text(errors="replace").splitlines()[-40:]
+                tails.append(f"the last lines of {sh.log}:\n" + "\n".join(lines))
+        remaining = sum(len(sh.boots.remaining) for sh in shards)
+        boots = sum(sh.boots.count for sh in shards)
         self.inner_note = (
-            f"{len(remaining)} tests never reported after {boots} test host boots in {elapsed:.0f} s "
-            f"({'; '.join(notes) or 'no boot was lost'}); the last lines of {self.inner_log}:\n{tail}"
+            f"{remaining} tests never reported after {boots} test host boots in {elapsed:.0f} s "
+            f"({'; '.join(notes) or 'no boot was lost'}); " + "\n".join(tails)
         )
+        where = f"{len(shards)} test hosts side by side, " if len(shards) > 1 else ""
         self.inner_summary = (
-            f"{len(self.inner_nodeids)} tests in {boots} KVM test host boot(s), {elapsed:.0f} s"
+            f"{len(self.inner_nodeids)} tests in {where}{boots} KVM test host boot(s), {elapsed:.0f} s"
             + (f" ({'; '.join(notes)})" if notes else "")
         )
         return outcomes
 
+    def _run_shard(self, shard: Shard, stall: float, deadline: float) -> None:
+        rootdir = Path(str(self.config.rootpath))
+        boots = shard.boots
+        try:
+            while boots.more() and time.monotonic() < deadline:
+                number = boots.count + 1
+                report = shard.results / f"report-{shard.index}-{number}.jsonl"
+                status, why = self._boot_once(rootdir, shard, report, stall, deadline, number)
+                boots.after(self._read_report(report), status, why)
+        except Exception as e:  # a thread's error would otherwise vanish: its tests report this instead
+            boots.notes.append(f"the runner of test host {shard.index} failed: {e!r}")
+
     def _boot_once(
-        self,
-        rootdir: Path,
-        results: Path,
-        report: Path,
-        nodeids: list[str],
-        stall: float,
-        deadline: float,
-        boot: int,
+        self, rootdir: Path, shard: Shard, report: Path, stall: float, deadline: float, boot: int
     ) -> tuple[int, str | None]:
         """One test host running ``nodeids``: its exit status, and why it was stopped (None if it ended)."""
         # -v: the log names the test that was running if the test host is killed; durations: where the time went.
@@ -351,14 +457,13 @@ class TierPlugin:
         ]
         left = max(60.0, deadline - time.monotonic())
         argv = [
-            *(sys.executable, "-m", "evmm.testhost", "run", "--share", str(results)),
-            *("--cpus", os.environ.get(CPUS_ENV, str(DEFAULT_CPUS))),
-            *("--timeout", f"{left:g}", "--", *inner, *nodeids),
+            *(sys.executable, "-m", "evmm.testhost", "run", "--share", str(shard.results)),
+            *("--cpus", str(self.testhost_cpus)),
+            *("--timeout", f"{left:g}", "--", *inner, *shard.boots.remaining),
         ]
         env = {**os.environ, REPORT_ENV: str(report), "PYTHONDONTWRITEBYTECODE": "1"}
-        assert self.inner_log is not None
-        with open(self.inner_log, "ab") as log:
-            log.write(f"\n==== test host boot {boot}: {len(nodeids)} tests\n".encode())
+        with open(shard.log, "ab") as log:
+            log.write(f"\n==== test host boot {boot}: {len(shard.boots.remaining)} tests\n".encode())
             log.flush()
             proc = subprocess.Popen(
                 argv,
@@ -420,7 +525,8 @@ class TierPlugin:
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self.inner is not None:
             terminalreporter.write_line(f"{self.inner_kvm or 'linux tier'}: {self.inner_summary}")
-            terminalreporter.write_line(f"inner run's log: {self.inner_log}")
+            for log in self.inner_logs:
+                terminalreporter.write_line(f"inner run's log: {log}")
 
     # -- the inner run (inner side) and the tier timeout -------------------------------------------------
 
