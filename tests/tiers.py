@@ -134,7 +134,7 @@ def tier_of(path: Path, tests_dir: Path) -> str | None:
 
 
 def merge_outcome(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """One test's setup/call/teardown reports -> its outcome as pytest would count it.
+    """One test's start line and setup/call/teardown reports -> its outcome as pytest would count it.
 
     ``reruns`` carries the failures of the tries that were rerun (pytest-rerunfailures reports them as
     outcome ``rerun``), so the outer run can say that a test passed only the second time.
@@ -557,6 +557,13 @@ class TierPlugin:
         # One line per phase, flushed at once, so whatever finished survives a killed test host.
         with open(self.report_path, "a") as f:
             f.write(json.dumps(entry) + "\n")
+
+    def pytest_runtest_logstart(self, nodeid: str, location: tuple[str, int | None, str]) -> None:
+        # Which test a lost test host was running.  Not left to the setup report: pytest-rerunfailures logs
+        # a flaky-marked test's reports only once all its phases are done, so a test host lost mid-test
+        # would otherwise leave no trace of the test it died under.
+        if self.report_path:
+            self._append({"nodeid": nodeid, "when": "start", "outcome": "started", "text": ""})
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if not self.report_path:

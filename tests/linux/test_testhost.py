@@ -240,3 +240,42 @@ def test_a_corrupt_guest_kernel_fails_the_test_within_its_timeout(
     with pytest.raises(GuestError):
         guest.expect(READY, timeout=20)
     assert time.monotonic() - started < 20 + 5
+
+
+@host_side
+def test_the_tier_survives_lost_test_hosts(testhost_images: None) -> None:
+    """The linux tier through two lost test hosts, end to end (tests/linux/tier_selftest/lossy.py).
+
+    One test panics its test host's kernel, the next stops its inner run dead; each runs again in a fresh
+    test host and passes there, and the test after them runs too: three boots, three passes, each loss
+    reported with its reason, the silent one with where the test host's vCPUs were.
+    """
+    from tests.linux.tier_selftest.lossy import SELFTEST_ENV
+    from tests.tiers import CPUS_ENV, REPORT_ENV, SHARDS_ENV, STALL_ENV
+
+    if probe().can_boot_linux:
+        pytest.skip("this host's KVM runs the linux tier directly: there is no test host to lose")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, SHARDS_ENV: "1", CPUS_ENV: "1", STALL_ENV: "60", SELFTEST_ENV: "1"}
+    env.pop(REPORT_ENV, None)
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rA"]
+    r = subprocess.run(
+        [*argv, "tests/linux/tier_selftest/lossy.py"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    out = r.stdout
+    assert r.returncode == 0 and "3 passed" in out, out
+    summary = next(line for line in out.splitlines() if "KVM test host boot(s)" in line)
+    assert "3 tests in 3 KVM test host boot(s)" in summary, summary
+    assert "boot 1: the test host exited 125" in summary and "test_a_test_host_that_dies ran" in summary
+    assert "boot 2: the test host gave no sign of life (report or heartbeat) for 60 s" in summary
+    assert "test_a_test_host_that_goes_silent ran" in summary
+    # Each of the two passed in a fresh test host: the outer run says so.
+    assert out.count("RerunWarning: rerun inside the KVM test host after: a fresh KVM test host ran it") == 2
+    log = Path(re.findall(r"inner run's log: (\S+)", out)[0]).read_text(errors="replace")
+    assert "--- test host vCPUs before it was killed ---" in log and "CPU #0:" in log
+    assert "Kernel panic - not syncing: sysrq triggered crash" in log  # L1's console, for the lost boot

@@ -53,6 +53,14 @@ def test_merge_outcome() -> None:
     assert skipped == {"outcome": "skipped", "text": "no tools", "reruns": []}
 
 
+def test_merge_outcome_ignores_the_start_line() -> None:
+    start = {"when": "start", "outcome": "started", "text": ""}
+    ok = {"when": "call", "outcome": "passed", "text": ""}
+    assert merge_outcome([start, ok])["outcome"] == "passed"
+    failed = merge_outcome([start, {**ok, "outcome": "failed", "text": "boom"}])
+    assert failed["outcome"] == "failed" and failed["text"] == "[call] boom"
+
+
 def test_merge_outcome_keeps_the_reruns() -> None:
     crash = {"when": "call", "outcome": "rerun", "text": "E   GuestKernelCrash: int3"}
     ok = {"when": "call", "outcome": "passed", "text": ""}
