@@ -249,6 +249,7 @@ class _Run:
         self.config = config
         self.results = results
         self.monitor = monitor
+        self.vcpus = ""  # where L1's vCPUs were before a kill (record_vcpus)
         self.out_fd = out_fd
         self.err_fd = err_fd
         # Reported once the terminal is out of raw mode, where a plain newline is a line break again.
@@ -283,8 +284,6 @@ class _Run:
         """Before killing a test host that stopped answering: where its vCPUs are, for the report."""
         if self.monitor is not None:
             self.vcpus = monitor_query(self.monitor, WHERE_ARE_THE_VCPUS)
-
-    vcpus = ""
 
     def exit_status(self) -> int | None:
         try:

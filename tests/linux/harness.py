@@ -190,7 +190,7 @@ class Guest(VmProcess):
                     # A triple fault is the same death without the kernel's last words, booting or later
                     # (seen in CI runs: a two-vCPU guest before its first console line; a guest running eight
                     # vsock streams).  evmm reports it as "the guest crashed"; one of evmm's making repeats.
-                    crashed = crashed or status == EXIT_TRIPLE_FAULT or self._reset_unasked(status, text)
+                    crashed = crashed or self._died(status, text)
                     kind = GuestKernelCrash if crashed else GuestExited
                     raise kind(
                         f"{self.name}: VMM exited ({status}) before {regex.pattern!r} appeared"
@@ -232,6 +232,10 @@ class Guest(VmProcess):
         return "\n".join(lines)
 
     _text_pos = 0  # expect() searches the text from here
+
+    def _died(self, status: int, text: str) -> bool:
+        """The VMM's exit was the guest dying: evmm's triple-fault exit, or QEMU's unasked reset."""
+        return status == EXIT_TRIPLE_FAULT or self._reset_unasked(status, text)
 
     def _reset_unasked(self, status: int, text: str) -> bool:
         """QEMU run with -no-reboot exited 0, and the kernel never said it was powering off or restarting.
@@ -276,7 +280,7 @@ class Guest(VmProcess):
         self._reader.join(5)
         with self._cond:
             text = self._text()
-        if status == EXIT_TRIPLE_FAULT or self._reset_unasked(status, text):
+        if self._died(status, text):
             raise GuestKernelCrash(f"{self.name}: VMM exited ({status}): the guest crashed\n{self.tail(30)}")
         return status
 
