@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 
 from evmm.control.client import Client, ControlError
 from evmm.control.commands import Command, CommandError, Commands, ControlledMachine, Param
-from evmm.control.protocol import ErrorCode, Event
 from evmm.control.qmp import QmpServer, parse_qmp_spec
 from evmm.control.server import ConsoleLike, ControlServer
+from evmm.rpc.protocol import ErrorCode, Event
 
 if TYPE_CHECKING:
     from evmm.machine.machine import Machine

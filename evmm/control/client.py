@@ -22,7 +22,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from evmm.control.protocol import (
+from evmm.errors import EvmmError
+from evmm.rpc.protocol import (
     Decoder,
     Event,
     ProtocolError,
@@ -31,7 +32,6 @@ from evmm.control.protocol import (
     parse_server_message,
     request,
 )
-from evmm.errors import EvmmError
 
 CONSOLE_OUTPUT = "console-output"
 

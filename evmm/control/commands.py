@@ -20,12 +20,12 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from evmm.control.protocol import ErrorCode
 from evmm.errors import EvmmError
 from evmm.exitcodes import EXIT_GUEST_POWEROFF, EXIT_GUEST_RESET
 from evmm.log import log
 from evmm.machine.devspec import DriveSpec, NetSpec
 from evmm.record import record
+from evmm.rpc.protocol import ErrorCode
 
 PAUSE_TIMEOUT = 15.0  # seconds for every vCPU to leave KVM_RUN; far more than a kick takes, even nested
 _MAC_RE = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")

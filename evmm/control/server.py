@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from evmm.control.commands import Call, Command, CommandError, Commands, Param, check_params
-from evmm.control.protocol import (
+from evmm.errors import EvmmError
+from evmm.log import log
+from evmm.rpc.protocol import (
     Decoder,
     ErrorCode,
     ProtocolError,
@@ -36,8 +38,6 @@ from evmm.control.protocol import (
     parse_request,
     result,
 )
-from evmm.errors import EvmmError
-from evmm.log import log
 
 MAX_CLIENTS = 64
 MAX_QUEUED = 4 << 20  # bytes waiting to go to one client; past this it is too slow and is disconnected

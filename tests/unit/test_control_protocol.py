@@ -1,4 +1,4 @@
-"""The control protocol's framing and validation (evmm/control/protocol.py): exact bytes, every error, fuzzing."""
+"""The control protocol's framing and validation (evmm/rpc/protocol.py): exact bytes, every error, fuzzing."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evmm.control.protocol import (
+from evmm.rpc.protocol import (
     MAX_FRAME,
     Decoder,
     ErrorCode,

@@ -26,10 +26,10 @@ import pytest
 from evmm.control import Client, CommandError, Commands, ControlError, ErrorCode, start_control
 from evmm.control import server as server_mod
 from evmm.control.prompt import CommandsTarget, EscapeMenu, Status, render
-from evmm.control.protocol import Decoder, encode_frame, request
 from evmm.control.server import ControlServer
 from evmm.errors import EvmmError
 from evmm.exitcodes import EXIT_GUEST_POWEROFF, EXIT_GUEST_RESET
+from evmm.rpc.protocol import Decoder, encode_frame, request
 from tests.fakes.machine import FakeConsole, FakeMachine, FakeMachineWithoutHotplug
 
 

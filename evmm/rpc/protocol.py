@@ -1,4 +1,5 @@
-"""The control protocol's wire format, with no I/O: frames, an incremental decoder, and message validation.
+"""evmm's RPC wire format, shared by the control channel and the guest agent, with no I/O: frames, an
+incremental decoder, and message validation.
 
 A frame is a 4-byte big-endian payload length followed by that many bytes holding ONE msgpack map.  Three
 kinds of map travel (docs/control-protocol.md has the whole story):
