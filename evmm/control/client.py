@@ -6,63 +6,43 @@
         async for ev in c.events():
             print(ev.event, ev.data)
 
-One reader task routes responses to the calls waiting for them (matched by id) and events to a queue, so
-calls may overlap and events never block answers.  Every failure is one ``EvmmError`` line: ``ControlError``
-(with the server's ``code``) for an error response, plain ``EvmmError`` for a socket that is missing or
-closed.
+Built on ``evmm.rpc.connection.Connection``: responses reach the calls waiting for them and events go to
+queues here, so calls may overlap and events never block answers.  Every failure is one ``EvmmError`` line:
+``ControlError`` (with the server's ``code``) for an error response, plain ``EvmmError`` for a socket that is
+missing or closed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from evmm.errors import EvmmError
-from evmm.rpc.protocol import (
-    Decoder,
-    Event,
-    ProtocolError,
-    Response,
-    encode_frame,
-    parse_server_message,
-    request,
-)
+from evmm.rpc.connection import Connection, RpcError
+from evmm.rpc.protocol import Event
 
 CONSOLE_OUTPUT = "console-output"
 
 
-class ControlError(EvmmError):
+class ControlError(RpcError):
     """The VMM answered a request with an error."""
-
-    def __init__(self, method: str, code: int, message: str) -> None:
-        super().__init__(message)
-        self.method = method
-        self.code = code
 
 
 class Client:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._ids = itertools.count(1)
-        self._pending: dict[int, tuple[str, asyncio.Future[Any]]] = {}
+        self._conn: Connection | None = None
         self._events: asyncio.Queue[Event | None] = asyncio.Queue()
         self._console: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self._background: set[asyncio.Future[Any]] = set()
-        self.closed_reason: str | None = None
 
     # ---- connection ---------------------------------------------------------------------------------------
 
     async def connect(self) -> Client:
         try:
-            self._reader, self._writer = await asyncio.open_unix_connection(str(self.path))
+            reader, writer = await asyncio.open_unix_connection(str(self.path))
         except FileNotFoundError:
             raise EvmmError(
                 f"{self.path}: no control socket there (is the VM running with --api-sock?)"
@@ -71,19 +51,20 @@ class Client:
             raise EvmmError(f"{self.path}: nothing is listening (the VM has exited)") from None
         except OSError as e:
             raise EvmmError(f"{self.path}: cannot connect: {e.strerror or e}") from None
-        self._task = asyncio.create_task(self._read_loop(self._reader))
+        self._conn = Connection(
+            reader,
+            writer,
+            peer="the VMM",
+            name="control connection",
+            on_event=self._on_event,
+            on_close=self._on_close,
+            error_type=ControlError,
+        )
         return self
 
     async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            with contextlib.suppress(OSError, ConnectionError):
-                await self._writer.wait_closed()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._fail_all(self.closed_reason or "the client was closed")
+        if self._conn is not None:
+            await self._conn.close()
 
     async def __aenter__(self) -> Client:
         return await self.connect()
@@ -95,85 +76,38 @@ class Client:
 
     @property
     def connected(self) -> bool:
-        return self._task is not None and not self._task.done()
+        return self._conn is not None and self._conn.connected
 
-    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
-        decoder = Decoder()
-        reason = "the VMM closed the control connection"
-        try:
-            while data := await reader.read(1 << 16):
-                for item in decoder.feed(data):
-                    if isinstance(item, ProtocolError):
-                        reason = f"the VMM sent a bad frame: {item.message}"
-                        return
-                    try:
-                        self._dispatch(parse_server_message(item))
-                    except ProtocolError as e:
-                        reason = f"the VMM sent a bad message: {e.message}"
-                        return
-        except (OSError, ConnectionError) as e:
-            reason = f"control connection lost: {e}"
-        finally:
-            self.closed_reason = reason
-            self._fail_all(reason)
+    @property
+    def closed_reason(self) -> str | None:
+        return None if self._conn is None else self._conn.closed_reason
 
-    def _dispatch(self, message: Response | Event) -> None:
-        if isinstance(message, Event):
-            if message.event == CONSOLE_OUTPUT:
-                data = message.data.get("data")
-                if isinstance(data, bytes):
-                    self._console.put_nowait(data)
-            else:
-                self._events.put_nowait(message)
-            return
-        if message.id is None and message.error is not None:
-            # An error the server could not tie to a request (a broken frame of ours, too many clients).
-            self.closed_reason = message.error.message
-            return
-        waiting = self._pending.pop(message.id, None) if isinstance(message.id, int) else None
-        if waiting is None:
-            return
-        method, fut = waiting
-        if fut.done():
-            return
-        if message.error is not None:
-            fut.set_exception(ControlError(method, message.error.code, message.error.message))
+    def _on_event(self, message: Event) -> None:
+        if message.event == CONSOLE_OUTPUT:
+            data = message.data.get("data")
+            if isinstance(data, bytes):
+                self._console.put_nowait(data)
         else:
-            fut.set_result(message.result)
+            self._events.put_nowait(message)
 
-    def _fail_all(self, reason: str) -> None:
-        pending, self._pending = self._pending, {}
-        for method, fut in pending.values():
-            if not fut.done():
-                fut.set_exception(EvmmError(f"{method}: {reason}"))
+    def _on_close(self, reason: str) -> None:
         self._events.put_nowait(None)
         self._console.put_nowait(None)
 
     # ---- requests -----------------------------------------------------------------------------------------
 
-    def _send(self, method: str, params: Mapping[str, Any] | None) -> asyncio.Future[Any]:
-        if self._writer is None or not self.connected:
-            raise EvmmError(f"{method}: {self.closed_reason or 'not connected'}")
-        id = next(self._ids)
-        try:
-            frame = encode_frame(request(id, method, params))
-        except ValueError as e:
-            raise EvmmError(f"{method}: {e}") from None
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[id] = (method, fut)
-        self._writer.write(frame)
-        return fut
+    def _connection(self, method: str) -> Connection:
+        if self._conn is None:
+            raise EvmmError(f"{method}: not connected")
+        return self._conn
 
     async def call(self, method: str, params: Mapping[str, Any] | None = None, /, **kwargs: Any) -> Any:
         """Send one request and return its result; raises ``ControlError`` for an error response."""
-        return await self._send(method, {**(params or {}), **kwargs})
+        return await self._connection(method).call(method, {**(params or {}), **kwargs})
 
     def send_nowait(self, method: str, params: Mapping[str, Any] | None = None) -> None:
         """Send a request without waiting for its answer (console keystrokes); a failure is dropped."""
-        fut = self._send(method, params)
-        self._background.add(fut)
-        fut.add_done_callback(self._background.discard)
-        fut.add_done_callback(lambda f: f.exception())  # retrieved: no "never retrieved" warning
+        self._connection(method).send_nowait(method, params)
 
     # ---- events -------------------------------------------------------------------------------------------
 
