@@ -12,6 +12,7 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any
 
+from evmm.config.devspec import DriveSpec, NetSpec
 from evmm.devices.bus import Bus
 from evmm.devices.virtio.console import VirtioConsole
 from evmm.errors import ConfigError, EvmmError, KvmError
@@ -20,7 +21,6 @@ from evmm.log import log
 from evmm.loop.channel import ExitChannel
 from evmm.loop.vcpu_thread import StopRequest, VcpuState, VcpuThread
 from evmm.machine.config import MachineConfig
-from evmm.machine.devspec import DriveSpec, NetSpec
 from evmm.machine.hotplug import HotplugSlot
 from evmm.memory import GuestMemory
 from evmm.record import record

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from evmm.config.devspec import VsockSpec, parse_vsock
 from evmm.devices.virtio import mmio as regs
 from evmm.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1
 from evmm.devices.virtio.vsock import VhostVsock, make_vsock
 from evmm.devices.virtio.vsock.device import VIRTIO_VSOCK_F_STREAM
 from evmm.errors import ConfigError
 from evmm.kvm.vhost import MemTable, VhostError, VhostVsockFd
-from evmm.machine.devspec import VsockSpec, parse_vsock
 from evmm.memory import GuestMemory
 from tests.fakes.vhost import VIRTIO_VSOCK_F_SEQPACKET, FakeNotifyRegistrar, FakeVhostVsock
 from tests.fakes.virtio_driver import MEM_SIZE, MmioDriver

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from evmm.config.devspec import DriveSpec
 from evmm.devices.virtio import mmio as regs
 from evmm.devices.virtio.blk import make_blk
 from evmm.devices.virtio.blk.backend import FileBackend
@@ -31,7 +32,6 @@ from evmm.devices.virtio.blk.device import (
 from evmm.devices.virtio.blk.request import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP
 from evmm.devices.virtio.chain import VIRTQ_DESC_F_NEXT
 from evmm.errors import ConfigError
-from evmm.machine.devspec import DriveSpec
 from tests.fakes.virtio_driver import DriverQueue, MmioDriver, Used
 
 MiB = 1 << 20

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from evmm.config.devspec import ConsoleSpec
 from evmm.devices.virtio.console import (
     VIRTIO_CONSOLE_F_EMERG_WRITE,
     VIRTIO_CONSOLE_F_SIZE,
@@ -23,7 +24,6 @@ from evmm.devices.virtio.console import (
 )
 from evmm.devices.virtio.console_backend import DETACHED_KEEP, FdBackend, PtyBackend, SocketBackend
 from evmm.errors import ConfigError
-from evmm.machine.devspec import ConsoleSpec
 from tests.fakes.virtio_driver import MmioDriver
 
 RX, TX = 0, 1

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
+from evmm.config.devspec import NetSpec
 from evmm.devices.virtio.net import VirtioNet, make_net
 from evmm.devices.virtio.net import header as h
 from evmm.devices.virtio.net.tap import (
@@ -34,7 +35,6 @@ from evmm.devices.virtio.net.tap import (
     wrap_tap_fd,
 )
 from evmm.errors import ConfigError
-from evmm.machine.devspec import NetSpec
 from evmm.netns import inet_checksum, inside, ip, unavailable
 from evmm.netns import netns as evmm_netns
 from tests.fakes.virtio_driver import MmioDriver, Used

@@ -15,11 +15,11 @@ from __future__ import annotations
 import logging
 import struct
 
+from evmm.config.devspec import ConsoleSpec
 from evmm.devices.virtio.chain import DescriptorChain
 from evmm.devices.virtio.console_backend import ConsoleBackend, FdBackend, PtyBackend, SocketBackend
 from evmm.devices.virtio.device import COMMON_FEATURES, VIRTIO_ID_CONSOLE, DeviceContext, VirtioDevice
 from evmm.errors import ConfigError
-from evmm.machine.devspec import ConsoleSpec
 
 log = logging.getLogger("evmm")
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable
 
+from evmm.config.devspec import VsockSpec
 from evmm.devices.virtio.device import VirtioDevice
 from evmm.devices.virtio.vsock.device import VirtioVsock
 from evmm.devices.virtio.vsock.muxer import VsockMuxer
 from evmm.devices.virtio.vsock.unix import HybridListener, listen_unix
 from evmm.devices.virtio.vsock.vhost import VhostVsock, VhostVsockBackend
 from evmm.errors import ConfigError
-from evmm.machine.devspec import VsockSpec
 
 VhostOpener = Callable[[], VhostVsockBackend]
 
