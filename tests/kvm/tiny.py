@@ -13,14 +13,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import uvloop
-
 from evmm.devices.bus import Bus
 from evmm.kvm import Kvm
 from evmm.loop.vcpu_thread import KICK_SIGNAL, StopRequest
 from evmm.machine.config import MachineConfig
 from evmm.machine.machine import Machine, MachineParts
 from evmm.memory import GuestMemory
+from tests.loops import watched_loop
 
 RAM_SIZE = 0x10000
 CODE_ADDR = 0x1000
@@ -77,7 +76,7 @@ def tiny_guest(code: bytes, *, irqchip: bool = True, data: dict[int, bytes] | No
     pio, mmio = Bus("pio"), Bus("mmio")
     finish = Finish()
     pio.insert(FINISH_PORT, 1, finish, "finish", inline=True)
-    loop = uvloop.new_event_loop()
+    loop, loop_errors = watched_loop("uvloop")
     parts = MachineParts(
         config=MachineConfig(kernel=Path("/dev/null")),
         kvm=kvm,
@@ -96,3 +95,4 @@ def tiny_guest(code: bytes, *, irqchip: bool = True, data: dict[int, bytes] | No
         loop.run_until_complete(asyncio.sleep(0))
         machine.close()
         loop.close()
+    loop_errors.check()

@@ -8,7 +8,7 @@ import asyncio
 import ctypes
 import errno
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,13 +26,6 @@ from tests.fakes.virtio_driver import MEM_SIZE, MmioDriver
 
 CID = 42
 RX, TX, EVENT = 0, 1, 2
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    lp = asyncio.new_event_loop()
-    yield lp
-    lp.close()
 
 
 def vhost_device(fake: FakeVhostVsock, cid: int = CID) -> VhostVsock:

@@ -47,13 +47,6 @@ def seg(sector: int, num: int, flags: int = 0) -> bytes:
 
 
 @pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    lp = asyncio.new_event_loop()
-    yield lp
-    lp.close()
-
-
-@pytest.fixture
 def image(tmp_path: Path) -> Path:
     path = tmp_path / "disk.img"
     path.write_bytes(os.urandom(4 * MiB))

@@ -37,13 +37,6 @@ def _close_clients() -> Iterator[None]:
         _opened.pop().close()
 
 
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    lp = asyncio.new_event_loop()
-    yield lp
-    lp.close()
-
-
 def pump(loop: asyncio.AbstractEventLoop, until: Callable[[], bool], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not until():

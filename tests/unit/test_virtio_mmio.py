@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-
-import pytest
 
 from evmm.devices.virtio import mmio as regs
 from evmm.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, VIRTIO_ID_RNG
 from evmm.devices.virtio.rng import VirtioRng
 from tests.fakes.virtio_driver import MmioDriver
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    lp = asyncio.new_event_loop()
-    yield lp
-    lp.close()
 
 
 def test_identity_registers(loop: asyncio.AbstractEventLoop) -> None:

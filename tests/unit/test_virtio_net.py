@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-import uvloop
 
 from evmm.config.devspec import NetSpec
 from evmm.devices.virtio import mmio as regs
@@ -73,11 +72,8 @@ class FakeTap:
             return None
 
 
-@pytest.fixture(params=["asyncio", "uvloop"])
-def loop(request: pytest.FixtureRequest) -> Iterator[asyncio.AbstractEventLoop]:
-    lp = asyncio.new_event_loop() if request.param == "asyncio" else uvloop.new_event_loop()
-    yield lp
-    lp.close()
+# The device runs on either loop evmm may use (the `loop` fixture, tests/conftest.py).
+LOOP_KINDS = ("asyncio", "uvloop")
 
 
 @pytest.fixture

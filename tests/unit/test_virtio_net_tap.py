@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvloop
 
 from evmm.config.devspec import NetSpec
 from evmm.devices.virtio.net import VirtioNet, make_net
@@ -238,11 +237,7 @@ class Guest:
         raise AssertionError(f"no frame with {match.hex()} at {offset} within {timeout} s")
 
 
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    lp = uvloop.new_event_loop()
-    yield lp
-    lp.close()
+LOOP_KINDS = ("uvloop",)  # evmm's reactor (the `loop` fixture, tests/conftest.py)
 
 
 def _guest_on_a_tap(ns: str, loop: asyncio.AbstractEventLoop, **kw: bool) -> Guest:

@@ -3,19 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-
-import pytest
 
 from evmm.devices.virtio.rng import VirtioRng
 from tests.fakes.virtio_driver import MmioDriver
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    lp = asyncio.new_event_loop()
-    yield lp
-    lp.close()
 
 
 def test_fills_every_buffer(loop: asyncio.AbstractEventLoop) -> None:

@@ -42,13 +42,6 @@ def _close_test_sockets() -> Iterator[None]:
 
 
 @pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    lp = asyncio.new_event_loop()
-    yield lp
-    lp.close()
-
-
-@pytest.fixture
 def sock_path(tmp_path: Path) -> Path:
     return tmp_path / "v.sock"
 
