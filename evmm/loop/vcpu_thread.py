@@ -17,14 +17,17 @@ import signal
 import threading
 import traceback
 from collections.abc import Callable
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from evmm import exitcodes
 from evmm.devices.bus import Bus, Mapping, SplitDevice
 from evmm.errors import EvmmError
-from evmm.kvm import Vcpu, exits
+from evmm.kvm import exits
 from evmm.loop.channel import ChannelClosed, ExitChannel
 from evmm.record import record
+
+if TYPE_CHECKING:
+    from evmm.kvm import Vcpu
 
 # The signal that knocks a vCPU thread out of KVM_RUN (with immediate_exit closing the race where it arrives
 # just before the ioctl).  Its Python handler does nothing; the main thread installs it before vCPUs start.
