@@ -19,8 +19,9 @@ from evmm.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DES
 from evmm.devices.virtio.vsock import VhostVsock, make_vsock
 from evmm.devices.virtio.vsock.device import VIRTIO_VSOCK_F_STREAM
 from evmm.errors import ConfigError
-from evmm.kvm.vhost import MemTable, VhostError, VhostVsockFd
 from evmm.memory import GuestMemory
+from evmm.vhost.backend import MemTable, VhostError
+from evmm.vhost.vsock import VhostVsockFd
 from tests.fakes.vhost import VIRTIO_VSOCK_F_SEQPACKET, FakeNotifyRegistrar, FakeVhostVsock
 from tests.fakes.virtio_driver import MEM_SIZE, MmioDriver
 

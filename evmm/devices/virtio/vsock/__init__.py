@@ -26,7 +26,7 @@ def make_vsock(spec: VsockSpec, *, open_vhost: VhostOpener | None = None) -> Vir
     """
     if spec.vhost:
         if open_vhost is None:
-            from evmm.kvm.vhost import VhostVsockFd
+            from evmm.vhost.vsock import VhostVsockFd
 
             open_vhost = VhostVsockFd.open
         return _make_vhost(spec, open_vhost)

@@ -46,7 +46,7 @@ VHOST_QUEUES = (RX_QUEUE, TX_QUEUE)
 
 
 class VhostVsockBackend(Protocol):
-    """An open /dev/vhost-vsock (evmm.kvm.vhost.VhostVsockFd; tests pass a recording fake).
+    """An open /dev/vhost-vsock (evmm.vhost.vsock.VhostVsockFd; tests pass a recording fake).
 
     Ring addresses are guest-physical: the backend translates them through the memory table it was given.
     Every method raises ``OSError`` (with the errno) when the kernel refuses.
