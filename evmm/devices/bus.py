@@ -8,10 +8,19 @@ runs; lookups are then read-only, so vCPU threads may resolve addresses without 
 from __future__ import annotations
 
 import bisect
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, cast
 
 from evmm.errors import ConfigError
 from evmm.record import record
+
+# How a vCPU thread has a function run on the reactor and waits for its result (ExitChannel.call).
+OnReactor = Callable[..., Any]
+
+
+def here(fn: Callable[..., Any], *args: Any) -> Any:
+    """The ``OnReactor`` of a caller that is on the reactor already."""
+    return fn(*args)
 
 
 class BusDevice(Protocol):
@@ -108,14 +117,65 @@ class Bus:
     def mappings(self) -> list[Mapping]:
         return list(self._maps)
 
-    def read(self, addr: int, size: int) -> int:
-        """Dispatch a read; an access to no device reads as all ones (an unclaimed ISA/PCI bus floats high)."""
+    # ---- dispatch: the vCPU thread's one way to reach a device ---------------------------------------------
+
+    def read(self, addr: int, size: int, on_reactor: OnReactor = here) -> int:
+        """One read of ``size`` bytes at ``addr``, served on the thread its register belongs to.
+
+        ``on_reactor(fn, *args)`` runs ``fn`` on the reactor and returns its result (the vCPU's exit channel);
+        the default runs it here, for callers already on the reactor.  Nothing at ``addr`` reads as all ones:
+        an unclaimed ISA or PCI bus floats high.
+        """
         m = self.find(addr)
         if m is None:
             return (1 << (8 * size)) - 1
-        return m.device.read(addr - m.base, size)
+        offset = addr - m.base
+        if m.inline:
+            return m.device.read(offset, size)
+        if m.split:
+            value = cast(SplitDevice, m.device).read_inline(offset, size)
+            if value is not None:
+                return value
+        result: int = on_reactor(m.device.read, offset, size)
+        return result
 
-    def write(self, addr: int, size: int, value: int) -> None:
+    def write(self, addr: int, size: int, value: int, on_reactor: OnReactor = here) -> None:
+        """One write, served as ``read`` serves reads; a write to nothing is dropped."""
         m = self.find(addr)
-        if m is not None:
-            m.device.write(addr - m.base, size, value)
+        if m is None:
+            return
+        offset = addr - m.base
+        if m.inline:
+            m.device.write(offset, size, value)
+        elif not (m.split and cast(SplitDevice, m.device).write_inline(offset, size, value)):
+            on_reactor(m.device.write, offset, size, value)
+
+    def read_string(self, addr: int, size: int, count: int, on_reactor: OnReactor = here) -> bytes:
+        """``count`` reads of one register (``rep ins``), little-endian, in one trip to the reactor."""
+        m = self.find(addr)
+        if m is None:
+            return b"\xff" * (size * count)
+        if m.inline:
+            return _read_values(m.device, addr - m.base, size, count)
+        result: bytes = on_reactor(_read_values, m.device, addr - m.base, size, count)
+        return result
+
+    def write_string(self, addr: int, size: int, data: bytes, on_reactor: OnReactor = here) -> None:
+        """The values of ``rep outs`` (``size`` bytes each, little-endian) to one register, in one trip."""
+        m = self.find(addr)
+        if m is None:
+            return
+        values = [int.from_bytes(data[i : i + size], "little") for i in range(0, len(data), size)]
+        if m.inline:
+            _write_values(m.device, addr - m.base, size, values)
+        else:
+            on_reactor(_write_values, m.device, addr - m.base, size, values)
+
+
+def _read_values(device: BusDevice, offset: int, size: int, count: int) -> bytes:
+    return b"".join(device.read(offset, size).to_bytes(size, "little") for _ in range(count))
+
+
+def _write_values(device: BusDevice, offset: int, size: int, values: list[int]) -> None:
+    for v in values:
+        device.write(offset, size, v)

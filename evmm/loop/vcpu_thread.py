@@ -17,10 +17,10 @@ import signal
 import threading
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any
 
 from evmm import exitcodes
-from evmm.devices.bus import Bus, Mapping, SplitDevice
+from evmm.devices.bus import Bus
 from evmm.errors import EvmmError
 from evmm.kvm import exits
 from evmm.loop.channel import ChannelClosed, ExitChannel
@@ -58,19 +58,6 @@ class StopRequest:
 
 
 StopFn = Callable[[int, str], None]
-
-
-def _split(data: bytes, size: int) -> list[int]:
-    return [int.from_bytes(data[i : i + size], "little") for i in range(0, len(data), size)]
-
-
-def _write_values(m: Mapping, offset: int, size: int, values: list[int]) -> None:
-    for v in values:
-        m.device.write(offset, size, v)
-
-
-def _read_values(m: Mapping, offset: int, size: int, count: int) -> bytes:
-    return b"".join(m.device.read(offset, size).to_bytes(size, "little") for _ in range(count))
 
 
 class VcpuThread:
@@ -183,6 +170,7 @@ class VcpuThread:
     def _loop(self) -> None:
         vcpu = self.vcpu
         io_in, io_out, mmio_r, mmio_w = exits.IoIn, exits.IoOut, exits.MmioRead, exits.MmioWrite
+        pio, mmio, on_reactor = self._pio, self._mmio, self._on_reactor
         if not self._park_if_asked():
             return
         while True:
@@ -191,16 +179,22 @@ class VcpuThread:
             t = type(ex)
             if t is io_out:
                 assert isinstance(ex, io_out)
-                self._pio_out(ex.port, ex.size, ex.data)
+                if ex.count == 1:
+                    pio.write(ex.port, ex.size, int.from_bytes(ex.data, "little"), on_reactor)
+                else:
+                    pio.write_string(ex.port, ex.size, ex.data, on_reactor)
             elif t is io_in:
                 assert isinstance(ex, io_in)
-                vcpu.complete_io_in(self._pio_in(ex.port, ex.size, ex.count))
+                if ex.count == 1:
+                    vcpu.complete_io_in(pio.read(ex.port, ex.size, on_reactor).to_bytes(ex.size, "little"))
+                else:
+                    vcpu.complete_io_in(pio.read_string(ex.port, ex.size, ex.count, on_reactor))
             elif t is mmio_w:
                 assert isinstance(ex, mmio_w)
-                self._mmio_write(ex.addr, ex.size, ex.data)
+                mmio.write(ex.addr, ex.size, int.from_bytes(ex.data, "little"), on_reactor)
             elif t is mmio_r:
                 assert isinstance(ex, mmio_r)
-                vcpu.complete_mmio_read(self._mmio_read(ex.addr, ex.size))
+                vcpu.complete_mmio_read(mmio.read(ex.addr, ex.size, on_reactor).to_bytes(ex.size, "little"))
             elif t is exits.Interrupted:
                 if not self._park_if_asked():
                     return
@@ -229,49 +223,7 @@ class VcpuThread:
 
     # ---- dispatch ------------------------------------------------------------------------------------------
 
-    def _pio_out(self, port: int, size: int, data: bytes) -> None:
-        m = self._pio.find(port)
-        if m is None:
-            return
-        values = _split(data, size) if len(data) != size else [int.from_bytes(data, "little")]
-        if m.inline:
-            _write_values(m, port - m.base, size, values)
-        else:
-            self.reactor_calls += 1
-            self._channel.call(_write_values, m, port - m.base, size, values)
-
-    def _pio_in(self, port: int, size: int, count: int) -> bytes:
-        m = self._pio.find(port)
-        if m is None:
-            return b"\xff" * (size * count)  # nothing decodes the port: the bus floats high
-        if m.inline:
-            return _read_values(m, port - m.base, size, count)
+    def _on_reactor(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """What the buses call for a register the reactor serves: the exit channel, counted."""
         self.reactor_calls += 1
-        result: bytes = self._channel.call(_read_values, m, port - m.base, size, count)
-        return result
-
-    def _mmio_write(self, addr: int, size: int, data: bytes) -> None:
-        m = self._mmio.find(addr)
-        if m is None:
-            return
-        value = int.from_bytes(data, "little")
-        if m.inline:
-            m.device.write(addr - m.base, size, value)
-        elif m.split and cast(SplitDevice, m.device).write_inline(addr - m.base, size, value):
-            return
-        else:
-            self.reactor_calls += 1
-            self._channel.call(m.device.write, addr - m.base, size, value)
-
-    def _mmio_read(self, addr: int, size: int) -> bytes:
-        m = self._mmio.find(addr)
-        if m is None:
-            return b"\xff" * size
-        if m.inline:
-            value = m.device.read(addr - m.base, size)
-        elif m.split and (fast := cast(SplitDevice, m.device).read_inline(addr - m.base, size)) is not None:
-            value = fast
-        else:
-            self.reactor_calls += 1
-            value = self._channel.call(m.device.read, addr - m.base, size)
-        return int(value).to_bytes(size, "little")
+        return self._channel.call(fn, *args)
