@@ -1,15 +1,20 @@
-"""Address buses: port I/O and MMIO ranges mapped to devices.
+"""Address buses: port I/O and MMIO ranges mapped to devices, and the thread each access is served on.
 
 A device sees offsets into its own range, never absolute addresses, and two devices may not claim overlapping
 ranges (Firecracker's bus does the same).  The buses are filled by the machine builder before the first vCPU
 runs; lookups are then read-only, so vCPU threads may resolve addresses without taking a lock.
+
+Threads: the reactor owns device state, so an access is served there (the vCPU waits for the answer), except
+where the device declares in ``on_vcpu`` that it serves the register on the vCPU thread that trapped the
+access.  The bus reads that declaration once, at ``insert``, and ``read``/``write`` follow it: the one place
+that decides which thread serves which register.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from evmm.errors import ConfigError
 from evmm.record import record
@@ -23,28 +28,37 @@ def here(fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
 
+@record(frozen=True)
+class OnVcpu:
+    """The accesses a device serves on the vCPU thread that trapped them instead of on the reactor.
+
+    Only for registers whose state the device guards itself (a lock, or one field read or written whole) and
+    that never block: a vCPU is in the middle of an instruction.  Worth it where an exit is hot: the UART
+    (several exits per console byte), virtio-mmio's InterruptStatus and InterruptAck (two exits per
+    interrupt), the ACPI power block (power-off must work while the reactor is busy).
+    """
+
+    everything: bool = False
+    reads: frozenset[int] = frozenset()  # offsets whose reads, of any width, are served on the vCPU
+    writes: frozenset[int] = frozenset()
+
+
+ON_REACTOR = OnVcpu()
+EVERYTHING_ON_VCPU = OnVcpu(everything=True)
+
+
 class BusDevice(Protocol):
     """A register-level device: reads and writes at an offset inside its range.
 
     ``size`` is the access width in bytes (1, 2 or 4 for port I/O; 1, 2, 4 or 8 for MMIO); values are
     little-endian integers of that width.  A device must never raise on guest input: undefined registers read
-    as all ones or zero and ignore writes, as hardware does.
+    as all ones or zero and ignore writes, as hardware does.  A device that serves some registers on the vCPU
+    thread says which in an ``on_vcpu`` attribute (an ``OnVcpu``); without one, all go to the reactor.
     """
 
     def read(self, offset: int, size: int) -> int: ...
 
     def write(self, offset: int, size: int, value: int) -> None: ...
-
-
-class SplitDevice(BusDevice, Protocol):
-    """A device whose hottest registers are safe on the vCPU thread, and the rest belong to the reactor.
-
-    ``read_inline`` returns None and ``write_inline`` False for a register it leaves to the reactor.
-    """
-
-    def read_inline(self, offset: int, size: int) -> int | None: ...
-
-    def write_inline(self, offset: int, size: int, value: int) -> bool: ...
 
 
 @record(frozen=True)
@@ -53,13 +67,7 @@ class Mapping:
     length: int
     device: BusDevice
     name: str
-    # Handled on the vCPU thread that trapped the access instead of on the reactor.  Only for devices that
-    # guard their own state with a lock and do no blocking I/O: the UART, whose console output costs several
-    # exits per byte, and the ACPI power block, which must work even while the reactor is busy.
-    inline: bool = False
-    # A ``SplitDevice``: the vCPU thread tries its inline registers first (virtio-mmio's InterruptStatus and
-    # InterruptAck, two exits per interrupt), and hands only the others to the reactor.
-    split: bool = False
+    on_vcpu: OnVcpu = ON_REACTOR  # the device's declaration, read once at insert
 
     @property
     def end(self) -> int:
@@ -74,21 +82,13 @@ class Bus:
         self._bases: list[int] = []
         self._maps: list[Mapping] = []
 
-    def insert(
-        self,
-        base: int,
-        length: int,
-        device: BusDevice,
-        name: str,
-        *,
-        inline: bool = False,
-        split: bool = False,
-    ) -> None:
+    def insert(self, base: int, length: int, device: BusDevice, name: str) -> None:
         if length <= 0:
             raise ConfigError(f"{self.name} bus: {name} has an empty range at {base:#x}")
-        if split and not (hasattr(device, "read_inline") and hasattr(device, "write_inline")):
-            raise ConfigError(f"{self.name} bus: {name} has no inline registers to split on")
-        m = Mapping(base, length, device, name, inline, split)
+        on_vcpu = getattr(device, "on_vcpu", ON_REACTOR)
+        if not isinstance(on_vcpu, OnVcpu):
+            raise ConfigError(f"{self.name} bus: {name}'s on_vcpu is not an OnVcpu")
+        m = Mapping(base, length, device, name, on_vcpu)
         i = bisect.bisect_right(self._bases, base)
         for other in self._maps[max(i - 1, 0) : i + 1]:
             if other.base < m.end and m.base < other.end:
@@ -130,12 +130,9 @@ class Bus:
         if m is None:
             return (1 << (8 * size)) - 1
         offset = addr - m.base
-        if m.inline:
+        where = m.on_vcpu
+        if where.everything or offset in where.reads:
             return m.device.read(offset, size)
-        if m.split:
-            value = cast(SplitDevice, m.device).read_inline(offset, size)
-            if value is not None:
-                return value
         result: int = on_reactor(m.device.read, offset, size)
         return result
 
@@ -145,9 +142,10 @@ class Bus:
         if m is None:
             return
         offset = addr - m.base
-        if m.inline:
+        where = m.on_vcpu
+        if where.everything or offset in where.writes:
             m.device.write(offset, size, value)
-        elif not (m.split and cast(SplitDevice, m.device).write_inline(offset, size, value)):
+        else:
             on_reactor(m.device.write, offset, size, value)
 
     def read_string(self, addr: int, size: int, count: int, on_reactor: OnReactor = here) -> bytes:
@@ -155,9 +153,10 @@ class Bus:
         m = self.find(addr)
         if m is None:
             return b"\xff" * (size * count)
-        if m.inline:
-            return _read_values(m.device, addr - m.base, size, count)
-        result: bytes = on_reactor(_read_values, m.device, addr - m.base, size, count)
+        offset = addr - m.base
+        if m.on_vcpu.everything or offset in m.on_vcpu.reads:
+            return _read_values(m.device, offset, size, count)
+        result: bytes = on_reactor(_read_values, m.device, offset, size, count)
         return result
 
     def write_string(self, addr: int, size: int, data: bytes, on_reactor: OnReactor = here) -> None:
@@ -166,10 +165,11 @@ class Bus:
         if m is None:
             return
         values = [int.from_bytes(data[i : i + size], "little") for i in range(0, len(data), size)]
-        if m.inline:
-            _write_values(m.device, addr - m.base, size, values)
+        offset = addr - m.base
+        if m.on_vcpu.everything or offset in m.on_vcpu.writes:
+            _write_values(m.device, offset, size, values)
         else:
-            on_reactor(_write_values, m.device, addr - m.base, size, values)
+            on_reactor(_write_values, m.device, offset, size, values)
 
 
 def _read_values(device: BusDevice, offset: int, size: int, count: int) -> bytes:

@@ -1,9 +1,9 @@
 """A vCPU thread: ``KVM_RUN`` in a loop, one dispatch on the exit, an explicit Running/Paused/Stopped state.
 
-Port I/O and MMIO exits go to the device on the bus.  Devices mapped ``inline`` (the UART, the ACPI power block:
-they lock their own state) are called right here, as are the few registers of a ``split`` device that are safe
-here (virtio-mmio's interrupt status and acknowledge); every other device is called on the reactor thread through
-the ``ExitChannel``, and the vCPU waits for the answer before re-entering the guest, because the guest's next
+Port I/O and MMIO exits go to the device on the bus (``Bus.read``/``write``), which serves each register on
+the thread its device declared (``OnVcpu``): the few a device guards itself (the UART, the ACPI power block,
+virtio-mmio's interrupt status and acknowledge) right here, every other one on the reactor thread through the
+``ExitChannel``, the vCPU waiting for the answer before re-entering the guest, because the guest's next
 instruction may depend on it.  The GIL is released while KVM_RUN runs, so vCPU threads and the reactor
 overlap.
 """
@@ -82,7 +82,7 @@ class VcpuThread:
         self._want_stop = False
         self.state = VcpuState.CREATED
         self.exit_count = 0  # exits to userspace
-        self.reactor_calls = 0  # of which handed to the reactor (the rest ran inline on this thread)
+        self.reactor_calls = 0  # of which served on the reactor (the rest on this thread)
         self._thread = threading.Thread(target=self._main, name=f"vcpu{self.index}", daemon=True)
 
     # ---- control, from any thread ------------------------------------------------------------------------

@@ -118,8 +118,7 @@ def _legacy_devices(
     if console is not None:
         console.add_source(fast.take)
     serial = Serial(KvmIrqLine(vm, layout.IRQ_COM1), fast.put, fast=fast)
-    # Inline: console output costs several exits per byte; the UART locks its own state.
-    pio.insert(COM1_BASE, 8, serial, "com1", inline=True)
+    pio.insert(COM1_BASE, 8, serial, "com1")
 
     rtc = Rtc(KvmIrqLine(vm, layout.IRQ_RTC))
     pio.insert(RTC_BASE, 2, rtc, "rtc")
@@ -130,7 +129,7 @@ def _legacy_devices(
     )
     pio.insert(I8042_DATA, 1, i8042.data_port, "i8042-data")
     pio.insert(I8042_COMMAND, 1, i8042.command_port, "i8042-command")
-    pio.insert(POST_PORT, 1, DebugPort(), "post", inline=True)
+    pio.insert(POST_PORT, 1, DebugPort(), "post")
 
     ged_irq = IrqfdInterrupt(vm, layout.IRQ_ACPI_GED)
     b.closers.append(ged_irq.close)
@@ -139,9 +138,9 @@ def _legacy_devices(
         on_poweroff=lambda: stop(exitcodes.EXIT_GUEST_POWEROFF, "guest powered off"),
         on_reset=lambda: stop(exitcodes.EXIT_GUEST_RESET, "guest reset"),
     )
-    mmio.insert(layout.ACPI_PM_BASE, layout.ACPI_PM_SIZE, acpi_pm, "acpi-pm", inline=True)
+    mmio.insert(layout.ACPI_PM_BASE, layout.ACPI_PM_SIZE, acpi_pm, "acpi-pm")
     boot_timer = BootTimer(boot_marker)
-    mmio.insert(layout.BOOT_TIMER_BASE, 0x1000, boot_timer, "boot-timer", inline=True)
+    mmio.insert(layout.BOOT_TIMER_BASE, 0x1000, boot_timer, "boot-timer")
     return {
         "serial": serial,
         "serial_fast": fast,
@@ -214,7 +213,7 @@ def _virtio_transports(
         b.closers.append(irq.close)
         t = VirtioMmio(device, memory, irq, loop, base, notify=notify, on_error=log.warning)
         b.closers.append(t.close)
-        mmio.insert(base, layout.VIRTIO_MMIO_SIZE, t, f"virtio-{name}", split=True)
+        mmio.insert(base, layout.VIRTIO_MMIO_SIZE, t, f"virtio-{name}")
         transports.append(t)
     return transports
 

@@ -39,7 +39,7 @@ def run(code: bytes) -> tuple[bytes, int, int, RecordingIrqLine, Serial]:
     irq = RecordingIrqLine()
     serial = Serial(irq, fast.put, fast=fast)
     with tiny_guest(code, data={MSG_ADDR: MESSAGE}) as t:
-        t.pio.insert(COM1, 8, serial, "com1", inline=True)
+        t.pio.insert(COM1, 8, serial, "com1")
         vcpu = t.machine.parts.vcpus[0]
         vcpu.attach_fast_path(fast)
         assert t.run().code == 0

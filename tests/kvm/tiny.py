@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from evmm.devices.bus import Bus
+from evmm.devices.bus import EVERYTHING_ON_VCPU, Bus
 from evmm.kvm import Kvm
 from evmm.loop.vcpu_thread import KICK_SIGNAL, StopRequest
 from evmm.machine.config import MachineConfig
@@ -41,6 +41,8 @@ class Tiny:
 
 class Finish:
     """Writing the finish port ends the VM with the value written as the exit code."""
+
+    on_vcpu = EVERYTHING_ON_VCPU  # Machine.stop is safe from any thread
 
     def __init__(self) -> None:
         self.machine: Machine | None = None
@@ -75,7 +77,7 @@ def tiny_guest(code: bytes, *, irqchip: bool = True, data: dict[int, bytes] | No
     vcpu.set_regs(regs)
     pio, mmio = Bus("pio"), Bus("mmio")
     finish = Finish()
-    pio.insert(FINISH_PORT, 1, finish, "finish", inline=True)
+    pio.insert(FINISH_PORT, 1, finish, "finish")
     loop, loop_errors = watched_loop("uvloop")
     parts = MachineParts(
         config=MachineConfig(kernel=Path("/dev/null")),

@@ -36,7 +36,7 @@ clear.  A THR write taken in C leaves the model's state as it was: THRE pending 
 (the byte leaves at once), and with them off the THRE-pending flag is unobservable (enabling them sets it).
 Without a fast path the model handles every access itself, as before.
 
-Threads: the UART is handled inline on vCPU threads while ``receive`` runs on the reactor.  All register
+Threads: the UART is served on vCPU threads (``on_vcpu``) while ``receive`` runs on the reactor.  All register
 state is guarded by one lock.  Nothing calls out while holding it: ``output``, the rx-space callback and
 ``irq.set_level`` run after it is released.  To keep level changes in order when two threads race, each
 change of the computed level gets a generation number under the state lock, and a second small lock applies
@@ -52,6 +52,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
+from evmm.devices.bus import EVERYTHING_ON_VCPU
 from evmm.devices.irq import IrqLine
 
 REGISTER_COUNT = 8  # ports base+0 .. base+7
@@ -123,6 +124,8 @@ class FastPath(Protocol):
 
 class Serial:
     """The UART at one 8-port range (COM1: 0x3F8, IRQ 4)."""
+
+    on_vcpu = EVERYTHING_ON_VCPU  # console output costs several exits per byte; one lock guards the state
 
     def __init__(self, irq: IrqLine, output: Callable[[bytes], None], fast: FastPath | None = None) -> None:
         self._irq = irq

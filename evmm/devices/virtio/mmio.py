@@ -2,7 +2,9 @@
 
 Runs on the reactor: register accesses arrive through the vCPU exit channel, queue kicks through ioeventfds
 (one per queue, KVM matching the queue index written to QueueNotify, so a kick never exits to userspace), and
-interrupts leave through an irqfd.  A device may hand a queue to a backend outside evmm (vhost): the queue's
+interrupts leave through an irqfd.  Two registers are served on the vCPU thread instead (``on_vcpu``):
+InterruptStatus and InterruptAck, which Linux's interrupt handler (vm_interrupt) reads and writes on every
+interrupt; they touch nothing but the interrupt status, under its own lock.  A device may hand a queue to a backend outside evmm (vhost): the queue's
 ioeventfd becomes the backend's kick, and the backend's call eventfd is read here and becomes an interrupt.
 """
 
@@ -14,6 +16,7 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
+from evmm.devices.bus import OnVcpu
 from evmm.devices.irq import Interrupt
 from evmm.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, DeviceContext, VirtioDevice
 from evmm.devices.virtio.queue import QueueBroken, QueueConfig, Virtqueue, check_queue_config
@@ -75,6 +78,8 @@ class NotifyRegistrar(Protocol):
 
 
 class VirtioMmio:
+    on_vcpu = OnVcpu(reads=frozenset({INTERRUPT_STATUS}), writes=frozenset({INTERRUPT_ACK}))
+
     def __init__(
         self,
         device: VirtioDevice,
@@ -95,8 +100,7 @@ class VirtioMmio:
         self._kick_fds: list[int] = []
         self._handed_kicks: dict[int, int] = {}  # queue -> kick eventfd a device handed to its backend
         self._call_fds: dict[int, int] = {}  # queue -> eventfd a backend writes to interrupt the driver
-        # InterruptStatus is read and acknowledged on vCPU threads (read_inline/write_inline) while the reactor
-        # sets bits: every read-modify-write of it holds this lock, so no bit set by one is lost to the other.
+        # InterruptStatus is read and acknowledged on vCPU threads (on_vcpu) while the reactor sets bits: every read-modify-write of it holds this lock, so no bit set by one is lost to the other.
         # (CPython 3.11 happens not to switch threads inside ``x |= y``; the language does not promise it.)
         self._isr_lock = threading.Lock()
         self._reset_state()
@@ -143,23 +147,7 @@ class VirtioMmio:
             }
         }
 
-    # ---- SplitDevice: the registers of Linux's interrupt handler, on the vCPU thread -------------------------
-
-    def read_inline(self, offset: int, size: int) -> int | None:
-        """InterruptStatus without a trip to the reactor: Linux's vm_interrupt reads it on every interrupt.
-
-        A bit the reactor sets just after this read comes with its own interrupt (it triggers the irqfd after
-        setting the bit), so the driver never misses one."""
-        if offset == INTERRUPT_STATUS and size == 4:
-            return self.interrupt_status
-        return None
-
-    def write_inline(self, offset: int, size: int, value: int) -> bool:
-        """InterruptAck, the other half of every interrupt (§4.2.2)."""
-        if offset == INTERRUPT_ACK and size == 4:
-            self._clear_interrupt(value)
-            return True
-        return False
+    # ---- interrupt status: read and acknowledged on vCPU threads, set on the reactor ----------------------
 
     def _set_interrupt(self, bits: int) -> None:
         with self._isr_lock:
@@ -172,6 +160,11 @@ class VirtioMmio:
     # ---- BusDevice ---------------------------------------------------------------------------------------
 
     def read(self, offset: int, size: int) -> int:
+        if offset == INTERRUPT_STATUS:
+            # On the vCPU thread (on_vcpu): nothing but the status word, which a reader sees whole.  A bit the
+            # reactor sets just after this read comes with its own interrupt (it triggers the irqfd after
+            # setting the bit), so the driver never misses one.
+            return self.interrupt_status if size == 4 else 0  # §4.2.2.2: 32-bit accesses only
         if offset >= CONFIG:
             return self._read_config(offset - CONFIG, size)
         if size != 4 or offset % 4:
@@ -196,8 +189,6 @@ class VirtioMmio:
             return dev.queue_sizes[self.queue_sel] if q is not None else 0
         if offset == QUEUE_READY:
             return int(q.ready) if q is not None else 0
-        if offset == INTERRUPT_STATUS:
-            return self.interrupt_status
         if offset == STATUS:
             return self.status
         if offset == CONFIG_GENERATION:
@@ -207,6 +198,10 @@ class VirtioMmio:
         return 0
 
     def write(self, offset: int, size: int, value: int) -> None:
+        if offset == INTERRUPT_ACK:
+            if size == 4:  # on the vCPU thread (on_vcpu), under the status lock
+                self._clear_interrupt(value)
+            return
         if offset >= CONFIG:
             self.device.write_config(offset - CONFIG, value.to_bytes(size, "little"))
             return
@@ -226,8 +221,6 @@ class VirtioMmio:
             self.queue_sel = value
         elif offset == QUEUE_NOTIFY:
             self.kick(value)
-        elif offset == INTERRUPT_ACK:
-            self._clear_interrupt(value)
         elif offset == STATUS:
             self._write_status(value)
         elif q is not None and not self.status & DRIVER_OK:
