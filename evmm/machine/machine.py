@@ -212,8 +212,8 @@ class Machine:
                 {
                     "index": t.index,
                     "state": t.state.value,
-                    "exits": t.exit_count + t.vcpu.fast_exits,
-                    "fast_exits": t.vcpu.fast_exits,
+                    "exits": t.exit_count + t.vcpu.hooked_exits,
+                    "fast_exits": t.vcpu.hooked_exits,  # answered in C by an exit hook (the UART's)
                     "registers": _registers(t, self.paused),
                 }
                 for t in self.threads
@@ -313,11 +313,11 @@ class Machine:
         stuck = [f"vcpu{t.index}" for t in self.threads if not t.join(JOIN_TIMEOUT)]
         for t in self.threads:
             log.debug(
-                "vcpu%d: %d exits to userspace: %d answered by the UART fast path in C, %d handled on the "
-                "reactor, the rest inline",
+                "vcpu%d: %d exits to userspace: %d answered in C by the UART's exit hook, %d served on the "
+                "reactor, the rest on the vCPU thread",
                 t.index,
-                t.exit_count + t.vcpu.fast_exits,
-                t.vcpu.fast_exits,
+                t.exit_count + t.vcpu.hooked_exits,
+                t.vcpu.hooked_exits,
                 t.reactor_calls,
             )
         if self.boot_time_ms is not None:

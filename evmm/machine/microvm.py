@@ -23,11 +23,11 @@ from evmm.devices.legacy.debug_port import DebugPort
 from evmm.devices.legacy.i8042 import I8042
 from evmm.devices.legacy.rtc import Rtc
 from evmm.devices.legacy.serial import Serial
+from evmm.devices.legacy.serial_fast import UartFastPath
 from evmm.devices.virtio.device import VirtioDevice
 from evmm.devices.virtio.mmio import VirtioMmio
 from evmm.errors import ConfigError, KvmError
 from evmm.kvm import Kvm, Vm
-from evmm.kvm.uart_fast import UartFastPath
 from evmm.log import log
 from evmm.loop.console import ConsoleIO
 from evmm.machine.cmdline import merge_cmdline
@@ -291,7 +291,7 @@ def build_microvm(
         assert isinstance(fast, UartFastPath)
         for v in vcpus:
             setup_vcpu(v, supported, config.cpus)
-            v.attach_fast_path(fast)
+            v.set_exit_hooks([fast])
         setup_boot_vcpu(vcpus[0], plan)
 
         devices["virtio"] = transports

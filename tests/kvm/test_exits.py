@@ -7,9 +7,13 @@ import struct
 import threading
 import time
 
+from cffi import FFI
+
 from evmm import exitcodes
 from evmm.devices.bus import EVERYTHING_ON_VCPU, ON_REACTOR, OnVcpu
 from tests.kvm.tiny import CODE_ADDR, FINISH_PORT, tiny_guest
+
+_ffi = FFI()  # ABI mode: for a callback that stands in for a hook's C function
 
 
 class Recorder:
@@ -110,6 +114,47 @@ def test_a_device_serves_the_registers_it_declares_on_the_vcpu_thread_and_the_re
         assert struct.unpack("<H", t.memory.read(0x502, 2))[0] == 0xC0DE
         reactor = threading.current_thread().name
         assert dev.by_thread == [(reactor, "w", 0x10), ("vcpu0", "r", 0x20)]
+
+
+class CallbackHook:
+    """An exit hook whose "C function" is a cffi callback into Python: the generic hook on a real KVM_RUN."""
+
+    pio = False
+
+    def __init__(self, base: int, length: int, answer: int) -> None:
+        self.base, self.length = base, length
+        self.seen: list[tuple[int, int, int]] = []
+
+        def access(ctx: object, is_write: int, offset: int, size: int, data: object) -> int:
+            self.seen.append((is_write, offset, size))
+            if is_write:
+                return 0  # left to Python
+            _ffi.memmove(data, answer.to_bytes(size, "little"), size)
+            return 1
+
+        self._fn = _ffi.callback("int(void *, int, uint64_t, uint32_t, uint8_t *)", access)
+
+    @property
+    def c_function(self) -> int:
+        return int(_ffi.cast("uintptr_t", self._fn))
+
+    @property
+    def c_context(self) -> int:
+        return 0
+
+
+def test_an_exit_hook_answers_the_accesses_it_takes_and_leaves_the_rest_to_python() -> None:
+    with tiny_guest(PROGRAM, data={0x600: b"hello"}) as t:
+        dev = Recorder()
+        t.mmio.insert(0x20000, 0x100, dev, "test-mmio")
+        hook = CallbackHook(0x20020, 4, 0xF00D)
+        vcpu = t.machine.parts.vcpus[0]
+        vcpu.set_exit_hooks([hook])
+        assert t.run().code == 7
+        assert struct.unpack("<H", t.memory.read(0x502, 2))[0] == 0xF00D  # the hook's answer
+        assert hook.seen == [(0, 0, 2)]  # only the read inside its range, as an offset
+        assert dev.reads == [] and dev.writes == [(0x10, 2, 0x1234)]  # the write outside it reached Python
+        assert vcpu.hooked_exits == 1
 
 
 def test_unclaimed_ports_and_mmio_read_all_ones() -> None:

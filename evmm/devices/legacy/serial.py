@@ -29,12 +29,12 @@ data: as "received data available" at or above the FCR trigger level and as "cha
 since no further character will arrive to fill the FIFO (the 4-character timeout is taken as elapsed).
 
 Fast path: the two accesses Linux's console makes per byte (read LSR, write THR) may be answered in C on the
-vCPU thread (evmm/kvm/uart_fast.py) when they change nothing the model must compute: ``_sync_fast`` tells C,
-after every change of state, whether a THR write now leaves the interrupt line alone (DLAB clear, no
+vCPU thread (serial_fast.py and serial_fast.c) when they change nothing the model must compute: ``_sync_fast``
+tells C, after every change of state, whether a THR write now leaves the interrupt line alone (DLAB clear, no
 loopback, THRE interrupts off or already pending) and what an LSR read returns when it has no errors to
 clear.  A THR write taken in C leaves the model's state as it was: THRE pending if THRE interrupts are on
 (the byte leaves at once), and with them off the THRE-pending flag is unobservable (enabling them sets it).
-Without a fast path the model handles every access itself, as before.
+Without a fast path the model handles every access itself.
 
 Threads: the UART is served on vCPU threads (``on_vcpu``) while ``receive`` runs on the reactor.  All register
 state is guarded by one lock.  Nothing calls out while holding it: ``output``, the rx-space callback and
@@ -117,7 +117,7 @@ _RESET_DIVISOR = 0x0C  # 9600 baud from the 1.8432 MHz clock; the divisor has no
 
 
 class FastPath(Protocol):
-    """What the model tells the C fast path (evmm.kvm.uart_fast.UartFastPath) and hears back from it."""
+    """What the model tells the C fast path (serial_fast.UartFastPath)."""
 
     def set(self, thr_fast: bool, lsr_fast: bool, lsr: int) -> None: ...
 
