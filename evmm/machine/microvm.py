@@ -2,7 +2,8 @@
 
 The only place that wires parts together: KVM objects, guest memory, buses, devices and their interrupt lines,
 firmware tables and the boot state.  Devices get what they need (an interrupt line, a callback); none of them
-reaches back into the machine.
+reaches back into the machine: those that stop it get the ``Lifecycle`` made before them, which the machine
+attaches to once built.  What the machine itself acts on it gets as typed handles (``Devices``).
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ from evmm.log import log
 from evmm.loop.console import ConsoleIO
 from evmm.machine.cmdline import merge_cmdline
 from evmm.machine.config import MachineConfig, check_cpus
+from evmm.machine.devices import Devices
 from evmm.machine.hotplug import HotplugSlot, make_empty_blk, make_empty_net
 from evmm.machine.interrupts import IrqfdInterrupt, KvmIrqLine, KvmNotifyRegistrar
+from evmm.machine.lifecycle import Lifecycle
 from evmm.machine.machine import Machine, MachineParts
 from evmm.memory import GuestMemory
 from evmm.record import record
@@ -43,8 +46,6 @@ RTC_BASE = 0x70
 I8042_DATA = 0x60
 I8042_COMMAND = 0x64
 POST_PORT = 0x80
-
-StopFn = Callable[[int, str], None]
 
 
 def default_cmdline(tsc_khz: int, console: str) -> list[str]:
@@ -102,6 +103,16 @@ class _Build:
         self.kvm.close()
 
 
+@record(frozen=True)
+class _Legacy:
+    """The board's ISA and ACPI devices, as the builder wires them further."""
+
+    serial: Serial
+    serial_fast: UartFastPath
+    i8042: I8042
+    acpi_pm: AcpiPm
+
+
 def _legacy_devices(
     b: _Build,
     vm: Vm,
@@ -109,9 +120,8 @@ def _legacy_devices(
     mmio: Bus,
     loop: asyncio.AbstractEventLoop,
     console: ConsoleIO | None,
-    stop: StopFn,
-    boot_marker: Callable[[], None],
-) -> dict[str, object]:
+    lifecycle: Lifecycle,
+) -> _Legacy:
     # The UART's output ring lives with its C fast path (LSR reads and THR writes answered on the vCPU
     # thread); the console drains it.  Without a console nobody drains it: output is dropped once it fills.
     fast = UartFastPath(COM1_BASE, console.wake_fd if console is not None else -1)
@@ -125,7 +135,7 @@ def _legacy_devices(
     rtc.set_timer_callback(_reactor_timer(loop, rtc.poll))
 
     i8042 = I8042(
-        KvmIrqLine(vm, layout.IRQ_KEYBOARD), lambda: stop(exitcodes.EXIT_GUEST_RESET, "guest reset")
+        KvmIrqLine(vm, layout.IRQ_KEYBOARD), lambda: lifecycle.stop(exitcodes.EXIT_GUEST_RESET, "guest reset")
     )
     pio.insert(I8042_DATA, 1, i8042.data_port, "i8042-data")
     pio.insert(I8042_COMMAND, 1, i8042.command_port, "i8042-command")
@@ -135,20 +145,12 @@ def _legacy_devices(
     b.closers.append(ged_irq.close)
     acpi_pm = AcpiPm(
         ged=ged_irq,
-        on_poweroff=lambda: stop(exitcodes.EXIT_GUEST_POWEROFF, "guest powered off"),
-        on_reset=lambda: stop(exitcodes.EXIT_GUEST_RESET, "guest reset"),
+        on_poweroff=lambda: lifecycle.stop(exitcodes.EXIT_GUEST_POWEROFF, "guest powered off"),
+        on_reset=lambda: lifecycle.stop(exitcodes.EXIT_GUEST_RESET, "guest reset"),
     )
     mmio.insert(layout.ACPI_PM_BASE, layout.ACPI_PM_SIZE, acpi_pm, "acpi-pm")
-    boot_timer = BootTimer(boot_marker)
-    mmio.insert(layout.BOOT_TIMER_BASE, 0x1000, boot_timer, "boot-timer")
-    return {
-        "serial": serial,
-        "serial_fast": fast,
-        "rtc": rtc,
-        "i8042": i8042,
-        "acpi_pm": acpi_pm,
-        "boot_timer": boot_timer,
-    }
+    mmio.insert(layout.BOOT_TIMER_BASE, 0x1000, BootTimer(lifecycle.boot_marker), "boot-timer")
+    return _Legacy(serial, fast, i8042, acpi_pm)
 
 
 def _make_virtio_devices(
@@ -235,16 +237,7 @@ def build_microvm(
     kvm_path: str = "/dev/kvm",
 ) -> Machine:
     b = _Build(Kvm(kvm_path))
-    machine_ref: list[Machine] = []
-
-    def stop(code: int, message: str) -> None:
-        if machine_ref:
-            machine_ref[0].stop(code, message)
-
-    def boot_marker() -> None:
-        if machine_ref:
-            machine_ref[0].record_boot_marker()
-
+    lifecycle = Lifecycle()
     try:
         kvm = b.kvm
         kvm.require()
@@ -265,7 +258,7 @@ def build_microvm(
             vm.set_user_memory_region(slot, region.gpa, region.buffer)
 
         pio, mmio = Bus("pio"), Bus("mmio")
-        devices = _legacy_devices(b, vm, pio, mmio, loop, console, stop, boot_marker)
+        legacy = _legacy_devices(b, vm, pio, mmio, loop, console, lifecycle)
         slots = _make_hotplug_slots(config)
         virtio = _make_virtio_devices(config, stdio) + [(slot.id, slot.device) for slot in slots]
         transports = _virtio_transports(b, vm, memory, mmio, loop, virtio)
@@ -287,14 +280,17 @@ def build_microvm(
         cmdline = merge_cmdline(config.cmdline, defaults)
         plan = load_linux(memory, config.kernel, config.initrd, cmdline, tables.rsdp_addr)
         supported = kvm.supported_cpuid()
-        fast = devices["serial_fast"]
-        assert isinstance(fast, UartFastPath)
         for v in vcpus:
             setup_vcpu(v, supported, config.cpus)
-            v.set_exit_hooks([fast])
+            v.set_exit_hooks([legacy.serial_fast])
         setup_boot_vcpu(vcpus[0], plan)
 
-        devices["virtio"] = transports
+        hvc = None
+        if config.console is not None:
+            from evmm.devices.virtio.console import VirtioConsole
+
+            hvc = next(d for _, d in virtio if isinstance(d, VirtioConsole))
+        devices = Devices(acpi_pm=legacy.acpi_pm, i8042=legacy.i8042, virtio_console=hvc, slots=slots)
         parts = MachineParts(
             config=config,
             kvm=kvm,
@@ -305,15 +301,12 @@ def build_microvm(
             mmio=mmio,
             cmdline=cmdline,
             devices=devices,
+            lifecycle=lifecycle,
             closers=b.closers,
-            slots=slots,
         )
         machine = Machine(parts, loop)
-        machine_ref.append(machine)
         if console is not None:
-            serial = devices["serial"]
-            assert isinstance(serial, Serial)
-            console.attach_input(serial)
+            console.attach_input(legacy.serial)
         return machine
     except BaseException:
         b.abort()

@@ -17,6 +17,7 @@ from evmm.devices.bus import EVERYTHING_ON_VCPU, Bus
 from evmm.kvm import Kvm
 from evmm.loop.vcpu_thread import KICK_SIGNAL, StopRequest
 from evmm.machine.config import MachineConfig
+from evmm.machine.lifecycle import Lifecycle
 from evmm.machine.machine import Machine, MachineParts
 from evmm.memory import GuestMemory
 from tests.loops import watched_loop
@@ -44,15 +45,14 @@ class Finish:
 
     on_vcpu = EVERYTHING_ON_VCPU  # Machine.stop is safe from any thread
 
-    def __init__(self) -> None:
-        self.machine: Machine | None = None
+    def __init__(self, lifecycle: Lifecycle) -> None:
+        self._lifecycle = lifecycle
 
     def read(self, offset: int, size: int) -> int:
         return 0
 
     def write(self, offset: int, size: int, value: int) -> None:
-        assert self.machine is not None
-        self.machine.stop(value, "finish port")
+        self._lifecycle.stop(value, "finish port")
 
 
 @contextmanager
@@ -76,7 +76,8 @@ def tiny_guest(code: bytes, *, irqchip: bool = True, data: dict[int, bytes] | No
     regs.rip, regs.rflags, regs.rsp = CODE_ADDR, 0x2, 0xF000
     vcpu.set_regs(regs)
     pio, mmio = Bus("pio"), Bus("mmio")
-    finish = Finish()
+    lifecycle = Lifecycle()
+    finish = Finish(lifecycle)
     pio.insert(FINISH_PORT, 1, finish, "finish")
     loop, loop_errors = watched_loop("uvloop")
     parts = MachineParts(
@@ -87,9 +88,9 @@ def tiny_guest(code: bytes, *, irqchip: bool = True, data: dict[int, bytes] | No
         vcpus=[vcpu],
         pio=pio,
         mmio=mmio,
+        lifecycle=lifecycle,
     )
     machine = Machine(parts, loop)
-    finish.machine = machine
     try:
         yield Tiny(machine, memory, pio, mmio, loop)
     finally:
