@@ -308,7 +308,13 @@ def test_input_from_a_regular_file(tmp_path: Path, loop: asyncio.AbstractEventLo
     with script.open("rb") as f:
         dev = VirtioConsole(FdBackend(f.fileno(), out_w))  # epoll refuses regular files
         g = Guest(dev, loop)
-        pump(loop, lambda: bool(g.read()) or bytes(g.input) == b"uname -a\npoweroff\n")
+
+        def whole() -> bool:
+            g.read()
+            return bytes(g.input) == b"uname -a\npoweroff\n"
+
+        pump(loop, whole)  # raises if the whole file does not arrive
+        assert bytes(g.input) == b"uname -a\npoweroff\n"
         dev.reset()
         dev.close()
     os.close(out_r)
