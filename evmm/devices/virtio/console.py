@@ -12,7 +12,6 @@ read at all until the driver posts more and kicks (backpressure instead of loss)
 
 from __future__ import annotations
 
-import logging
 import struct
 
 from evmm.config.devspec import ConsoleSpec
@@ -26,8 +25,7 @@ from evmm.devices.virtio.device import (
     VirtioDevice,
 )
 from evmm.errors import ConfigError
-
-log = logging.getLogger("evmm")
+from evmm.log import log
 
 RECEIVEQ, TRANSMITQ = 0, 1
 QUEUE_SIZE = 256

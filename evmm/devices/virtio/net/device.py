@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 import os
 import struct
 from typing import Protocol
@@ -31,10 +30,9 @@ from evmm.devices.virtio.net import header as h
 from evmm.devices.virtio.net.tap import tap_offloads
 from evmm.devices.virtio.queue import QueueBroken, Virtqueue
 from evmm.errors import GuestMemoryError
+from evmm.log import log
 from evmm.memory import GuestMemory
 from evmm.record import record
-
-log = logging.getLogger("evmm")  # evmm's logger: its handler prints "evmm: ..." on stderr
 
 RX = 0
 TX = 1
@@ -338,7 +336,7 @@ class VirtioNet(VirtioDevice):
             if self._read_errors < READ_ERRORS:
                 return False
             log.warning(
-                f"{self.name}: reading the tap keeps failing ({e.strerror}); retrying in {READ_RETRY:g} s"
+                "%s: reading the tap keeps failing (%s); retrying in %g s", self.name, e.strerror, READ_RETRY
             )
             self._read_errors = 0
             self._set_reader(False)

@@ -9,7 +9,6 @@ stalls the queue; an RX buffer too small for a header is completed empty.
 
 from __future__ import annotations
 
-import logging
 import struct
 
 from evmm.devices.virtio.chain import DescriptorChain, InvalidChain
@@ -18,9 +17,8 @@ from evmm.devices.virtio.queue import Virtqueue
 from evmm.devices.virtio.vsock.event import EventQueue
 from evmm.devices.virtio.vsock.muxer import VsockMuxer
 from evmm.devices.virtio.vsock.packet import HDR_SIZE, parse_header
+from evmm.log import log
 from evmm.memory import GuestMemory
-
-log = logging.getLogger("evmm")
 
 RX_QUEUE, TX_QUEUE, EVENT_QUEUE = 0, 1, 2
 QUEUE_SIZE = 256

@@ -17,7 +17,6 @@ The ioctls, in order:
 
 from __future__ import annotations
 
-import logging
 import struct
 from collections.abc import Sequence
 from typing import Protocol
@@ -32,9 +31,8 @@ from evmm.devices.virtio.vsock.device import (
     VIRTIO_VSOCK_F_STREAM,
 )
 from evmm.devices.virtio.vsock.event import EventQueue
+from evmm.log import log
 from evmm.memory import MemoryRegion
-
-log = logging.getLogger("evmm")
 
 VIRTIO_VSOCK_F_SEQPACKET = 1 << 1  # §5.10.3
 # What evmm may pass on from vhost's features: the ring features its transport and Virtqueue implement, and
