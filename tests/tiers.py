@@ -1,9 +1,11 @@
 """The test tiers: ``unit`` (no KVM), ``kvm`` (the host's /dev/kvm, tiny guests), ``linux`` (boots Linux).
 
-Where the host's KVM cannot boot Linux (a PVM-based /dev/kvm) but QEMU is installed, every selected linux-tier
-test runs in ONE boot of the KVM test host: the first of them starts an inner ``python -m pytest NODEIDS``
-through ``evmm testhost run`` with a shared results directory, and each outer item then reports its own inner
-outcome.  Tests marked ``host_side`` (the test host's own tests) always run out here instead.
+Where the host's KVM cannot boot Linux (a PVM-based /dev/kvm) but QEMU is installed, the selected linux-tier
+tests are shared out among KVM test hosts running side by side (``EVMM_TESTHOST_SHARDS``, two by default),
+each booted once unless it is lost (``Boots``): the first test starts, per test host, an inner
+``python -m pytest NODEIDS`` through ``evmm testhost run`` with a shared results directory, and each outer item
+then reports its own inner outcome.  Tests marked ``host_side`` (the test host's own tests) always run out
+here instead.
 """
 
 from __future__ import annotations
