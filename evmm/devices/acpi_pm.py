@@ -31,7 +31,7 @@ from evmm.arch.x86.layout import (
     ACPI_RESET_VALUE,
     ACPI_S5_SLP_TYP,
 )
-from evmm.devices.bus import EVERYTHING_ON_VCPU
+from evmm.devices.bus import EVERYTHING_ON_VCPU, read_bytewise, write_bytewise
 from evmm.devices.irq import Interrupt
 
 SLP_TYP_SHIFT = 2
@@ -61,14 +61,10 @@ class AcpiPm:
         self._ged.trigger()
 
     def read(self, offset: int, size: int) -> int:
-        value = 0
-        for i in range(size):
-            value |= self._read_byte(offset + i) << (8 * i)
-        return value
+        return read_bytewise(self._read_byte, offset, size)
 
     def write(self, offset: int, size: int, value: int) -> None:
-        for i in range(size):
-            self._write_byte(offset + i, (value >> (8 * i)) & 0xFF)
+        write_bytewise(self._write_byte, offset, size, value)
 
     def _read_byte(self, reg: int) -> int:
         with self._lock:

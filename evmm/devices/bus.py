@@ -61,6 +61,21 @@ class BusDevice(Protocol):
     def write(self, offset: int, size: int, value: int) -> None: ...
 
 
+def read_bytewise(read_byte: Callable[[int], int], offset: int, size: int) -> int:
+    """A read wider than an 8-bit device's registers: a byte cycle to each register it covers, the lowest
+    address in the lowest byte (as an ISA bus splits it)."""
+    value = 0
+    for i in range(size):
+        value |= read_byte(offset + i) << (8 * i)
+    return value
+
+
+def write_bytewise(write_byte: Callable[[int, int], None], offset: int, size: int, value: int) -> None:
+    """A write wider than an 8-bit device's registers, split as ``read_bytewise`` splits a read."""
+    for i in range(size):
+        write_byte(offset + i, (value >> (8 * i)) & 0xFF)
+
+
 @record(frozen=True)
 class Mapping:
     base: int

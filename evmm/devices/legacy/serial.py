@@ -52,7 +52,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-from evmm.devices.bus import EVERYTHING_ON_VCPU
+from evmm.devices.bus import EVERYTHING_ON_VCPU, read_bytewise, write_bytewise
 from evmm.devices.irq import IrqLine
 
 REGISTER_COUNT = 8  # ports base+0 .. base+7
@@ -184,14 +184,10 @@ class Serial:
     def read(self, offset: int, size: int) -> int:
         # An 8-bit ISA device: a wider access is split into byte cycles, and bytes past the last register
         # float high.
-        value = 0
-        for i in range(size):
-            value |= self._read_byte(offset + i) << (8 * i)
-        return value
+        return read_bytewise(self._read_byte, offset, size)
 
     def write(self, offset: int, size: int, value: int) -> None:
-        for i in range(size):
-            self._write_byte(offset + i, (value >> (8 * i)) & 0xFF)
+        write_bytewise(self._write_byte, offset, size, value)
 
     def _read_byte(self, reg: int) -> int:
         if not 0 <= reg < REGISTER_COUNT:
