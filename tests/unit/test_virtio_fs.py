@@ -447,3 +447,39 @@ def test_a_reply_that_does_not_fit_is_an_error(client: FuseClient) -> None:
     assert a.error == -errno.EINVAL and a.used_len == 16
     a = client.call(fc.GETATTR, ROOT, bytes(16), 40)  # fuse_attr_out is 104 bytes
     assert a.error == -errno.EOVERFLOW and a.used_len == 16
+
+
+def test_destroy_never_closes_an_fd_a_request_in_flight_uses(
+    client: FuseClient, share: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hostile DESTROY (or FORGET, RELEASE) while a READ runs: the fd is closed after the read, not under
+    it (a closed number could be reused by evmm for another file, and the read would reach that one)."""
+    from evmm.devices.virtio.fs import ops
+
+    f, fh = client.create(ROOT, "f")
+    client.write(f.nodeid, fh, 0, b"0123456789")
+    handle = client.dev.table.handle(fh, False)
+    assert handle is not None
+    io_fd, path_fd = handle.fd, handle.inode.fd
+    started, go = threading.Event(), threading.Event()
+    real = ops.read_into
+
+    def slow_read(fd: int, views: list[memoryview], offset: int) -> int:
+        started.set()
+        assert go.wait(10)
+        return real(fd, views, offset)
+
+    monkeypatch.setattr(ops, "read_into", slow_read)
+    read = client.post(fc.READ, f.nodeid, struct.pack("<QQIIQII", fh, 0, 10, 0, 0, 0, 0), 10)
+    client.drv.kick(1)
+    assert started.wait(10)
+    assert client.call(fc.DESTROY, 0).error == 0  # answered at once, while the read waits
+    os.fstat(io_fd)  # both fds still open
+    os.fstat(path_fd)
+    go.set()
+    ((head, length, data),) = client.wait(client.q, 1)
+    assert head == read and data[16:length] == b"0123456789"
+    for fd in (io_fd, path_fd):
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    assert client.dev.table.inodes == 1 and client.dev.table.handles == 0

@@ -158,7 +158,7 @@ class VirtioFs(VirtioDevice):
         self._drain()
         if ctx is not None:
             ctx.reactor.remove_reader(self._workers.fd)
-        self.table.clear()
+        self.table.forget_all()
         self.server.initialized = False
         super().reset()
 

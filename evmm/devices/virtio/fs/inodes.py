@@ -171,20 +171,18 @@ class InodeTable:
             h.fd = -1
             self.unpin(h.inode)
 
-    def clear(self) -> None:
-        """Close every handle and inode but the root (DESTROY, or the device's reset).  Nothing may be pinned:
-        the caller has waited for the requests in flight."""
+    def forget_all(self) -> None:
+        """Release every handle and forget every inode but the root (DESTROY, the device's reset).  What a
+        request in flight still pins is closed when that request finishes, never under it."""
         for h in list(self._handles.values()):
-            h.pins = 0
             self.release(h.fh, h.is_dir)
         for inode in list(self._by_id.values()):
-            inode.nlookup = 0
-            inode.pins = 0
-            self._maybe_drop(inode)
-        self._next_id = max(self._next_id, ROOT_ID + 1)
+            if inode is not self.root:
+                inode.nlookup = 0
+                self._maybe_drop(inode)
 
     def close(self) -> None:
-        self.clear()
+        self.forget_all()
         if self.root.fd >= 0:
             os.close(self.root.fd)
             self.root.fd = -1

@@ -144,7 +144,7 @@ class FsServer:
         return Reply(payload=fuse.init_out(a.flags & wanted, a.max_readahead, MAX_WRITE, MAX_PAGES))
 
     def _destroy(self, req: Request, data: list[memoryview]) -> Reply:
-        self.table.clear()
+        self.table.forget_all()
         self.initialized = False
         return Reply()
 
