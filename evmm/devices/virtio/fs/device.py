@@ -21,8 +21,9 @@ from evmm.devices.virtio.blk.backend import IoWorkers
 from evmm.devices.virtio.chain import Descriptor, DescriptorChain, InvalidChain
 from evmm.devices.virtio.device import COMMON_FEATURES, DeviceContext, VirtioDevice
 from evmm.devices.virtio.fs import fuse
+from evmm.devices.virtio.fs.base import MAX_WRITE, Finish, Job, Reply
 from evmm.devices.virtio.fs.inodes import InodeTable
-from evmm.devices.virtio.fs.server import MAX_WRITE, Finish, FsServer, Job, Reply
+from evmm.devices.virtio.fs.server import FsServer
 from evmm.devices.virtio.queue import QueueBroken, Virtqueue
 from evmm.log import log
 from evmm.memory import GuestMemory
