@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -156,17 +157,24 @@ class FsRow:
             "size": f"{self.seq_mib}M",
             "ioengine": "psync",
         }
+        # Each step says something: under the test host a run takes longer than its stall limit (600 s of
+        # silence), and what is said is its sign of life.
+        say = ctx.say
+        started = time.monotonic()
         with launch(side, spec, f"{side.name}-fs", watch) as vm:
-            vm.wait_for(READY, max(ctx.boot_timeout, BOOT_TIMEOUT))
+            _, ready = vm.wait_for(READY, max(ctx.boot_timeout, BOOT_TIMEOUT))
+            say(f"fs {side.name}: ready after {ready - started:.0f} s")
             vm.wait_for(PROMPT, 60)
             vm.check(MOUNT[side.vmm] + " && mkdir /mnt/meta", 60)
             text = vm.check(fio_argv("seqwrite", rw="write", end_fsync=1, **seq), JOB_TIMEOUT)
             out.work["fs.seqwrite"], out.values["fs.seqwrite"] = bytes_per_second(text, "seqwrite")
             out.values["fs.seqwrite"] /= 1e6
+            say(f"fs {side.name}: seqwrite {out.values['fs.seqwrite']:.3g} MB/s")
             vm.check("sync; echo 3 > /proc/sys/vm/drop_caches", 60)
             text = vm.check(fio_argv("seqread", rw="read", **seq), JOB_TIMEOUT)
             out.work["fs.seqread"], out.values["fs.seqread"] = bytes_per_second(text, "seqread")
             out.values["fs.seqread"] /= 1e6
+            say(f"fs {side.name}: seqread {out.values['fs.seqread']:.3g} MB/s")
             ops, seconds = 0, 0.0
             for engine in ("filecreate", "filestat", "filedelete"):
                 job = fio_argv(
@@ -175,12 +183,12 @@ class FsRow:
                 )  # fmt: skip
                 n, s = ops_and_seconds(vm.check(job, JOB_TIMEOUT), engine)
                 ops, seconds = ops + n, seconds + s
+                say(f"fs {side.name}: {engine} {n} files in {s:.3g} s")
             out.work["fs.meta"] = ops
             out.values["fs.meta"] = ops / seconds if seconds > 0 else 0.0
             if sorted(p.name for p in share.iterdir()) != ["meta", "seq"] or any((share / "meta").iterdir()):
-                raise EvmmError(
-                    f"{side.name}: the share does not hold what the jobs left: {sorted(share.rglob('*'))[:5]}"
-                )
+                left = sorted(share.rglob("*"))[:5]
+                raise EvmmError(f"{side.name}: the share does not hold what the jobs left: {left}")
             vm.sendline("poweroff")
             vm.wait_exit(120)
         return out
