@@ -512,3 +512,11 @@ def test_a_flood_of_blocked_requests_leaves_the_reactor_free(
     assert all(struct.unpack_from("<Ii", data) == (16 + fc.ENTRY_SIZE, 0) for _, _, data in done)
     assert client.dev.table.inodes == 2 and client.dev.table.get(2) is not None
     assert client.dev.table.get(2).nlookup == 200  # type: ignore[union-attr]
+
+
+def test_two_shares_may_not_share_a_tag(tmp_path: Path) -> None:
+    from evmm.cli.run_cmd import _fss
+
+    assert [s.tag for s in _fss([f"path={tmp_path},tag=a", f"path={tmp_path},tag=b"])] == ["a", "b"]
+    with pytest.raises(ConfigError, match="tag='a' is given to two directories"):
+        _fss([f"path={tmp_path},tag=a", f"path={tmp_path}/x,tag=a"])
