@@ -180,6 +180,7 @@ class FsRow:
                 job = fio_argv(
                     engine, directory="/mnt/meta", ioengine=engine, nrfiles=self.files, filesize="4k",
                     bs="4k", openfiles=1, fallocate="none", filename_format="'f.$filenum'",
+                    create_on_open=1,  # else fio first lays out (writes) the empty files filestat finds
                 )  # fmt: skip
                 n, s = ops_and_seconds(vm.check(job, JOB_TIMEOUT), engine)
                 ops, seconds = ops + n, seconds + s
