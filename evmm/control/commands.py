@@ -5,9 +5,9 @@ validates the parameters, runs the handler on the reactor and turns every failur
 with an ``ErrorCode`` and a one-line message, so no request, however wrong, can take the VMM down.  Methods
 to come (snapshot, balloon, metrics) are ``register``-ed the same way, from their own modules.
 
-State changes a command causes are events for every subscriber.  The machine is expected to emit them itself
-(it knows its state best); where it did not (``Machine.pause`` does not emit yet), the core emits the event,
-once, after the call.
+State changes a command causes reach subscribers as the machine's own events (``state-changed`` from
+``Machine.pause``/``resume``/``run``/``stop``): the machine knows its state best, so it is the one place that
+announces it, as StratoVirt's ``notify_lifecycle`` does.
 """
 
 from __future__ import annotations
@@ -293,24 +293,13 @@ class Commands:
             return {"state": self.machine.state}
 
     async def _transition(self, state: str, change: Awaitable[None]) -> None:
-        """Await a pause or resume, then emit ``state-changed`` unless the machine already did."""
-        seen = False
-
-        def watch(event: str, data: dict[str, Any]) -> None:
-            nonlocal seen
-            seen = seen or (event == "state-changed" and data.get("state") == state)
-
-        unsubscribe = self.machine.subscribe(watch)
+        """Await a pause or resume; the machine announces the new state itself (``state-changed``)."""
         try:
             await asyncio.wait_for(change, self.pause_timeout)
         except TimeoutError:
             raise CommandError(
                 ErrorCode.FAILED, f"the vCPUs did not reach {state} within {self.pause_timeout:g} s"
             ) from None
-        finally:
-            unsubscribe()
-        if not seen:
-            self.machine.emit("state-changed", {"state": state})
 
     async def _shutdown(self, call: Call) -> dict[str, Any]:
         self._need("shutdown", "running", "paused")

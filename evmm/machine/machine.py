@@ -268,21 +268,26 @@ class Machine:
     # ---- pause / resume (reactor) ----------------------------------------------------------------------
 
     async def pause(self) -> None:
-        """Return once every vCPU is out of KVM_RUN and parked."""
+        """Return once every vCPU is out of KVM_RUN and parked, and announce it (``state-changed``)."""
         self.paused = True
         for t in self.threads:
             t.request_pause()
         await self._wait_for(
             lambda: all(t.state in (VcpuState.PAUSED, VcpuState.STOPPED) for t in self.threads)
         )
+        if self.state == "paused":  # not once stopped: the stop announces itself
+            self.emit("state-changed", {"state": "paused"})
 
     async def resume(self) -> None:
+        """Return once every vCPU runs again, and announce it (``state-changed``)."""
         self.paused = False
         for t in self.threads:
             t.resume()
         await self._wait_for(
             lambda: all(t.state in (VcpuState.RUNNING, VcpuState.STOPPED) for t in self.threads)
         )
+        if self.state == "running":
+            self.emit("state-changed", {"state": "running"})
 
     async def _wait_for(self, cond: Callable[[], bool]) -> None:
         if cond():

@@ -22,13 +22,11 @@ class FakeMachine:
         park_delay: float = 0.0,
         acpi: bool = True,
         i8042: bool = True,
-        emits_pause_events: bool = False,
         slots: tuple[str, ...] = ("hp-blk0", "hp-blk1", "hp-net0"),
     ) -> None:
         self.park_delay = park_delay
         self.acpi = acpi
         self.i8042 = i8042
-        self.emits_pause_events = emits_pause_events  # as Machine.pause may one day
         self.paused = False
         self.started = True
         self.stop_request: tuple[int, str] | None = None
@@ -56,13 +54,13 @@ class FakeMachine:
         self.pause_calls += 1
         self.paused = True
         await asyncio.sleep(self.park_delay)  # vCPUs leaving KVM_RUN
-        if self.emits_pause_events:
+        if self.state == "paused":  # as Machine.pause: the machine announces its own state
             self.emit("state-changed", {"state": "paused"})
 
     async def resume(self) -> None:
         self.paused = False
         await asyncio.sleep(self.park_delay)
-        if self.emits_pause_events:
+        if self.state == "running":
             self.emit("state-changed", {"state": "running"})
 
     def stop(self, code: int, message: str) -> None:

@@ -117,18 +117,6 @@ async def test_pause_answers_after_parking_and_resume(sock: Path, machine: FakeM
         assert await c.next_event(0.1) is None
 
 
-async def test_state_events_are_not_doubled_when_the_machine_emits_them(
-    sock: Path, machine: FakeMachine
-) -> None:
-    machine.emits_pause_events = True
-    async with Client(sock) as c:
-        await c.subscribe()
-        await c.call("pause")
-        await c.call("resume")
-        events = [await c.next_event(2), await c.next_event(2), await c.next_event(0.1)]
-        assert [e.data["state"] if e else None for e in events] == ["paused", "running", None]
-
-
 async def test_quit_and_reset_stop_the_machine_naming_the_client(sockdir: Path) -> None:
     for method, code in (("quit", EXIT_GUEST_POWEROFF), ("reset", EXIT_GUEST_RESET)):
         machine = FakeMachine()
