@@ -13,7 +13,6 @@ announces it, as StratoVirt's ``notify_lifecycle`` does.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import field
@@ -55,12 +54,10 @@ class ControlledMachine(Protocol):
 
     def subscribe(self, listener: Listener) -> Callable[[], None]: ...
 
-    def emit(self, event: str, data: dict[str, Any]) -> None: ...
-
 
 @runtime_checkable
 class HotplugMachine(Protocol):
-    """A machine with hot-replace slots (``evmm run --hotplug``)."""
+    """A machine with hot-replace slots (``evmm run --hotplug``); it announces each change (``device-changed``)."""
 
     def hotplug_slots(self) -> list[dict[str, Any]]: ...
 
@@ -348,13 +345,14 @@ class Commands:
         machine = self._hotplug(call.method)
         p = call.params
         slot = self._slot(call.method, machine, p["slot"])
-        spec = self._spec(slot, p)
-        return await self._change(machine, slot, "replaced", machine.replace_device, spec)
+        machine.replace_device(slot["id"], self._spec(slot, p))  # the machine announces device-changed
+        return self._slot(call.method, machine, slot["id"])
 
     async def _device_remove(self, call: Call) -> dict[str, Any]:
         machine = self._hotplug(call.method)
         slot = self._slot(call.method, machine, call.params["slot"])
-        return await self._change(machine, slot, "removed", machine.remove_device)
+        machine.remove_device(slot["id"])
+        return self._slot(call.method, machine, slot["id"])
 
     @staticmethod
     def _spec(slot: dict[str, Any], p: dict[str, Any]) -> DriveSpec | NetSpec:
@@ -385,36 +383,6 @@ class Commands:
         raise CommandError(
             ErrorCode.FAILED, f"device-replace: slot {sid} is of kind {kind!r}, which evmm cannot fill"
         )
-
-    async def _change(
-        self,
-        machine: HotplugMachine,
-        slot: dict[str, Any],
-        action: str,
-        fn: Callable[..., object],
-        *args: Any,
-    ) -> dict[str, Any]:
-        sid = slot["id"]
-        seen = False
-
-        def watch(event: str, data: dict[str, Any]) -> None:
-            nonlocal seen
-            seen = seen or (event == "device-changed" and data.get("slot") == sid)
-
-        unsubscribe = self.machine.subscribe(watch)
-        try:
-            done = fn(sid, *args)
-            if inspect.isawaitable(done):
-                await done
-        finally:
-            unsubscribe()
-        now = self._slot("device-" + action, machine, sid)
-        if not seen:
-            self.machine.emit(
-                "device-changed",
-                {"slot": sid, "kind": now.get("kind"), "action": action, "backend": now.get("backend")},
-            )
-        return now
 
     # ---- console --------------------------------------------------------------------------------------------
 

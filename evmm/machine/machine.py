@@ -238,14 +238,19 @@ class Machine:
         """Fill (or refill) a slot's backend while the guest runs; raises EvmmError with one line."""
         slot = self._slot(slot_id)
         slot.fill(spec)
-        self.emit("device-changed", {"slot": slot.id, "action": "replaced", "backend": slot.backend})
+        self._device_changed(slot, "replaced")
         return slot.describe()
 
     def remove_device(self, slot_id: str) -> dict[str, Any]:
         slot = self._slot(slot_id)
         slot.empty()
-        self.emit("device-changed", {"slot": slot.id, "action": "removed", "backend": None})
+        self._device_changed(slot, "removed")
         return slot.describe()
+
+    def _device_changed(self, slot: HotplugSlot, action: str) -> None:
+        self.emit(
+            "device-changed", {"slot": slot.id, "kind": slot.kind, "action": action, "backend": slot.backend}
+        )
 
     def device_list(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []

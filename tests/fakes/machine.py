@@ -110,7 +110,7 @@ class FakeMachine:
         for listener in list(self.listeners):
             listener(event, data)
 
-    # ---- hot-replace, as the lead's Machine will have it -------------------------------------------------
+    # ---- hot-replace, as Machine has it -------------------------------------------------------------------
 
     def hotplug_slots(self) -> list[dict[str, Any]]:
         return [dict(s) for s in self.slots.values()]
@@ -131,6 +131,7 @@ class FakeMachine:
             slot["backend"] = f"tap {spec.tap}"
         slot["occupied"] = True
         self.specs[slot_id] = spec
+        self._device_changed(slot, "replaced")
 
     def remove_device(self, slot_id: str) -> None:
         slot = self.slots[slot_id]
@@ -138,6 +139,11 @@ class FakeMachine:
             raise EvmmError(f"{slot_id} is already empty")
         slot.update(occupied=False, backend=None)
         self.specs.pop(slot_id, None)
+        self._device_changed(slot, "removed")
+
+    def _device_changed(self, slot: dict[str, Any], action: str) -> None:
+        data = {"slot": slot["id"], "kind": slot["kind"], "action": action, "backend": slot["backend"]}
+        self.emit("device-changed", data)  # as Machine does
 
 
 class FakeMachineWithoutHotplug:
