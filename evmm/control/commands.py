@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from evmm.errors import EvmmError
 from evmm.exitcodes import EXIT_GUEST_POWEROFF, EXIT_GUEST_RESET
@@ -88,6 +88,26 @@ _TYPE_NAMES: dict[type, str] = {
 }
 
 
+class Wording:
+    """How parameter faults are put to a client: evmm's words here; QMP's subclass uses QEMU's."""
+
+    type_names: ClassVar[Mapping[type, str]] = _TYPE_NAMES
+    nil_is_absent = True  # msgpack nil means "not given"; JSON null in QMP is a value of the wrong type
+
+    def unknown(self, method: str, key: str, known: Sequence[str]) -> str:
+        return f"{method}: unknown parameter {key!r} (takes {', '.join(known) or 'no parameters'})"
+
+    def missing(self, method: str, name: str) -> str:
+        return f"{method}: parameter {name!r} is required"
+
+    def wrong_type(self, method: str, name: str, value: object, expected: type) -> str:
+        got = _TYPE_NAMES.get(type(value), type(value).__name__)
+        return f"{method}: {name} is a {got}, not a {self.type_names[expected]}"
+
+
+EVMM_WORDING = Wording()
+
+
 @record(frozen=True)
 class Param:
     """One parameter: its type, whether it is required, its default, and for strings the allowed values."""
@@ -100,14 +120,11 @@ class Param:
     lo: int = 0
     hi: int = 1 << 31
 
-    def check(self, method: str, name: str, value: Any) -> Any:
+    def check(self, method: str, name: str, value: Any, wording: Wording = EVMM_WORDING) -> Any:
         if self.type is bytes and isinstance(value, str):
             value = value.encode()
         if (self.type is int and isinstance(value, bool)) or not isinstance(value, self.type):
-            got = _TYPE_NAMES.get(type(value), type(value).__name__)
-            raise CommandError(
-                ErrorCode.INVALID_PARAMS, f"{method}: {name} is a {got}, not a {_TYPE_NAMES[self.type]}"
-            )
+            raise CommandError(ErrorCode.INVALID_PARAMS, wording.wrong_type(method, name, value, self.type))
         if isinstance(value, int) and not isinstance(value, bool) and not self.lo <= value <= self.hi:
             raise CommandError(
                 ErrorCode.INVALID_PARAMS, f"{method}: {name}={value} is out of range ({self.lo} to {self.hi})"
@@ -131,23 +148,25 @@ class Param:
         return out
 
 
-def check_params(method: str, spec: Mapping[str, Param], params: Mapping[str, Any]) -> dict[str, Any]:
-    """Validated parameters with defaults filled in, or ``CommandError(INVALID_PARAMS)`` naming the first fault."""
+def check_params(
+    method: str, spec: Mapping[str, Param], params: Mapping[str, Any], wording: Wording = EVMM_WORDING
+) -> dict[str, Any]:
+    """Validated parameters with defaults filled in, or ``CommandError(INVALID_PARAMS)`` naming the first fault.
+
+    Every parameter of ``spec`` is in the result: an absent one as its default (None unless given).
+    """
     for key in params:
         if key not in spec:
-            takes = ", ".join(spec) or "no parameters"
-            raise CommandError(
-                ErrorCode.INVALID_PARAMS, f"{method}: unknown parameter {key!r} (takes {takes})"
-            )
+            raise CommandError(ErrorCode.INVALID_PARAMS, wording.unknown(method, key, list(spec)))
     out: dict[str, Any] = {}
     for name, p in spec.items():
-        value = params.get(name)
-        if value is None:
+        given = name in params and not (wording.nil_is_absent and params[name] is None)
+        if not given:
             if p.required:
-                raise CommandError(ErrorCode.INVALID_PARAMS, f"{method}: parameter {name!r} is required")
+                raise CommandError(ErrorCode.INVALID_PARAMS, wording.missing(method, name))
             out[name] = p.default
         else:
-            out[name] = p.check(method, name, value)
+            out[name] = p.check(method, name, params[name], wording)
     return out
 
 

@@ -18,12 +18,12 @@ import contextlib
 import itertools
 import json
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from evmm import exitcodes
-from evmm.control.commands import CommandError, Commands
+from evmm.control.commands import CommandError, Commands, Param, Wording, check_params
 from evmm.control.server import CLOSE_FLUSH, MAX_CLIENTS, MAX_QUEUED, bind_unix, peer_name
 from evmm.errors import ConfigError
 from evmm.log import log
@@ -212,27 +212,30 @@ class QmpError(Exception):
         self.desc = desc
 
 
-_JSON_TYPES: dict[type, str] = {str: "string", bool: "boolean", int: "int", dict: "object", list: "array"}
+class QmpWording(Wording):
+    """QEMU's words for argument faults (its QAPI input visitor's), which QMP tools match on."""
+
+    type_names: ClassVar[Mapping[type, str]] = {
+        str: "string",
+        bool: "boolean",
+        int: "int",
+        dict: "object",
+        list: "array",
+    }
+    nil_is_absent = False  # JSON null is a value, and not one any evmm QMP argument takes
+
+    def unknown(self, method: str, key: str, known: Sequence[str]) -> str:
+        return f"Parameter '{key}' is unexpected"
+
+    def missing(self, method: str, name: str) -> str:
+        return f"Parameter '{name}' is missing"
+
+    def wrong_type(self, method: str, name: str, value: object, expected: type) -> str:
+        return f"Invalid parameter type for '{name}', expected: {self.type_names[expected]}"
 
 
-def check_args(args: Mapping[str, Any], spec: Mapping[str, tuple[type, bool]]) -> dict[str, Any]:
-    """QMP argument checking with QEMU's own messages."""
-    for key in args:
-        if key not in spec:
-            raise QmpError("GenericError", f"Parameter '{key}' is unexpected")
-    out: dict[str, Any] = {}
-    for key, (typ, required) in spec.items():
-        if key not in args:
-            if required:
-                raise QmpError("GenericError", f"Parameter '{key}' is missing")
-            continue
-        value = args[key]
-        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-            raise QmpError(
-                "GenericError", f"Invalid parameter type for '{key}', expected: {_JSON_TYPES[typ]}"
-            )
-        out[key] = value
-    return out
+QMP_WORDING = QmpWording()
+_FILE_ARGS = {"driver": Param(str, required=True), "filename": Param(str, required=True), "aio": Param(str)}
 
 
 @record
@@ -284,24 +287,52 @@ class QmpServer:
         self._unsubscribe: Callable[[], None] | None = None
         self._last_state = commands.machine.state
         self.version, self.package = _evmm_version()
-        self.table: dict[str, QmpHandler] = {
-            "qmp_capabilities": self._capabilities,
-            "query-version": self._query_version,
-            "query-commands": self._query_commands,
-            "query-status": self._query_status,
-            "stop": self._core("pause"),
-            "cont": self._core("resume"),
-            "system_powerdown": self._core("shutdown", {"method": "acpi"}),
-            "system_reset": self._core("reset"),
-            "quit": self._core("quit"),
-            "query-block": self._query_block,
-            "blockdev-add": self._blockdev_add,
-            "blockdev-del": self._blockdev_del,
-            "netdev_add": self._netdev_add,
-            "netdev_del": self._netdev_del,
-            "device_add": self._device_add,
-            "device_del": self._device_del,
-        }
+        self.table: dict[str, tuple[QmpHandler, Mapping[str, Param]]] = {}
+        self._register("qmp_capabilities", self._capabilities, enable=Param(list))
+        self._register("query-version", self._query_version)
+        self._register("query-commands", self._query_commands)
+        self._register("query-status", self._query_status)
+        self._register("stop", self._core("pause"))
+        self._register("cont", self._core("resume"))
+        self._register("system_powerdown", self._core("shutdown", {"method": "acpi"}))
+        self._register("system_reset", self._core("reset"))
+        self._register("quit", self._core("quit"))
+        self._register("query-block", self._query_block)
+        # QEMU's form {"driver": "raw", "file": {"driver": "file", "filename": F}} and the flat
+        # {"driver": "file", "filename": F}; StratoVirt's adds "cache", which a raw image file ignores here.
+        self._register(
+            "blockdev-add",
+            self._blockdev_add,
+            **{"node-name": Param(str, required=True), "read-only": Param(bool, default=False)},
+            driver=Param(str),
+            file=Param(dict),
+            filename=Param(str),
+            cache=Param(dict),
+        )
+        self._register("blockdev-del", self._blockdev_del, **{"node-name": Param(str, required=True)})
+        self._register(
+            "netdev_add",
+            self._netdev_add,
+            id=Param(str, required=True),
+            type=Param(str, default="tap"),
+            ifname=Param(str, required=True),
+            script=Param(str, default="no"),
+            downscript=Param(str, default="no"),
+        )
+        self._register("netdev_del", self._netdev_del, id=Param(str, required=True))
+        self._register(
+            "device_add",
+            self._device_add,
+            driver=Param(str, required=True),
+            id=Param(str, required=True),
+            drive=Param(str),
+            netdev=Param(str),
+            mac=Param(str),
+        )
+        self._register("device_del", self._device_del, id=Param(str, required=True))
+
+    def _register(self, name: str, handler: QmpHandler, **args: Param) -> None:
+        self.table[name] = (handler, args)
 
     # ---- lifetime ---------------------------------------------------------------------------------------------
 
@@ -379,14 +410,20 @@ class QmpServer:
         reply: dict[str, Any]
         try:
             name, args = self._parse(message)
+            # As QEMU: qmp_capabilities is the only command before negotiation, and is gone after it.
             if not session.negotiated and name != "qmp_capabilities":
                 raise QmpError(
                     "CommandNotFound", "Expecting capabilities negotiation with 'qmp_capabilities'"
                 )
-            handler = self.table.get(name)
-            if handler is None:
+            if session.negotiated and name == "qmp_capabilities":
+                raise QmpError(
+                    "CommandNotFound", "Capabilities negotiation is already complete, command ignored"
+                )
+            entry = self.table.get(name)
+            if entry is None:
                 raise QmpError("CommandNotFound", f"The command {name} has not been found")
-            reply = {"return": await handler(session, args)}
+            handler, spec = entry
+            reply = {"return": await handler(session, check_params(name, spec, args, QMP_WORDING))}
         except QmpError as e:
             reply = {"error": {"class": e.cls, "desc": e.desc}}
         except CommandError as e:
@@ -440,31 +477,24 @@ class QmpServer:
 
     def _core(self, method: str, params: dict[str, Any] | None = None) -> QmpHandler:
         async def run(session: QmpSession, args: dict[str, Any]) -> Any:
-            check_args(args, {})
             await self.commands.call(method, params, client=session.name)
             return {}
 
         return run
 
     async def _capabilities(self, session: QmpSession, args: dict[str, Any]) -> Any:
-        if session.negotiated:
-            raise QmpError("CommandNotFound", "Capabilities negotiation is already complete, command ignored")
-        enable = check_args(args, {"enable": (list, False)}).get("enable", [])
-        for cap in enable:
+        for cap in args["enable"] or []:
             raise QmpError("GenericError", f"Capability '{cap}' not available")
         session.negotiated = True
         return {}
 
     async def _query_version(self, session: QmpSession, args: dict[str, Any]) -> Any:
-        check_args(args, {})
         return greeting(self.version, self.package)["QMP"]["version"]
 
     async def _query_commands(self, session: QmpSession, args: dict[str, Any]) -> Any:
-        check_args(args, {})
         return [{"name": name} for name in self.table]
 
     async def _query_status(self, session: QmpSession, args: dict[str, Any]) -> Any:
-        check_args(args, {})
         state = self.commands.machine.state
         return {"status": QMP_STATUS.get(state, state), "singlestep": False, "running": state == "running"}
 
@@ -474,7 +504,6 @@ class QmpServer:
         return slots
 
     async def _query_block(self, session: QmpSession, args: dict[str, Any]) -> Any:
-        check_args(args, {})
         out: list[dict[str, Any]] = []
         try:
             slots = await self._slots(session)
@@ -524,42 +553,27 @@ class QmpServer:
             }
         return entry
 
-    async def _blockdev_add(self, session: QmpSession, args: dict[str, Any]) -> Any:
-        # QEMU's form {"driver": "raw", "file": {"driver": "file", "filename": F}} and the flat
-        # {"driver": "file", "filename": F}; StratoVirt's adds "cache", which a raw image file ignores here.
-        a = check_args(
-            args,
-            {
-                "node-name": (str, True),
-                "driver": (str, False),
-                "file": (dict, False),
-                "filename": (str, False),
-                "read-only": (bool, False),
-                "cache": (dict, False),
-            },
-        )
+    async def _blockdev_add(self, session: QmpSession, a: dict[str, Any]) -> Any:
         node = a["node-name"]
         if node in self.nodes:
             raise QmpError("GenericError", f"Duplicate nodes with node-name='{node}'")
-        driver = a.get("driver", "raw" if "file" in a else "file")
+        driver = a["driver"] or ("raw" if a["file"] is not None else "file")
         if driver not in ("raw", "file"):
             raise QmpError("GenericError", f"blockdev-add: driver '{driver}' is not supported (raw or file)")
-        if "file" in a:
-            f = check_args(a["file"], {"driver": (str, True), "filename": (str, True), "aio": (str, False)})
-            if f["driver"] != "file" or "filename" in a:
+        if a["file"] is not None:
+            f = check_params("blockdev-add", _FILE_ARGS, a["file"], QMP_WORDING)
+            if f["driver"] != "file" or a["filename"] is not None:
                 raise QmpError("GenericError", "blockdev-add: give file: {driver: file, filename: PATH}")
             filename = f["filename"]
-        elif "filename" in a:
+        elif a["filename"] is not None:
             filename = a["filename"]
         else:
             raise QmpError("GenericError", "Parameter 'filename' is missing")
-        if not filename:
-            raise QmpError("GenericError", "blockdev-add: filename is empty")
-        self.nodes[node] = _Node(filename, a.get("read-only", False))
+        self.nodes[node] = _Node(filename, a["read-only"])
         return {}
 
     async def _blockdev_del(self, session: QmpSession, args: dict[str, Any]) -> Any:
-        node = check_args(args, {"node-name": (str, True)})["node-name"]
+        node = args["node-name"]
         entry = self.nodes.get(node)
         if entry is None:
             raise QmpError("GenericError", f"Failed to find node with node-name='{node}'")
@@ -568,20 +582,10 @@ class QmpServer:
         del self.nodes[node]
         return {}
 
-    async def _netdev_add(self, session: QmpSession, args: dict[str, Any]) -> Any:
-        a = check_args(
-            args,
-            {
-                "id": (str, True),
-                "type": (str, False),
-                "ifname": (str, True),
-                "script": (str, False),
-                "downscript": (str, False),
-            },
-        )
-        if a.get("type", "tap") != "tap":
+    async def _netdev_add(self, session: QmpSession, a: dict[str, Any]) -> Any:
+        if a["type"] != "tap":
             raise QmpError("GenericError", f"netdev_add: type '{a['type']}' is not supported (tap)")
-        if a.get("script", "no") != "no" or a.get("downscript", "no") != "no":
+        if a["script"] != "no" or a["downscript"] != "no":
             raise QmpError("GenericError", "netdev_add: evmm runs no scripts: give script=no, downscript=no")
         if a["id"] in self.netdevs:
             raise QmpError("GenericError", f"Duplicate ID '{a['id']}' for netdev")
@@ -589,7 +593,7 @@ class QmpServer:
         return {}
 
     async def _netdev_del(self, session: QmpSession, args: dict[str, Any]) -> Any:
-        nid = check_args(args, {"id": (str, True)})["id"]
+        nid = args["id"]
         entry = self.netdevs.get(nid)
         if entry is None:
             raise QmpError("GenericError", f"Device '{nid}' not found")
@@ -598,17 +602,7 @@ class QmpServer:
         del self.netdevs[nid]
         return {}
 
-    async def _device_add(self, session: QmpSession, args: dict[str, Any]) -> Any:
-        a = check_args(
-            args,
-            {
-                "driver": (str, True),
-                "id": (str, True),
-                "drive": (str, False),
-                "netdev": (str, False),
-                "mac": (str, False),
-            },
-        )
+    async def _device_add(self, session: QmpSession, a: dict[str, Any]) -> Any:
         driver, dev = a["driver"], a["id"]
         if dev in self.devices:
             raise QmpError("GenericError", f"Duplicate device ID '{dev}'")
@@ -634,7 +628,7 @@ class QmpServer:
         return {}
 
     def _drive_params(self, a: dict[str, Any]) -> dict[str, Any]:
-        if "drive" not in a or "netdev" in a or "mac" in a:
+        if a["drive"] is None or a["netdev"] is not None or a["mac"] is not None:
             raise QmpError(
                 "GenericError", "device_add: a virtio-blk device takes drive=NODE (from blockdev-add)"
             )
@@ -646,7 +640,7 @@ class QmpServer:
         return {"path": node.path, "readonly": node.readonly}
 
     def _net_params(self, a: dict[str, Any]) -> dict[str, Any]:
-        if "netdev" not in a or "drive" in a:
+        if a["netdev"] is None or a["drive"] is not None:
             raise QmpError(
                 "GenericError", "device_add: a virtio-net device takes netdev=ID (from netdev_add)"
             )
@@ -656,12 +650,12 @@ class QmpServer:
         if entry[1] is not None:
             raise QmpError("GenericError", f"Netdev '{a['netdev']}' is already in use by {entry[1]}")
         params: dict[str, Any] = {"tap": entry[0]}
-        if "mac" in a:
+        if a["mac"] is not None:
             params["mac"] = a["mac"]
         return params
 
     async def _device_del(self, session: QmpSession, args: dict[str, Any]) -> Any:
-        dev = check_args(args, {"id": (str, True)})["id"]
+        dev = args["id"]
         entry = self.devices.get(dev)
         if entry is None:
             raise QmpError("DeviceNotFound", f"Device '{dev}' not found")

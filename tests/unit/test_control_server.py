@@ -160,6 +160,7 @@ async def test_shutdown_presses_the_power_button_or_sends_ctrl_alt_del(
         ("frobnicate", {}, ErrorCode.METHOD_NOT_FOUND, "unknown method 'frobnicate'"),
         ("pause", {"now": True}, ErrorCode.INVALID_PARAMS, "unknown parameter 'now'"),
         ("device-remove", {}, ErrorCode.INVALID_PARAMS, "parameter 'slot' is required"),
+        ("device-remove", {"slot": None}, ErrorCode.INVALID_PARAMS, "parameter 'slot' is required"),
         ("device-remove", {"slot": 3}, ErrorCode.INVALID_PARAMS, "slot is a integer, not a string"),
         ("console-resize", {"rows": 0, "cols": 80}, ErrorCode.INVALID_PARAMS, "rows=0 is out of range"),
         ("console-resize", {"rows": True, "cols": 80}, ErrorCode.INVALID_PARAMS, "rows is a boolean"),

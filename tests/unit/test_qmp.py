@@ -293,6 +293,20 @@ async def test_net_hot_replace(qmp: QMPClient, machine: FakeMachine) -> None:
         ("device_del", {"id": "nope"}, "DeviceNotFound", "Device 'nope' not found"),
         ("device_del", {}, "GenericError", "Parameter 'id' is missing"),
         ("device_del", {"id": 3}, "GenericError", "Invalid parameter type for 'id', expected: string"),
+        ("device_del", {"id": None}, "GenericError", "Invalid parameter type for 'id', expected: string"),
+        ("cont", {"id": None}, "GenericError", "Parameter 'id' is unexpected"),
+        (
+            "blockdev-add",
+            {"node-name": "n", "filename": ""},
+            "GenericError",
+            "blockdev-add: filename must be 1 to 4096 characters",
+        ),
+        (
+            "blockdev-add",
+            {"node-name": "n", "file": {"driver": "file"}},
+            "GenericError",
+            "Parameter 'filename' is missing",
+        ),
         ("device_add", {"driver": "e1000", "id": "x"}, "GenericError", "driver 'e1000' is not supported"),
         ("device_add", {"driver": "virtio-blk-device", "id": "x"}, "GenericError", "takes drive=NODE"),
         (
