@@ -1,22 +1,18 @@
 """QMP, the QEMU Machine Protocol (qemu docs/interop/qmp-spec.rst), over evmm's command core.
 
 ``--qmp unix:PATH,server,nowait`` (QEMU's and StratoVirt's syntax) listens on PATH.  A client gets the greeting,
-must send ``qmp_capabilities``, and may then run the commands in ``QMP_COMMANDS``; ``stop``/``cont``/
+must send ``qmp_capabilities``, and may then run the commands in ``QmpServer.table``; ``stop``/``cont``/
 ``system_powerdown``/``system_reset``/``quit`` are the core's ``pause``/``resume``/``shutdown``/``reset``/
 ``quit``, and ``blockdev-add`` + ``device_add`` / ``device_del`` fill and empty microvm hot-replace slots.
 Machine events become ``STOP``, ``RESUME``, ``SHUTDOWN``, ``RESET`` and ``DEVICE_DELETED``.
 
-QMP is JSON objects back to back with no framing (QEMU parses a JSON stream; the ``qemu.qmp`` client sends no
-newline), so ``JsonSplitter`` finds where each object ends by tracking brackets and strings.  That part and the
-option parsing are pure; ``QmpServer`` is the asyncio side.
+The socket and the JSON stream are the RPC core's (evmm/rpc/server.py, evmm/rpc/qmp_wire.py); this module
+is what the commands mean.  The option parsing and the event mapping are pure; ``QmpServer`` is the asyncio
+side.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import itertools
-import json
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -24,14 +20,10 @@ from typing import Any, ClassVar
 
 from evmm import exitcodes
 from evmm.control.commands import CommandError, Commands, Param, Wording, check_params
-from evmm.control.server import CLOSE_FLUSH, MAX_CLIENTS, MAX_QUEUED, bind_unix, peer_name
 from evmm.errors import ConfigError
-from evmm.log import log
 from evmm.record import record
-
-MAX_MESSAGE = 1 << 20
-_WS = b" \t\r\n"
-
+from evmm.rpc.qmp_wire import QmpCodec, QmpError, event, greeting, parse_execute, qmp_error
+from evmm.rpc.server import RpcServer, Session
 
 # ---- the option --------------------------------------------------------------------------------------------
 
@@ -58,109 +50,6 @@ def parse_qmp_spec(text: str) -> Path:
     if seen.get("wait") != "off":
         raise ConfigError(f"--qmp {text!r}: evmm does not wait for a QMP client before booting: add ,nowait")
     return Path(path)
-
-
-# ---- the wire ------------------------------------------------------------------------------------------------
-
-
-@record(frozen=True)
-class JsonError:
-    """Input that is not a JSON object; ``fatal`` when no boundary can be trusted any more."""
-
-    message: str
-    fatal: bool = False
-
-
-class JsonSplitter:
-    """A byte stream of back-to-back JSON values in, each complete top-level value's bytes out."""
-
-    def __init__(self, max_size: int = MAX_MESSAGE) -> None:
-        self._buf = bytearray()
-        self._max = max_size
-        self._scan = 0  # bytes of _buf already scanned
-        self._depth = 0
-        self._in_string = False
-        self._escape = False
-        self._junk = False  # inside a run of bytes that cannot start a value
-        self.broken = False
-
-    def feed(self, data: bytes) -> list[bytes | JsonError]:
-        if self.broken:
-            return []
-        self._buf += data
-        out: list[bytes | JsonError] = []
-        i = self._scan
-        buf = self._buf
-        start = 0
-        while i < len(buf):
-            c = buf[i]
-            if self._depth == 0:
-                if c in (0x7B, 0x5B):  # { [
-                    self._junk = False
-                    start = i
-                    self._depth = 1
-                elif c in _WS:
-                    self._junk = False
-                    start = i + 1
-                else:
-                    if not self._junk:
-                        out.append(
-                            JsonError(f"JSON parse error: unexpected {chr(c)!r}; QMP input is JSON objects")
-                        )
-                    self._junk = True
-                    start = i + 1
-            elif self._in_string:
-                if self._escape:
-                    self._escape = False
-                elif c == 0x5C:  # backslash
-                    self._escape = True
-                elif c == 0x22:
-                    self._in_string = False
-            elif c == 0x22:
-                self._in_string = True
-            elif c in (0x7B, 0x5B):
-                self._depth += 1
-            elif c in (0x7D, 0x5D):
-                self._depth -= 1
-                if self._depth == 0:
-                    out.append(bytes(buf[start : i + 1]))
-                    start = i + 1
-            i += 1
-            if self._depth and i - start > self._max:
-                self.broken = True
-                self._buf.clear()
-                out.append(
-                    JsonError(f"QMP message over {self._max} bytes; closing the connection", fatal=True)
-                )
-                return out
-        del self._buf[:start]
-        self._scan = len(self._buf)
-        return out
-
-
-def decode_message(raw: bytes) -> dict[str, Any] | JsonError:
-    try:
-        value = json.loads(raw)
-    except (ValueError, RecursionError) as e:
-        return JsonError(f"JSON parse error: {e}")
-    if not isinstance(value, dict):
-        return JsonError("QMP input must be a JSON object")
-    return value
-
-
-def encode(message: Mapping[str, Any]) -> bytes:
-    return json.dumps(message, separators=(", ", ": ")).encode() + b"\r\n"
-
-
-def timestamp(now: float) -> dict[str, int]:
-    seconds = int(now)
-    return {"seconds": seconds, "microseconds": int((now - seconds) * 1_000_000)}
-
-
-def greeting(version: tuple[int, int, int], package: str) -> dict[str, Any]:
-    major, minor, micro = version
-    qemu = {"major": major, "minor": minor, "micro": micro}
-    return {"QMP": {"version": {"qemu": qemu, "package": package}, "capabilities": []}}
 
 
 def _evmm_version() -> tuple[tuple[int, int, int], str]:
@@ -205,13 +94,6 @@ QMP_STATUS = {"created": "prelaunch", "running": "running", "paused": "paused", 
 # ---- commands ----------------------------------------------------------------------------------------------
 
 
-class QmpError(Exception):
-    def __init__(self, cls: str, desc: str) -> None:
-        super().__init__(desc)
-        self.cls = cls
-        self.desc = desc
-
-
 class QmpWording(Wording):
     """QEMU's words for argument faults (its QAPI input visitor's), which QMP tools match on."""
 
@@ -249,23 +131,10 @@ BLK_DRIVERS = ("virtio-blk-device", "virtio-blk-mmio")
 NET_DRIVERS = ("virtio-net-device", "virtio-net-mmio")
 
 
-class QmpSession:
-    def __init__(self, name: str, writer: asyncio.StreamWriter) -> None:
-        self.name = name
-        self.writer = writer
-        self.negotiated = False
-        self.closed = False
+class QmpSession(Session):
+    """A QMP client: commands other than qmp_capabilities, and events, wait for its negotiation."""
 
-    def send(self, message: Mapping[str, Any]) -> None:
-        if self.closed or self.writer.is_closing():
-            return
-        data = encode(message)
-        if self.writer.transport.get_write_buffer_size() + len(data) > MAX_QUEUED:
-            log.warning("qmp: %s does not read its events; disconnecting it", self.name)
-            self.closed = True
-            self.writer.transport.abort()
-            return
-        self.writer.write(data)
+    negotiated = False
 
 
 QmpHandler = Callable[[QmpSession, dict[str, Any]], Awaitable[Any]]
@@ -276,14 +145,12 @@ class QmpServer:
 
     def __init__(self, commands: Commands, path: Path) -> None:
         self.commands = commands
-        self.path = path
-        self.sessions: dict[int, QmpSession] = {}
+        self.rpc = RpcServer(
+            path, "--qmp", QmpCodec(), QmpSession, self._handle, kind="QMP client", welcome=self._greet
+        )
         self.nodes: dict[str, _Node] = {}  # blockdev-add node-name -> image
         self.netdevs: dict[str, tuple[str, str | None]] = {}  # netdev id -> (ifname, device id using it)
         self.devices: dict[str, tuple[str, str]] = {}  # device_add id -> (slot, node or netdev)
-        self._numbers = itertools.count(1)
-        self._server: asyncio.AbstractServer | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
         self._unsubscribe: Callable[[], None] | None = None
         self._last_state = commands.machine.state
         self.version, self.package = _evmm_version()
@@ -337,79 +204,25 @@ class QmpServer:
     # ---- lifetime ---------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        sock = bind_unix(self.path, "--qmp")
-        try:
-            self._server = await asyncio.start_unix_server(self._accept, sock=sock)
-        except OSError as e:
-            sock.close()
-            raise ConfigError(f"--qmp {self.path}: {e}") from None
+        await self.rpc.start()
         self._unsubscribe = self.commands.machine.subscribe(self._on_event)
 
     async def close(self) -> None:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
-        if self._server is not None:
-            self._server.close()
-        for s in list(self.sessions.values()):
-            if not s.writer.is_closing():
-                with contextlib.suppress(OSError, ConnectionError, TimeoutError):
-                    await asyncio.wait_for(s.writer.drain(), CLOSE_FLUSH)
-            s.closed = True
-            s.writer.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._server = None
-        with contextlib.suppress(OSError):
-            self.path.unlink()
+        await self.rpc.close()
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        number = next(self._numbers)
-        session = QmpSession(peer_name("QMP client", number, writer), writer)
-        try:
-            if len(self.sessions) >= MAX_CLIENTS:
-                session.send({"error": {"class": "GenericError", "desc": f"over {MAX_CLIENTS} QMP clients"}})
-                return
-            self.sessions[number] = session
-            session.send(greeting(self.version, self.package))
-            await self._serve(session, reader)
-        except (ConnectionError, OSError):
-            pass
-        except asyncio.CancelledError:
-            pass  # close() ends every session this way; see ``ControlServer._accept`` for why not re-raised
-        finally:
-            self.sessions.pop(number, None)
-            self._tasks.discard(task)
-            if not session.closed:
-                session.closed = True
-                with contextlib.suppress(OSError, ConnectionError, TimeoutError):
-                    await asyncio.wait_for(writer.drain(), CLOSE_FLUSH)
-                writer.close()
+    def _greet(self, session: QmpSession) -> None:
+        session.send(greeting(self.version, self.package))
 
-    async def _serve(self, session: QmpSession, reader: asyncio.StreamReader) -> None:
-        splitter = JsonSplitter(MAX_MESSAGE)
-        while not session.closed:
-            data = await reader.read(1 << 16)
-            if not data:
-                return
-            for raw in splitter.feed(data):
-                message = decode_message(raw) if isinstance(raw, bytes) else raw
-                if isinstance(message, JsonError):
-                    session.send({"error": {"class": "GenericError", "desc": message.message}})
-                    if message.fatal:
-                        return
-                    continue
-                reply = await self._dispatch(session, message)
-                session.send(reply)
+    async def _handle(self, session: QmpSession, message: dict[str, Any]) -> None:
+        session.send(await self._dispatch(session, message))
 
     async def _dispatch(self, session: QmpSession, message: dict[str, Any]) -> dict[str, Any]:
         reply: dict[str, Any]
         try:
-            name, args = self._parse(message)
+            name, args = parse_execute(message)
             # As QEMU: qmp_capabilities is the only command before negotiation, and is gone after it.
             if not session.negotiated and name != "qmp_capabilities":
                 raise QmpError(
@@ -425,50 +238,32 @@ class QmpServer:
             handler, spec = entry
             reply = {"return": await handler(session, check_params(name, spec, args, QMP_WORDING))}
         except QmpError as e:
-            reply = {"error": {"class": e.cls, "desc": e.desc}}
+            reply = qmp_error(e.cls, e.desc)
         except CommandError as e:
-            reply = {"error": {"class": "GenericError", "desc": e.message}}
+            reply = qmp_error("GenericError", e.message)
         if "id" in message:
             reply["id"] = message["id"]
         return reply
 
-    @staticmethod
-    def _parse(message: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        for key in message:
-            if key not in ("execute", "arguments", "id"):
-                if key == "exec-oob":
-                    raise QmpError(
-                        "GenericError", "exec-oob needs the oob capability, which evmm does not offer"
-                    )
-                raise QmpError("GenericError", f"QMP input member '{key}' is unexpected")
-        name = message.get("execute")
-        if not isinstance(name, str):
-            raise QmpError("GenericError", "QMP input member 'execute' must be a string")
-        args = message.get("arguments", {})
-        if not isinstance(args, dict):
-            raise QmpError("GenericError", "QMP input member 'arguments' must be an object")
-        return name, args
-
     # ---- events ---------------------------------------------------------------------------------------------
 
     def _broadcast(self, name: str, data: dict[str, Any]) -> None:
-        message = {"event": name, "data": data, "timestamp": timestamp(time.time())}
-        for s in list(self.sessions.values()):
-            if s.negotiated:
-                s.send(message)
+        self.rpc.broadcast(
+            event(name, data, time.time()), (s for s in self.rpc.sessions.values() if s.negotiated)
+        )
 
-    def _on_event(self, event: str, data: dict[str, Any]) -> None:
-        if event == "state-changed":
+    def _on_event(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "state-changed":
             state = data.get("state")
             if state == "paused" and self._last_state != "paused":
                 self._broadcast("STOP", {})
             elif state == "running" and self._last_state == "paused":
                 self._broadcast("RESUME", {})
             self._last_state = str(state)
-        elif event == "shutdown":
+        elif kind == "shutdown":
             for name, payload in shutdown_events(int(data.get("code", 0)), self.commands.stop_cause):
                 self._broadcast(name, payload)
-        elif event == "device-changed" and data.get("action") == "removed":
+        elif kind == "device-changed" and data.get("action") == "removed":
             slot = str(data.get("slot"))
             dev = next((d for d, (s, _) in self.devices.items() if s == slot), slot)
             self._broadcast("DEVICE_DELETED", {"device": dev, "path": f"/machine/peripheral/{dev}"})

@@ -29,6 +29,7 @@ from evmm.control.prompt import CommandsTarget, EscapeMenu, Status, render
 from evmm.control.server import ControlServer
 from evmm.errors import EvmmError
 from evmm.exitcodes import EXIT_GUEST_POWEROFF, EXIT_GUEST_RESET
+from evmm.rpc import server as rpc_server
 from evmm.rpc.protocol import Decoder, encode_frame, request
 from tests.fakes.machine import FakeConsole, FakeMachine, FakeMachineWithoutHotplug
 
@@ -358,7 +359,7 @@ async def test_half_a_frame_then_gone(sock: Path) -> None:
 
 
 async def test_too_many_clients(sock: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server_mod, "MAX_CLIENTS", 2)
+    monkeypatch.setattr(rpc_server, "MAX_CLIENTS", 2)
     a, b = await Client(sock).connect(), await Client(sock).connect()
     await a.call("query-status")
     await b.call("query-status")
@@ -373,7 +374,7 @@ async def test_too_many_clients(sock: Path, monkeypatch: pytest.MonkeyPatch) -> 
 async def test_a_client_that_never_reads_is_dropped(
     sock: Path, console: FakeConsole, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(server_mod, "MAX_QUEUED", 1 << 16)
+    monkeypatch.setattr(rpc_server, "MAX_QUEUED", 1 << 16)
     sleeper = await Raw.open(sock)
     await sleeper.send(encode_frame(request(1, "console-attach")))
     reader_ok = await Client(sock).connect()

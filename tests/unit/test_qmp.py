@@ -1,5 +1,5 @@
-"""QMP (evmm/control/qmp.py) driven by the independent ``qemu.qmp`` client from PyPI, against a fake machine;
-plus the pure parts: the --qmp option, the JSON stream splitter, and the ShutdownCause mapping.
+"""QMP (evmm/control/qmp.py on the RPC core) driven by the independent ``qemu.qmp`` client from PyPI, against a
+fake machine; plus the pure parts: the --qmp option, the JSON stream splitter, and the ShutdownCause mapping.
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from qemu.qmp import ExecuteError, QMPClient
 
-from evmm.control import qmp as qmp_mod
 from evmm.control import start_control
-from evmm.control.qmp import JsonError, JsonSplitter, parse_qmp_spec, shutdown_events, timestamp
+from evmm.control.qmp import parse_qmp_spec, shutdown_events
 from evmm.errors import ConfigError
 from evmm.exitcodes import EXIT_GUEST_POWEROFF, EXIT_GUEST_RESET, EXIT_SIGTERM
+from evmm.rpc import qmp_wire
+from evmm.rpc import server as rpc_server
+from evmm.rpc.qmp_wire import JsonError, JsonSplitter, timestamp
 from tests.fakes.machine import FakeMachine
 
 # ---- the option -----------------------------------------------------------------------------------------------
@@ -104,7 +106,7 @@ def test_splitter_never_crashes_and_chunking_does_not_matter(data: bytes, cuts: 
     assert pieces == whole
     for item in whole:
         if isinstance(item, bytes):
-            qmp_mod.decode_message(item)  # a JsonError or a dict, never an exception
+            qmp_wire.decode_message(item)  # a JsonError or a dict, never an exception
 
 
 @settings(max_examples=200, deadline=None)
@@ -125,7 +127,7 @@ def test_splitter_never_crashes_and_chunking_does_not_matter(data: bytes, cuts: 
 def test_splitter_returns_every_object_sent(objects: list[dict[str, Any]]) -> None:
     stream = b"".join(json.dumps(o).encode() for o in objects)
     out = JsonSplitter().feed(stream)
-    assert [qmp_mod.decode_message(b) for b in out if isinstance(b, bytes)] == objects
+    assert [qmp_wire.decode_message(b) for b in out if isinstance(b, bytes)] == objects
 
 
 def test_timestamps_and_shutdown_causes() -> None:
@@ -422,7 +424,7 @@ async def test_bad_input_gets_an_error_and_the_session_goes_on(
 async def test_an_oversized_message_closes_the_connection(
     qmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(qmp_mod, "MAX_MESSAGE", 1000)
+    monkeypatch.setattr(qmp_wire, "MAX_MESSAGE", 1000)
     reader, writer, _ = await raw_session(qmp_path)
     answer = await exchange(reader, writer, b'{"execute": "' + b"x" * 2000)
     assert "over 1000 bytes" in answer["error"]["desc"]
@@ -432,6 +434,20 @@ async def test_an_oversized_message_closes_the_connection(
         await client.connect(str(qmp_path))
         assert (await run(client, "query-status"))["running"]
         await client.disconnect()
+
+
+async def test_too_many_clients_get_a_qmp_error_and_no_greeting(
+    qmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rpc_server, "MAX_CLIENTS", 1)
+    _, first, _ = await raw_session(qmp_path)
+    reader, writer = await asyncio.open_unix_connection(str(qmp_path))
+    lines = (await asyncio.wait_for(reader.read(), 5)).splitlines()  # the refusal, then EOF
+    assert [json.loads(x) for x in lines] == [
+        {"error": {"class": "GenericError", "desc": "over 1 QMP clients"}}
+    ]
+    writer.close()
+    first.close()
 
 
 async def test_qmp_and_msgpack_sockets_share_one_core(sockdir: Path) -> None:
