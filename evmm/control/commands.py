@@ -110,7 +110,8 @@ EVMM_WORDING = Wording()
 
 @record(frozen=True)
 class Param:
-    """One parameter: its type, whether it is required, its default, and for strings the allowed values."""
+    """One parameter: its type, whether it is required, its default, for strings the allowed values, and for
+    a map the parameters it holds (checked as the method's own are)."""
 
     type: type
     doc: str = ""
@@ -119,6 +120,7 @@ class Param:
     choices: tuple[str, ...] = ()
     lo: int = 0
     hi: int = 1 << 31
+    fields: Mapping[str, Param] | None = None
 
     def check(self, method: str, name: str, value: Any, wording: Wording = EVMM_WORDING) -> Any:
         if self.type is bytes and isinstance(value, str):
@@ -137,6 +139,8 @@ class Param:
                 )
             if not value or len(value) > 4096 or "\0" in value:
                 raise CommandError(ErrorCode.INVALID_PARAMS, f"{method}: {name} must be 1 to 4096 characters")
+        if self.fields is not None and isinstance(value, dict):
+            value = check_params(method, self.fields, value, wording)
         return value
 
     def schema(self) -> dict[str, Any]:

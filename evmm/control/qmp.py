@@ -20,8 +20,8 @@ from typing import Any, ClassVar
 
 from evmm import exitcodes
 from evmm.control.commands import CommandError, Commands, Param, Wording, check_params
+from evmm.control.qmp_devices import ARGS, DeviceBook
 from evmm.errors import ConfigError
-from evmm.record import record
 from evmm.rpc.qmp_wire import QmpCodec, QmpError, event, greeting, parse_execute, qmp_error
 from evmm.rpc.server import RpcServer, Session
 
@@ -117,18 +117,6 @@ class QmpWording(Wording):
 
 
 QMP_WORDING = QmpWording()
-_FILE_ARGS = {"driver": Param(str, required=True), "filename": Param(str, required=True), "aio": Param(str)}
-
-
-@record
-class _Node:
-    path: str
-    readonly: bool
-    user: str | None = None  # the device id using it
-
-
-BLK_DRIVERS = ("virtio-blk-device", "virtio-blk-mmio")
-NET_DRIVERS = ("virtio-net-device", "virtio-net-mmio")
 
 
 class QmpSession(Session):
@@ -148,9 +136,7 @@ class QmpServer:
         self.rpc = RpcServer(
             path, "--qmp", QmpCodec(), QmpSession, self._handle, kind="QMP client", welcome=self._greet
         )
-        self.nodes: dict[str, _Node] = {}  # blockdev-add node-name -> image
-        self.netdevs: dict[str, tuple[str, str | None]] = {}  # netdev id -> (ifname, device id using it)
-        self.devices: dict[str, tuple[str, str]] = {}  # device_add id -> (slot, node or netdev)
+        self.book = DeviceBook()
         self._unsubscribe: Callable[[], None] | None = None
         self._last_state = commands.machine.state
         self.version, self.package = _evmm_version()
@@ -165,38 +151,12 @@ class QmpServer:
         self._register("system_reset", self._core("reset"))
         self._register("quit", self._core("quit"))
         self._register("query-block", self._query_block)
-        # QEMU's form {"driver": "raw", "file": {"driver": "file", "filename": F}} and the flat
-        # {"driver": "file", "filename": F}; StratoVirt's adds "cache", which a raw image file ignores here.
-        self._register(
-            "blockdev-add",
-            self._blockdev_add,
-            **{"node-name": Param(str, required=True), "read-only": Param(bool, default=False)},
-            driver=Param(str),
-            file=Param(dict),
-            filename=Param(str),
-            cache=Param(dict),
-        )
-        self._register("blockdev-del", self._blockdev_del, **{"node-name": Param(str, required=True)})
-        self._register(
-            "netdev_add",
-            self._netdev_add,
-            id=Param(str, required=True),
-            type=Param(str, default="tap"),
-            ifname=Param(str, required=True),
-            script=Param(str, default="no"),
-            downscript=Param(str, default="no"),
-        )
-        self._register("netdev_del", self._netdev_del, id=Param(str, required=True))
-        self._register(
-            "device_add",
-            self._device_add,
-            driver=Param(str, required=True),
-            id=Param(str, required=True),
-            drive=Param(str),
-            netdev=Param(str),
-            mac=Param(str),
-        )
-        self._register("device_del", self._device_del, id=Param(str, required=True))
+        self._register("blockdev-add", self._blockdev_add, **ARGS["blockdev-add"])
+        self._register("blockdev-del", self._blockdev_del, **ARGS["blockdev-del"])
+        self._register("netdev_add", self._netdev_add, **ARGS["netdev_add"])
+        self._register("netdev_del", self._netdev_del, **ARGS["netdev_del"])
+        self._register("device_add", self._device_add, **ARGS["device_add"])
+        self._register("device_del", self._device_del, **ARGS["device_del"])
 
     def _register(self, name: str, handler: QmpHandler, **args: Param) -> None:
         self.table[name] = (handler, args)
@@ -265,7 +225,7 @@ class QmpServer:
                 self._broadcast(name, payload)
         elif kind == "device-changed" and data.get("action") == "removed":
             slot = str(data.get("slot"))
-            dev = next((d for d, (s, _) in self.devices.items() if s == slot), slot)
+            dev = self.book.device_in(slot) or slot
             self._broadcast("DEVICE_DELETED", {"device": dev, "path": f"/machine/peripheral/{dev}"})
 
     # ---- the commands ------------------------------------------------------------------------------------------
@@ -299,168 +259,38 @@ class QmpServer:
         return slots
 
     async def _query_block(self, session: QmpSession, args: dict[str, Any]) -> Any:
-        out: list[dict[str, Any]] = []
         try:
             slots = await self._slots(session)
         except CommandError:
             slots = []  # a machine without hot-replace slots
-        slot_ids = {s.get("id") for s in slots}
-        for dev in self.commands.machine.device_list():
-            # Cold-plugged disks, where the device describes itself with kind/path (see docs).
-            if dev.get("kind") == "blk" and dev.get("path") and dev.get("id") not in slot_ids:
-                out.append(
-                    self._block(
-                        str(dev.get("id") or dev["name"]), str(dev["path"]), bool(dev.get("readonly")), None
-                    )
-                )
-        for slot in slots:
-            if slot.get("kind") != "blk":
-                continue
-            qdev = next((d for d, (s, _) in self.devices.items() if s == slot["id"]), str(slot["id"]))
-            node = self.devices.get(qdev, (None, None))[1]
-            entry = self._block(
-                qdev,
-                slot.get("backend"),
-                bool(self.nodes[node].readonly) if node in self.nodes else False,
-                node,
-            )
-            out.append(entry)
-        return out
+        return self.book.query_block(self.commands.machine.device_list(), slots)
 
-    @staticmethod
-    def _block(qdev: str, path: str | None, readonly: bool, node: str | None) -> dict[str, Any]:
-        entry: dict[str, Any] = {
-            "device": "",
-            "qdev": qdev,
-            "locked": False,
-            "removable": False,
-            "type": "unknown",
-        }
-        if path:
-            entry["inserted"] = {
-                "file": path,
-                "node-name": node or qdev,
-                "ro": readonly,
-                "drv": "raw",
-                "encrypted": False,
-                "backing_file_depth": 0,
-                "detect_zeroes": "off",
-            }
-        return entry
-
-    async def _blockdev_add(self, session: QmpSession, a: dict[str, Any]) -> Any:
-        node = a["node-name"]
-        if node in self.nodes:
-            raise QmpError("GenericError", f"Duplicate nodes with node-name='{node}'")
-        driver = a["driver"] or ("raw" if a["file"] is not None else "file")
-        if driver not in ("raw", "file"):
-            raise QmpError("GenericError", f"blockdev-add: driver '{driver}' is not supported (raw or file)")
-        if a["file"] is not None:
-            f = check_params("blockdev-add", _FILE_ARGS, a["file"], QMP_WORDING)
-            if f["driver"] != "file" or a["filename"] is not None:
-                raise QmpError("GenericError", "blockdev-add: give file: {driver: file, filename: PATH}")
-            filename = f["filename"]
-        elif a["filename"] is not None:
-            filename = a["filename"]
-        else:
-            raise QmpError("GenericError", "Parameter 'filename' is missing")
-        self.nodes[node] = _Node(filename, a["read-only"])
+    async def _blockdev_add(self, session: QmpSession, args: dict[str, Any]) -> Any:
+        self.book.add_node(args)
         return {}
 
     async def _blockdev_del(self, session: QmpSession, args: dict[str, Any]) -> Any:
-        node = args["node-name"]
-        entry = self.nodes.get(node)
-        if entry is None:
-            raise QmpError("GenericError", f"Failed to find node with node-name='{node}'")
-        if entry.user is not None:
-            raise QmpError("GenericError", f"Node '{node}' is busy: device {entry.user} uses it")
-        del self.nodes[node]
+        self.book.del_node(args)
         return {}
 
-    async def _netdev_add(self, session: QmpSession, a: dict[str, Any]) -> Any:
-        if a["type"] != "tap":
-            raise QmpError("GenericError", f"netdev_add: type '{a['type']}' is not supported (tap)")
-        if a["script"] != "no" or a["downscript"] != "no":
-            raise QmpError("GenericError", "netdev_add: evmm runs no scripts: give script=no, downscript=no")
-        if a["id"] in self.netdevs:
-            raise QmpError("GenericError", f"Duplicate ID '{a['id']}' for netdev")
-        self.netdevs[a["id"]] = (a["ifname"], None)
+    async def _netdev_add(self, session: QmpSession, args: dict[str, Any]) -> Any:
+        self.book.add_netdev(args)
         return {}
 
     async def _netdev_del(self, session: QmpSession, args: dict[str, Any]) -> Any:
-        nid = args["id"]
-        entry = self.netdevs.get(nid)
-        if entry is None:
-            raise QmpError("GenericError", f"Device '{nid}' not found")
-        if entry[1] is not None:
-            raise QmpError("GenericError", f"netdev '{nid}' is used by device {entry[1]}")
-        del self.netdevs[nid]
+        self.book.del_netdev(args)
         return {}
 
-    async def _device_add(self, session: QmpSession, a: dict[str, Any]) -> Any:
-        driver, dev = a["driver"], a["id"]
-        if dev in self.devices:
-            raise QmpError("GenericError", f"Duplicate device ID '{dev}'")
-        if driver in BLK_DRIVERS:
-            kind, params, backend = "blk", self._drive_params(a), a["drive"]
-        elif driver in NET_DRIVERS:
-            kind, params, backend = "net", self._net_params(a), a["netdev"]
-        else:
-            choices = ", ".join(BLK_DRIVERS + NET_DRIVERS)
-            raise QmpError("GenericError", f"device_add: driver '{driver}' is not supported ({choices})")
-        free = [s for s in await self._slots(session) if s.get("kind") == kind and not s.get("occupied")]
-        if not free:
-            raise QmpError(
-                "GenericError", f"device_add: no free {kind} hot-replace slot (evmm run --hotplug {kind}=N)"
-            )
-        slot = str(free[0]["id"])
-        await self.commands.call("device-replace", {"slot": slot, **params}, client=session.name)
-        self.devices[dev] = (slot, backend)
-        if kind == "blk":
-            self.nodes[backend].user = dev
-        else:
-            self.netdevs[backend] = (self.netdevs[backend][0], dev)
+    async def _device_add(self, session: QmpSession, args: dict[str, Any]) -> Any:
+        plan = self.book.plan(args)
+        slot = self.book.free_slot(plan, await self._slots(session))
+        await self.commands.call("device-replace", {"slot": slot, **plan.params}, client=session.name)
+        self.book.attach(args["id"], slot, plan)
         return {}
-
-    def _drive_params(self, a: dict[str, Any]) -> dict[str, Any]:
-        if a["drive"] is None or a["netdev"] is not None or a["mac"] is not None:
-            raise QmpError(
-                "GenericError", "device_add: a virtio-blk device takes drive=NODE (from blockdev-add)"
-            )
-        node = self.nodes.get(a["drive"])
-        if node is None:
-            raise QmpError("GenericError", f"Drive '{a['drive']}' not found (blockdev-add it first)")
-        if node.user is not None:
-            raise QmpError("GenericError", f"Drive '{a['drive']}' is already in use by {node.user}")
-        return {"path": node.path, "readonly": node.readonly}
-
-    def _net_params(self, a: dict[str, Any]) -> dict[str, Any]:
-        if a["netdev"] is None or a["drive"] is not None:
-            raise QmpError(
-                "GenericError", "device_add: a virtio-net device takes netdev=ID (from netdev_add)"
-            )
-        entry = self.netdevs.get(a["netdev"])
-        if entry is None:
-            raise QmpError("GenericError", f"Netdev '{a['netdev']}' not found (netdev_add it first)")
-        if entry[1] is not None:
-            raise QmpError("GenericError", f"Netdev '{a['netdev']}' is already in use by {entry[1]}")
-        params: dict[str, Any] = {"tap": entry[0]}
-        if a["mac"] is not None:
-            params["mac"] = a["mac"]
-        return params
 
     async def _device_del(self, session: QmpSession, args: dict[str, Any]) -> Any:
-        dev = args["id"]
-        entry = self.devices.get(dev)
-        if entry is None:
-            raise QmpError("DeviceNotFound", f"Device '{dev}' not found")
-        slot, backend = entry
-        await self.commands.call(
-            "device-remove", {"slot": slot}, client=session.name
-        )  # DEVICE_DELETED goes out
-        del self.devices[dev]
-        if backend in self.nodes:
-            self.nodes[backend].user = None
-        if backend in self.netdevs:
-            self.netdevs[backend] = (self.netdevs[backend][0], None)
+        slot = self.book.slot_of(args["id"])
+        # DEVICE_DELETED goes out from the machine's device-changed, while the book still names the device.
+        await self.commands.call("device-remove", {"slot": slot}, client=session.name)
+        self.book.detach(args["id"])
         return {}

@@ -1,5 +1,6 @@
 """QMP (evmm/control/qmp.py on the RPC core) driven by the independent ``qemu.qmp`` client from PyPI, against a
-fake machine; plus the pure parts: the --qmp option, the JSON stream splitter, and the ShutdownCause mapping.
+fake machine; plus the pure parts: the --qmp option, the JSON stream splitter, the device book, and the
+ShutdownCause mapping.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from hypothesis import strategies as st
 from qemu.qmp import ExecuteError, QMPClient
 
 from evmm.control import start_control
-from evmm.control.qmp import parse_qmp_spec, shutdown_events
+from evmm.control.commands import check_params
+from evmm.control.qmp import QMP_WORDING, parse_qmp_spec, shutdown_events
+from evmm.control.qmp_devices import ARGS, DeviceBook
 from evmm.errors import ConfigError
 from evmm.exitcodes import EXIT_GUEST_POWEROFF, EXIT_GUEST_RESET, EXIT_SIGTERM
 from evmm.rpc import qmp_wire
 from evmm.rpc import server as rpc_server
-from evmm.rpc.qmp_wire import JsonError, JsonSplitter, timestamp
+from evmm.rpc.qmp_wire import JsonError, JsonSplitter, QmpError, timestamp
 from tests.fakes.machine import FakeMachine
 
 # ---- the option -----------------------------------------------------------------------------------------------
@@ -140,6 +143,77 @@ def test_timestamps_and_shutdown_causes() -> None:
     assert shutdown_events(EXIT_GUEST_RESET, None) == [("RESET", reset), ("SHUTDOWN", reset)]
     assert shutdown_events(EXIT_SIGTERM, None) == [("SHUTDOWN", {"guest": False, "reason": "host-signal"})]
     assert shutdown_events(99, None) == [("SHUTDOWN", {"guest": False, "reason": "host-error"})]
+
+
+# ---- the device book -------------------------------------------------------------------------------------------
+
+
+def args(command: str, **given: Any) -> dict[str, Any]:
+    """Arguments as QmpServer's dispatch hands them over: checked, every one present."""
+    return check_params(
+        command, ARGS[command], {k.replace("_", "-"): v for k, v in given.items()}, QMP_WORDING
+    )
+
+
+def test_the_book_ties_nodes_and_netdevs_to_devices_and_frees_the_right_one() -> None:
+    book = DeviceBook()
+    book.add_node(
+        args("blockdev-add", node_name="x", driver="raw", file={"driver": "file", "filename": "/d.img"})
+    )
+    book.add_netdev(args("netdev_add", id="x", ifname="tap0"))  # a netdev may share a node's name
+    disk = book.plan(args("device_add", driver="virtio-blk-device", id="disk", drive="x"))
+    assert (disk.kind, disk.params) == ("blk", {"path": "/d.img", "readonly": False})
+    slots = [
+        {"id": "hp-blk0", "kind": "blk", "occupied": False},
+        {"id": "hp-net0", "kind": "net", "occupied": False},
+    ]
+    assert book.free_slot(disk, slots) == "hp-blk0"
+    book.attach("disk", "hp-blk0", disk)
+    nic = book.plan(
+        args("device_add", driver="virtio-net-mmio", id="nic", netdev="x", mac="52:54:00:00:00:02")
+    )
+    assert book.free_slot(nic, slots) == "hp-net0"
+    book.attach("nic", "hp-net0", nic)
+    with pytest.raises(QmpError, match="Node 'x' is busy: device disk uses it"):
+        book.del_node(args("blockdev-del", node_name="x"))
+    assert book.slot_of("disk") == "hp-blk0" and book.device_in("hp-net0") == "nic"
+    book.detach("disk")
+    book.del_node(args("blockdev-del", node_name="x"))  # free now
+    with pytest.raises(QmpError, match="netdev 'x' is used by device nic"):  # still held by the NIC
+        book.del_netdev(args("netdev_del", id="x"))
+    with pytest.raises(QmpError) as info:
+        book.slot_of("disk")
+    assert info.value.cls == "DeviceNotFound"
+
+
+def test_the_book_reports_blocks_under_their_qmp_names() -> None:
+    book = DeviceBook()
+    book.add_node(args("blockdev-add", node_name="n1", driver="file", filename="/a.img", read_only=True))
+    book.attach(
+        "disk1", "hp-blk1", book.plan(args("device_add", driver="virtio-blk-device", id="disk1", drive="n1"))
+    )
+    cold = [
+        {
+            "name": "virtio-blk@0xd0000000",
+            "kind": "blk",
+            "id": "root",
+            "path": "/root.img",
+            "readonly": False,
+        },
+        {"name": "com1", "base": 0x3F8},
+    ]
+    slots: list[dict[str, Any]] = [
+        {"id": "hp-blk0", "kind": "blk", "backend": None},
+        {"id": "hp-blk1", "kind": "blk", "backend": "/a.img"},
+        {"id": "hp-net0", "kind": "net", "backend": "tap tap0"},
+    ]
+    blocks = book.query_block(cold, slots)
+    assert [(b["qdev"], b.get("inserted", {}).get("file")) for b in blocks] == [
+        ("root", "/root.img"),
+        ("hp-blk0", None),
+        ("disk1", "/a.img"),
+    ]
+    assert blocks[2]["inserted"]["node-name"] == "n1" and blocks[2]["inserted"]["ro"] is True
 
 
 # ---- against qemu.qmp -----------------------------------------------------------------------------------------
