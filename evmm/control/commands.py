@@ -299,27 +299,26 @@ class Commands:
             raise CommandError(ErrorCode.VM_STATE, f"{method}: the VM is {state}")
 
     async def _pause(self, call: Call) -> dict[str, Any]:
-        async with self._lifecycle:
-            self._need("pause", "running", "paused")
-            if self.machine.state == "running":
-                await self._transition("paused", self.machine.pause())
-            return {"state": self.machine.state}
+        return await self._transition(call.method, "paused", self.machine.pause)
 
     async def _resume(self, call: Call) -> dict[str, Any]:
-        async with self._lifecycle:
-            self._need("resume", "running", "paused")
-            if self.machine.state == "paused":
-                await self._transition("running", self.machine.resume())
-            return {"state": self.machine.state}
+        return await self._transition(call.method, "running", self.machine.resume)
 
-    async def _transition(self, state: str, change: Awaitable[None]) -> None:
-        """Await a pause or resume; the machine announces the new state itself (``state-changed``)."""
-        try:
-            await asyncio.wait_for(change, self.pause_timeout)
-        except TimeoutError:
-            raise CommandError(
-                ErrorCode.FAILED, f"the vCPUs did not reach {state} within {self.pause_timeout:g} s"
-            ) from None
+    async def _transition(
+        self, method: str, state: str, change: Callable[[], Awaitable[None]]
+    ) -> dict[str, Any]:
+        """Pause or resume, one at a time; a VM already in ``state`` is left as it is.  The machine announces
+        the change itself (``state-changed``)."""
+        async with self._lifecycle:
+            self._need(method, "running", "paused")
+            if self.machine.state != state:
+                try:
+                    await asyncio.wait_for(change(), self.pause_timeout)
+                except TimeoutError:
+                    raise CommandError(
+                        ErrorCode.FAILED, f"the vCPUs did not reach {state} within {self.pause_timeout:g} s"
+                    ) from None
+            return {"state": self.machine.state}
 
     async def _shutdown(self, call: Call) -> dict[str, Any]:
         self._need("shutdown", "running", "paused")

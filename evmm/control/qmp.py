@@ -151,10 +151,10 @@ class QmpServer:
         self._register("system_reset", self._core("reset"))
         self._register("quit", self._core("quit"))
         self._register("query-block", self._query_block)
-        self._register("blockdev-add", self._blockdev_add, **ARGS["blockdev-add"])
-        self._register("blockdev-del", self._blockdev_del, **ARGS["blockdev-del"])
-        self._register("netdev_add", self._netdev_add, **ARGS["netdev_add"])
-        self._register("netdev_del", self._netdev_del, **ARGS["netdev_del"])
+        self._register("blockdev-add", self._note(self.book.add_node), **ARGS["blockdev-add"])
+        self._register("blockdev-del", self._note(self.book.del_node), **ARGS["blockdev-del"])
+        self._register("netdev_add", self._note(self.book.add_netdev), **ARGS["netdev_add"])
+        self._register("netdev_del", self._note(self.book.del_netdev), **ARGS["netdev_del"])
         self._register("device_add", self._device_add, **ARGS["device_add"])
         self._register("device_del", self._device_del, **ARGS["device_del"])
 
@@ -237,6 +237,16 @@ class QmpServer:
 
         return run
 
+    @staticmethod
+    def _note(change: Callable[[dict[str, Any]], None]) -> QmpHandler:
+        """A command that only changes the book: a named backend means nothing to the machine until device_add."""
+
+        async def run(session: QmpSession, args: dict[str, Any]) -> Any:
+            change(args)
+            return {}
+
+        return run
+
     async def _capabilities(self, session: QmpSession, args: dict[str, Any]) -> Any:
         for cap in args["enable"] or []:
             raise QmpError("GenericError", f"Capability '{cap}' not available")
@@ -264,22 +274,6 @@ class QmpServer:
         except CommandError:
             slots = []  # a machine without hot-replace slots
         return self.book.query_block(self.commands.machine.device_list(), slots)
-
-    async def _blockdev_add(self, session: QmpSession, args: dict[str, Any]) -> Any:
-        self.book.add_node(args)
-        return {}
-
-    async def _blockdev_del(self, session: QmpSession, args: dict[str, Any]) -> Any:
-        self.book.del_node(args)
-        return {}
-
-    async def _netdev_add(self, session: QmpSession, args: dict[str, Any]) -> Any:
-        self.book.add_netdev(args)
-        return {}
-
-    async def _netdev_del(self, session: QmpSession, args: dict[str, Any]) -> Any:
-        self.book.del_netdev(args)
-        return {}
 
     async def _device_add(self, session: QmpSession, args: dict[str, Any]) -> Any:
         plan = self.book.plan(args)
