@@ -18,7 +18,8 @@ import struct
 from evmm.devices.virtio.chain import DescriptorChain
 from evmm.devices.virtio.console_backend import ConsoleBackend, FdBackend, PtyBackend, SocketBackend
 from evmm.devices.virtio.device import COMMON_FEATURES, VIRTIO_ID_CONSOLE, DeviceContext, VirtioDevice
-from evmm.errors import ConfigError
+from evmm.devices.virtio.queue import QueueBroken
+from evmm.errors import ConfigError, GuestMemoryError
 from evmm.machine.devspec import ConsoleSpec
 
 log = logging.getLogger("evmm")
@@ -111,9 +112,18 @@ class VirtioConsole(VirtioDevice):
             ctx.signal_used(TRANSMITQ)
 
     def _fill_rx(self) -> None:
+        """Input is waiting (a reactor callback of the backend, not a kick): a ring the guest wrote garbage
+        into breaks this device (DEVICE_NEEDS_RESET), never the reactor."""
         ctx = self.ctx
         if ctx is None:
             return
+        try:
+            self._fill_rx_queue(ctx)
+        except (QueueBroken, GuestMemoryError) as e:
+            self.backend.want_input(False)
+            ctx.needs_reset(str(e))
+
+    def _fill_rx_queue(self, ctx: DeviceContext) -> None:
         q = ctx.queue(RECEIVEQ)
         used = False
         while True:
