@@ -3,4 +3,10 @@
 # pyproject.toml cannot express.
 from setuptools import setup
 
-setup(cffi_modules=["evmm/kvm/_build.py:ffibuilder", "evmm/kvm/_vhost_build.py:ffibuilder"])
+setup(
+    cffi_modules=[
+        "evmm/kvm/_build.py:ffibuilder",
+        "evmm/kvm/_vhost_build.py:ffibuilder",
+        "evmm/confine/_build.py:ffibuilder",
+    ]
+)

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from evmm.confine.thread import confine_thread
 from evmm.errors import ConfigError
 
 SECTOR_SHIFT = 9
@@ -220,6 +221,7 @@ class IoWorkers(Generic[T]):
         self._jobs.put((token, job))
 
     def _run(self) -> None:
+        confine_thread("io")
         while (item := self._jobs.get()) is not None:
             token, job = item
             try:
