@@ -203,6 +203,9 @@ def run_machine(
     # SIGUSR2 prints every thread's Python stack to stderr and the VM goes on: where a VM that has gone
     # silent is stuck (the linux tier's harness asks for it when a guest times out).
     faulthandler.register(signal.SIGUSR2, all_threads=True)
+    # Filters compiled now, before the loop exists (it must not get an io_uring); each thread puts its own
+    # on as it starts (evmm.confine.thread).
+    confinement = confine.enable(confine.Mode(seccomp), confine.features(config))
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     in_fd = sys.stdin.fileno() if sys.stdin is not None else None
@@ -214,13 +217,6 @@ def run_machine(
     close_control = None
     hvc_stdio = config.console is not None and config.console.kind == "stdio"
     log_setup(verbose)
-    # Filters compiled now; each thread puts its own on as it starts (evmm.confine.thread).
-    confinement = confine.enable(confine.Mode(seccomp), confine.features(config))
-    if confinement is not None:
-        # libuv (uvloop) batches epoll_ctl through an io_uring when it may; the filters allow no io_uring
-        # call (a large kernel surface, and a source of kernel CVEs), so it must use epoll_ctl instead.
-        # libuv reads this once, when the first loop is made: below.
-        os.environ["UV_USE_IO_URING"] = "0"
     try:
         with RawTerminal(in_fd if interactive and in_fd is not None else -1) as term:
             set_raw_terminal(term.active)

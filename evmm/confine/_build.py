@@ -125,7 +125,10 @@ static void on_sigsys(int sig, siginfo_t *info, void *ctx)
     put(&l, comm);
     put(&l, " (");
     int n = __atomic_load_n(&nthreads, __ATOMIC_SEQ_CST);
-    for (int i = 0; i < n && i < EVMM_MAX_THREADS; i++) {
+    if (n > EVMM_MAX_THREADS) {
+        n = EVMM_MAX_THREADS;
+    }
+    for (int i = n - 1; i >= 0; i--) { /* newest first: a thread's last filter names its role */
         if (__atomic_load_n(&threads[i].tid, __ATOMIC_SEQ_CST) == tid) {
             put(&l, "role ");
             put(&l, threads[i].role);

@@ -17,6 +17,7 @@ thread, and evmm exits with ``EXIT_SECCOMP``), ``log`` (the call goes through an
 from __future__ import annotations
 
 import enum
+import errno
 import os
 import threading
 import time
@@ -24,8 +25,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from evmm.confine.bpf import (
+    SECCOMP_RET_ALLOW,
     SECCOMP_RET_LOG,
     SECCOMP_RET_TRAP,
+    Rule,
     assemble,
     compile_filter,
 )
@@ -77,6 +80,19 @@ class Confinement:
         with self._lock:
             self.confined[threading.get_native_id()] = role
 
+    def refuse_io_uring(self) -> None:
+        """From now on this process gets no io_uring: io_uring_setup answers ENOSYS, for this thread and the
+        threads it starts.  libuv (uvloop) batches its epoll_ctl calls through an io_uring when it can make
+        one (and ignores UV_USE_IO_URING for that ring); operations submitted through a ring are not system
+        calls, so no filter would see them, and the ring is a large kernel surface.  Without one, libuv
+        calls epoll_ctl.  Call it before the event loop exists."""
+        from evmm.confine._seccomp_ffi import ffi, lib
+
+        prog = assemble(compile_filter([Rule("io_uring_setup", errno=errno.ENOSYS)], SECCOMP_RET_ALLOW))
+        ret = lib.evmm_seccomp_install(ffi.from_buffer(prog), len(prog) // 8, b"main")
+        if ret < 0:
+            raise EvmmError(f"seccomp: cannot install the io_uring filter: {os.strerror(-ret)}")
+
     def unconfined_threads(self) -> list[str]:
         """Threads of this process (``/proc/self/task``) without a filter of ours, as ``tid (name)``."""
         out = []
@@ -125,6 +141,7 @@ def enable(mode: Mode, features: Features) -> Confinement | None:
         if ret < 0:
             raise EvmmError(f"seccomp: cannot handle SIGSYS: {os.strerror(-ret)}")
     confinement = Confinement(mode, features)
+    confinement.refuse_io_uring()
     set_active(confinement)
     return confinement
 

@@ -114,3 +114,34 @@ def test_the_trace_charges_each_call_to_the_filter_that_saw_it() -> None:
     assert s.calls["io"] == {"preadv": 40}
     assert s.args["vcpu"] == {"ioctl 0xae80": 900}
     assert s.processes == 1
+
+
+def test_the_event_loop_gets_no_io_uring_and_still_works() -> None:
+    """libuv would batch epoll_ctl through an io_uring the filters cannot see into: enable() refuses it."""
+    r = _python(
+        """
+        import asyncio, os, socket
+        from evmm.confine import seccomp
+        seccomp.enable(seccomp.Mode.KILL, seccomp.Features())
+        import uvloop
+        loop = uvloop.new_event_loop()
+        a, b = socket.socketpair()
+        async def main():
+            fut = loop.create_future()
+            loop.add_reader(a.fileno(), lambda: fut.done() or fut.set_result(a.recv(1)))
+            b.send(b"x")
+            print("read", await fut, flush=True)
+            loop.remove_reader(a.fileno())
+        loop.run_until_complete(main())
+        links = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                links.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                pass  # listdir's own fd, closed by now
+        print("fds", sorted(links))
+        """
+    )
+    assert r.returncode == 0, r.stderr
+    assert "read b'x'" in r.stdout
+    assert "io_uring" not in r.stdout  # no ring among the process's fds
