@@ -50,7 +50,7 @@ tracepoint:raw_syscalls:sys_enter /curtask->seccomp.mode == 2 && args->id == {nr
     for nr, i in _ARG_CALLS.values()
 )
 
-_LINE = re.compile(r"^@(calls|args)\[(\d+), (\d+), (.*?), (\d+), (\d+)(?:, (\d+))?\]: (\d+)$")
+_LINE = re.compile(r"^@(calls|args)\[(\d+), (\d+), (.*?), (-?\d+), (\d+)(?:, (\d+))?\]: (\d+)$")
 
 
 @record(frozen=True)
@@ -86,16 +86,15 @@ class Summary:
     args: dict[str, collections.Counter[str]]  # role -> "ioctl 0xae80" -> count
 
 
-def roles(counts: list[Count]) -> dict[int, str]:
-    """Each filter (its kernel address) as a role."""
-    out: dict[int, str] = {}
+def roles(counts: list[Count]) -> dict[tuple[int, int], str]:
+    """Each filter, by process and kernel address (an address is reused once its filter is freed), as a role."""
+    out: dict[tuple[int, int], str] = {}
     for c in counts:
         if c.tid == c.pid:
-            out[c.filter] = "main"
+            out[c.pid, c.filter] = "main"
     for c in counts:
-        if c.filter in out:
-            continue
-        out[c.filter] = "vcpu" if c.comm.startswith("evmm-vcpu") else "io"
+        if (c.pid, c.filter) not in out:
+            out[c.pid, c.filter] = "vcpu" if c.comm.startswith("evmm-vcpu") else "io"
     return out
 
 
@@ -105,7 +104,7 @@ def summarise(counts: list[Count]) -> Summary:
     args: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     threads: dict[str, set[int]] = collections.defaultdict(set)
     for c in counts:
-        role = role_of[c.filter]
+        role = role_of[c.pid, c.filter]
         if c.arg is None:
             calls[role][syscall_name(c.nr)] += c.n
             threads[role].add(c.tid)

@@ -107,7 +107,7 @@ Attaching 7 probes...
 def test_the_trace_charges_each_call_to_the_filter_that_saw_it() -> None:
     counts = parse(BPFTRACE)
     assert Count(100, 100, "python", 1000, 232, None, 50) in counts  # the last snapshot, not the first
-    assert roles(counts) == {1000: "main", 2000: "vcpu", 3000: "io"}
+    assert roles(counts) == {(100, 1000): "main", (100, 2000): "vcpu", (100, 3000): "io"}
     s = summarise(counts)
     assert s.calls["main"] == {"epoll_wait": 50, "ioctl": 7, "set_robust_list": 1}  # a new thread's start
     assert s.calls["vcpu"] == {"ioctl": 900}
