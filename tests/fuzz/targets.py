@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import struct
 import tempfile
 from collections.abc import Iterator
@@ -344,28 +343,11 @@ def mmio_blk(raw: bytes) -> None:
         dev.backend.close()
 
 
-class _Tap:
-    def __init__(self) -> None:
-        self.dev_end, self.host = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.dev_end.setblocking(False)
-        self.host.setblocking(False)
-
-    @property
-    def fd(self) -> int:
-        return self.dev_end.fileno()
-
-    def set_offload(self, flags: int) -> None:
-        pass
-
-    def close(self) -> None:
-        self.dev_end.close()
-        self.host.close()
-
-
 def mmio_net(raw: bytes) -> None:
     from evmm.devices.virtio.net.device import VirtioNet
+    from tests.unit.test_virtio_net import FakeTap
 
-    tap = _Tap()
+    tap = FakeTap()
     d = Data(raw)
     for _ in range(d.below(4)):  # frames from the host side, any bytes
         tap.host.send(d.take(1 + d.below(100)))
@@ -375,6 +357,7 @@ def mmio_net(raw: bytes) -> None:
             _drive(dev, d.rest(), loop)
     finally:
         tap.close()
+        tap.host.close()
 
 
 def mmio_console(raw: bytes) -> None:
