@@ -39,23 +39,31 @@ class VmSpec:
 class Side:
     """One VMM configuration: a column of the table."""
 
-    name: str  # evmm, qemu, qemu-vhost
+    name: str  # evmm, qemu, qemu-vhost, evmm-seccomp-off
     vmm: str  # "evmm" or "qemu"
     vhost: bool = False
+    seccomp: str = "kill"  # evmm's --seccomp
 
     @property
     def label(self) -> str:
-        return {"evmm": "evmm", "qemu": "QEMU microvm", "qemu-vhost": "QEMU microvm, vhost-net"}.get(
-            self.name, self.name
-        )
+        return {
+            "evmm": "evmm",
+            "qemu": "QEMU microvm",
+            "qemu-vhost": "QEMU microvm, vhost-net",
+            "evmm-seccomp-off": "evmm --seccomp off",
+        }.get(self.name, self.name)
 
     def argv(self, spec: VmSpec) -> list[str]:
-        return evmm_argv(spec) if self.vmm == "evmm" else qemu_argv(spec, vhost=self.vhost)
+        if self.vmm != "evmm":
+            return qemu_argv(spec, vhost=self.vhost)
+        argv = evmm_argv(spec)
+        return argv if self.seccomp == "kill" else [*argv, "--seccomp", self.seccomp]
 
 
 EVMM = Side("evmm", "evmm")
 QEMU = Side("qemu", "qemu")
 QEMU_VHOST = Side("qemu-vhost", "qemu", vhost=True)
+EVMM_SECCOMP_OFF = Side("evmm-seccomp-off", "evmm", seccomp="off")  # the seccomp row's reference
 
 
 def evmm_argv(spec: VmSpec) -> list[str]:
