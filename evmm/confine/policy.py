@@ -152,11 +152,10 @@ def main_rules(pid: int, features: Features) -> list[Rule]:
         "sendmsg",
         "readv",
         "writev",
-        # What the I/O workers it starts need (their filters stack on this one).
-        "preadv",
+        # What the I/O workers it starts need (their filters stack on this one); CPython's os.preadv and
+        # os.pwritev are preadv2 and pwritev2 (measured), RWF_NOWAIT reads on the reactor too.
         "preadv2",
-        "pwritev",
-        "pread64",
+        "pwritev2",
         "pwrite64",
         "fdatasync",
         "fsync",
@@ -171,6 +170,7 @@ def main_rules(pid: int, features: Features) -> list[Rule]:
         "getpeername",
         "shutdown",
         Rule("socket", ArgIn(0, families)),
+        Rule("socketpair", ArgIn(0, (socket.AF_UNIX,))),
         "connect",
         "eventfd2",
         "openat",
@@ -197,13 +197,11 @@ def main_rules(pid: int, features: Features) -> list[Rule]:
 
 def vcpu_rules(pid: int) -> list[Rule]:
     ioctls = _kvm_ioctls("KVM_RUN", "KVM_IRQ_LINE", "KVM_SIGNAL_MSI", "KVM_GET_REGS", "KVM_GET_SREGS")
-    return _rules(
-        pid, (Rule("ioctl", ArgIn(1, ioctls)), "futex", "write", "read"), (PR_SET_NAME, PR_GET_NAME)
-    )
+    return _rules(pid, (Rule("ioctl", ArgIn(1, ioctls)), "futex", "write"), (PR_SET_NAME, PR_GET_NAME))
 
 
 def io_rules(pid: int) -> list[Rule]:
-    hot = ("preadv", "pwritev", "futex", "write", "pread64", "pwrite64", "fdatasync", "fallocate")
+    hot = ("futex", "preadv2", "pwritev2", "write", "fdatasync", "fallocate", "pwrite64")
     return _rules(pid, hot, (PR_SET_NAME, PR_GET_NAME))
 
 

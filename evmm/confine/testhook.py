@@ -55,10 +55,15 @@ def _on_worker(call: Callable[[], int]) -> int:
         workers.close()
 
 
+# From /proc rather than uname(2), getuid(2), getgroups(2)...: no role's filter allows those.
 def _hostname() -> str:
-    # /proc rather than uname(2), which no role's filter allows.
     with open("/proc/sys/kernel/hostname") as f:
         return f.read().strip()
+
+
+def _status() -> dict[str, str]:
+    with open("/proc/self/status") as f:
+        return dict(line.rstrip("\n").partition(":\t")[::2] for line in f)
 
 
 def test_commands(confined: bool) -> list[Command]:
@@ -67,10 +72,11 @@ def test_commands(confined: bool) -> list[Command]:
 
 def inspect_command() -> Command:
     async def handler(c: Call) -> dict[str, Any]:
+        status = _status()
         return {
-            "uid": os.getuid(),
-            "gid": os.getgid(),
-            "groups": os.getgroups(),
+            "uid": int(status["Uid"].split()[0]),
+            "gid": int(status["Gid"].split()[0]),
+            "groups": [int(g) for g in status.get("Groups", "").split()],
             "pid": os.getpid(),
             "hostname": _hostname(),
             "paths": {p: os.path.lexists(p) for p in c.params["paths"]},

@@ -30,7 +30,14 @@ from evmm.confine.syscalls import name as syscall_name
 from evmm.record import record
 
 # The numbers whose first checked argument is recorded (ioctl: the request; the others: args[0]).
-_ARG_CALLS = {"ioctl": (16, 1), "socket": (41, 0), "clone": (56, 0), "prctl": (157, 0), "seccomp": (317, 0)}
+_ARG_CALLS = {
+    "ioctl": (16, 1),
+    "socket": (41, 0),
+    "socketpair": (53, 0),
+    "clone": (56, 0),
+    "prctl": (157, 0),
+    "seccomp": (317, 0),
+}
 
 SNAPSHOT = "=== evmm-trace snapshot"
 # The counts are printed every 20 s as well as at the end: a run cut short (a test host's timeout) still
@@ -127,6 +134,22 @@ def report(s: Summary, names: dict[int, str] | None = None) -> str:
             label = names.get(int(value, 16), "") if call == "ioctl" else ""
             out.append(f"  {n:>10}    {what} {label}".rstrip())
     return "\n".join(out)
+
+
+def observed(report_text: str) -> dict[str, set[str]]:
+    """Read a ``report`` back: per role, the system calls and the ``ioctl 0x...`` requests it lists."""
+    out: dict[str, set[str]] = {}
+    role = None
+    for line in report_text.splitlines():
+        m = re.match(r"^(\w+): \d+ distinct system calls", line)
+        if m:
+            role = m.group(1)
+            out[role] = set()
+        elif role is not None and line.startswith("  "):
+            words = line.split()
+            if len(words) >= 2:
+                out[role].add(" ".join(words[1:3]) if words[1] in _ARG_CALLS else words[1])
+    return out
 
 
 def ioctl_names() -> dict[int, str]:
