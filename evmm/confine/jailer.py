@@ -1,7 +1,7 @@
 """Building and running a jail (evmm.confine.jail says what is in it), as Firecracker's jailer does, from root:
 
     supervisor (the caller, host namespaces):  cgroup with limits; BASE/ID/root with empty mount points;
-        unshare(CLONE_NEWPID); fork; forward SIGTERM/SIGINT/SIGHUP; wait; remove cgroup and directory;
+        unshare(CLONE_NEWPID); fork; forward SIGTERM/SIGINT/SIGHUP/SIGUSR2; wait; remove cgroup and directory;
         exit with the VMM's status (128+N for a signal, as a shell shows it)
     child (PID 1 of the new PID namespace):  join the cgroup; join or make the network namespace; new mount,
         IPC and UTS namespaces; every mount private; bind what the plan lists; a tmpfs /dev with its nodes;
@@ -91,7 +91,8 @@ def _supervise(pid: int) -> int:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    # SIGUSR2 too: evmm prints its threads' stacks on it (a supervisor would die of it).
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
         signal.signal(sig, forward)
     while True:
         try:

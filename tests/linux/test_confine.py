@@ -28,7 +28,7 @@ from evmm.exitcodes import EXIT_GUEST_POWEROFF, EXIT_SECCOMP
 from tests.conftest import GuestFactory
 from tests.linux.harness import PROMPT, READY, evmm_run_argv
 
-BOOT_TIMEOUT = 120.0
+BOOT_TIMEOUT = 240.0  # a boot takes 5-20 s in a quiet test host; seen over 120 s on a loaded machine
 UID = GID = 65534  # nobody / nogroup
 ROOT = Path(__file__).resolve().parents[2]
 HOOKS = ("env", "EVMM_TEST_HOOKS=1")
