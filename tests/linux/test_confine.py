@@ -163,9 +163,9 @@ def test_a_jailed_evmm_runs_its_guest_under_its_limits_and_sees_nothing_of_the_h
     assert [p for p in shown if not info["paths"][p]] == []
 
     # Its devices work in there: the disk (a worker thread's filter stacked on the reactor's) and the rng.
-    guest.check("echo jailed-disk | dd of=/dev/vda bs=512 count=1 conv=sync,fsync 2>/dev/null")
+    guest.check("echo jailed-disk | dd of=/dev/vda bs=512 count=1 conv=sync,fsync 2>/dev/null", timeout=120)
     assert disk.read_bytes()[:11] == b"jailed-disk"
-    assert guest.check("head -c 32 /dev/hwrng | wc -c").strip() == "32"
+    assert guest.check("head -c 32 /dev/hwrng | wc -c", timeout=120).strip() == "32"
     guest.sendline("poweroff")
     assert guest.wait_exit(60) == EXIT_GUEST_POWEROFF
     assert not spec.dir.exists() and not cgroup.path.exists()
@@ -253,17 +253,19 @@ def test_a_hostile_guest_driver_costs_only_its_device(
     guest = launch(argv, "hostile")
     guest.expect(READY, 3 * BOOT_TIMEOUT)  # the tools initramfs unpacks 120 MB: minutes in a loaded test host
     guest.expect(PROMPT, 30)
-    rng = guest.check(FIND_RNG).strip()
+    rng = guest.check(FIND_RNG, timeout=120).strip()
     assert rng.startswith("LNRO0005:"), rng
-    base = guest.check(f"grep -m1 '{rng}' /proc/iomem").split("-")[0].strip()
-    guest.check(f"echo {rng} > /sys/bus/platform/drivers/virtio-mmio/unbind")
+    base = guest.check(f"grep -m1 '{rng}' /proc/iomem", timeout=120).split("-")[0].strip()
+    guest.check(f"echo {rng} > /sys/bus/platform/drivers/virtio-mmio/unbind", timeout=120)
     for seed in (1, 2, 3):
         out = guest.check(f"evmm-hostile 0x{base} 3000 {seed}", timeout=300)
         assert "evmm-hostile: 3000 rounds" in out
     # Still here, and the other devices work.
-    guest.check("echo after-the-attack | dd of=/dev/vda bs=512 count=1 conv=sync,fsync 2>/dev/null")
+    guest.check(
+        "echo after-the-attack | dd of=/dev/vda bs=512 count=1 conv=sync,fsync 2>/dev/null", timeout=120
+    )
     assert disk.read_bytes()[:16] == b"after-the-attack"
-    assert guest.check("echo console-ok").strip() == "console-ok"
+    assert guest.check("echo console-ok", timeout=120).strip() == "console-ok"
     assert call(sock, "query-status")["state"] == "running"
     assert "Traceback" not in guest.log
     guest.sendline("poweroff")
