@@ -27,7 +27,9 @@ from evmm.bench.context import Context, Measurement, Watch, launch
 from evmm.bench.results import MetricSpec
 from evmm.bench.vmm import EVMM, EVMM_SECCOMP_OFF, Side
 
-PAGE_READS = 1024  # 4-byte reads in the register's 4 KiB page
+PAGE_READS = (
+    1000  # 4-byte reads within the register page (1024 failed in a guest, 1000 reads were checked by hand)
+)
 PASSES = 20
 QUICK_PASSES = 5
 RANDREAD = "randread-qd1"
