@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from evmm.bench.runner import Plan
 
 ALL_ROWS = ("boot", "memory", "blk", "net", "control", "density", "seccomp")
+# Rows a plain `evmm bench` runs: seccomp only on request until its exit-path workload works in the guest.
+DEFAULT_ROWS = ALL_ROWS[:-1]
 RUNS = 5
 TESTHOST_BOOTS = 5  # the first test host, and fresh ones to resume in when one is lost
 STALL = 600.0  # seconds without a word from the run inside before its test host counts as hung
@@ -46,7 +48,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--only",
-        default=",".join(ALL_ROWS),
+        default=",".join(DEFAULT_ROWS),
         metavar="ROWS",
         help=f"comma-separated rows of {','.join(ALL_ROWS)}",
     )
