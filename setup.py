@@ -8,5 +8,6 @@ setup(
         "evmm/kvm/_build.py:ffibuilder",
         "evmm/vhost/_build.py:ffibuilder",
         "evmm/devices/legacy/_serial_build.py:ffibuilder",
+        "evmm/confine/_build.py:ffibuilder",
     ]
 )

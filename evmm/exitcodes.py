@@ -10,5 +10,7 @@ EXIT_TRIPLE_FAULT = 4  # the vCPU shut down (triple fault): a crashed guest kern
 EXIT_KVM_ERROR = 5  # KVM reported an internal error or a failed VM entry
 EXIT_GUEST_PANIC = 6  # the guest reported a kernel panic (pvpanic / KVM crash event)
 EXIT_VMM_FAULT = 7  # evmm itself failed while the VM ran (a bug: the message says where)
+EXIT_SECCOMP = 159  # a thread made a system call its seccomp filter forbids (128 + SIGSYS, as a shell shows a
+# process killed by SIGSYS); stderr names the call, its arguments and the thread
 EXIT_SIGINT = 130  # 128 + SIGINT
 EXIT_SIGTERM = 143  # 128 + SIGTERM

@@ -7,6 +7,8 @@ initramfs-tools.cpio.gz}`` and ``guest.json``, the manifest written last that ma
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -41,6 +43,7 @@ TOOL_PACKAGES = ("fio", "iperf3", "socat", "stress-ng")
 TOOL_PROGRAMS = ("/usr/bin/fio", "/usr/bin/iperf3", "/usr/bin/socat", "/usr/bin/stress-ng")
 MANIFEST = "guest.json"
 TOOLS_INITRAMFS = "initramfs-tools.cpio.gz"
+HOSTILE_SOURCE = "hostile.c"  # built into the tools initramfs as /usr/bin/evmm-hostile
 READY_LINE = "evmm-guest: ready"
 BOOT_MARKER_ADDRESS = 0xFEB01000
 BOOT_MARKER_VALUE = 123
@@ -99,7 +102,26 @@ def recipe_id() -> str:
     ):
         h.update(part)
     h.update(repr((MODULES, TOOL_PACKAGES, TOOL_PROGRAMS)).encode())
+    h.update(files.joinpath(HOSTILE_SOURCE).read_bytes())
     return h.hexdigest()[:16]
+
+
+def build_hostile() -> bytes:
+    """evmm-hostile (hostile.c), a static program for the tools initramfs: a guest-side hostile
+    virtio-mmio driver for the linux tier (tests/linux/test_confine.py)."""
+    with tempfile.TemporaryDirectory(prefix="evmm-hostile-") as d:
+        source = Path(d) / HOSTILE_SOURCE
+        source.write_bytes(resources.files("evmm.assets").joinpath(HOSTILE_SOURCE).read_bytes())
+        out = Path(d) / "evmm-hostile"
+        r = subprocess.run(
+            ["gcc", "-static", "-O2", "-o", str(out), str(source)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if r.returncode != 0:
+            raise EvmmError(f"building evmm-hostile with gcc -static failed: {r.stderr.strip()[-300:]}")
+        return out.read_bytes()
 
 
 def _init_files(archive: Archive) -> None:
@@ -157,6 +179,8 @@ def build_default_guest(
             step("writing initramfs-tools.cpio.gz")
             for program in TOOL_PROGRAMS:
                 bundle.add_program(archive, tools_root, program)
+            step("building evmm-hostile (gcc -static)")
+            archive.file("usr/bin/evmm-hostile", build_hostile(), 0o755)
             write_atomic(out / TOOLS_INITRAMFS, archive.to_gzip())
         write_manifest(root / MANIFEST, manifest)
     return default_guest(root)

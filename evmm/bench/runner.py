@@ -33,6 +33,7 @@ from evmm.bench.net import NetRow
 from evmm.bench.overhead import MemoryRow
 from evmm.bench.profile import Profiler
 from evmm.bench.results import Results
+from evmm.bench.seccomp import SeccompRow
 from evmm.bench.vmm import EVMM
 from evmm.record import record
 
@@ -44,6 +45,7 @@ ROWS: dict[str, Callable[[], Row]] = {
     "control": ControlRow,
     "density": DensityRow,
     "fs": FsRow,
+    "seccomp": SeccompRow,
 }
 PROFILED = ("boot", "blk", "net", "control")
 RESULTS = "results.json"

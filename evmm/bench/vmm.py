@@ -40,9 +40,10 @@ class VmSpec:
 class Side:
     """One VMM configuration: a column of the table."""
 
-    name: str  # evmm, qemu, qemu-vhost
+    name: str  # evmm, qemu, qemu-vhost, evmm-seccomp-off
     vmm: str  # "evmm" or "qemu"
     vhost: bool = False
+    seccomp: str = "kill"  # evmm's --seccomp
 
     @property
     def label(self) -> str:
@@ -51,10 +52,14 @@ class Side:
             "qemu": "QEMU microvm",
             "qemu-vhost": "QEMU microvm, vhost-net",
             "qemu-9p": "QEMU microvm, virtio-9p",
+            "evmm-seccomp-off": "evmm --seccomp off",
         }.get(self.name, self.name)
 
     def argv(self, spec: VmSpec) -> list[str]:
-        return evmm_argv(spec) if self.vmm == "evmm" else qemu_argv(spec, vhost=self.vhost)
+        if self.vmm != "evmm":
+            return qemu_argv(spec, vhost=self.vhost)
+        argv = evmm_argv(spec)
+        return argv if self.seccomp == "kill" else [*argv, "--seccomp", self.seccomp]
 
 
 EVMM = Side("evmm", "evmm")
@@ -62,6 +67,7 @@ QEMU = Side("qemu", "qemu")
 QEMU_VHOST = Side("qemu-vhost", "qemu", vhost=True)
 QEMU_9P = Side("qemu-9p", "qemu")
 SHARE_TAG = "bench"
+EVMM_SECCOMP_OFF = Side("evmm-seccomp-off", "evmm", seccomp="off")  # the seccomp row's reference
 
 
 def evmm_argv(spec: VmSpec) -> list[str]:

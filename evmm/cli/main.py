@@ -14,6 +14,7 @@ from evmm.errors import EvmmError
 # would cost ``evmm run`` tens of milliseconds of start-up before the guest runs.  Help lists them all.
 COMMANDS = {
     "run": "evmm.cli.run_cmd",
+    "jail": "evmm.cli.jail_cmd",
     "doctor": "evmm.cli.doctor_cmd",
     "assets": "evmm.cli.assets_cmd",
     "testhost": "evmm.cli.testhost_cmd",

@@ -34,7 +34,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="boot a Linux guest on the terminal",
         description="Boot a Linux kernel (bzImage or ELF vmlinux) with an initramfs. The serial console is "
         "this terminal (raw mode; Ctrl-] q quits) or stdin/stdout when they are pipes. Exit status: 0 guest "
-        "poweroff, 1 error, 3 guest reboot, 4 triple fault, 5 KVM error, 6 guest panic, 130/143 signal.",
+        "poweroff, 1 error, 3 guest reboot, 4 triple fault, 5 KVM error, 6 guest panic, 159 seccomp violation, "
+        "130/143 signal.",
     )
     p.add_argument("--kernel", type=Path, help="kernel image (default: the guest built by `evmm assets`)")
     p.add_argument("--initrd", type=Path, help="initramfs (default: evmm's, with the default kernel)")
@@ -93,6 +94,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         default=None,
         help="also list virtio-mmio devices as virtio_mmio.device= (for kernels built to read it; default only with acpi=off)",
+    )
+    p.add_argument(
+        "--seccomp",
+        choices=("kill", "log", "off"),
+        default=os.environ.get("EVMM_SECCOMP", "kill"),
+        help="per-thread seccomp filters: kill (the default, or $EVMM_SECCOMP: a forbidden system call "
+        "stops evmm, exit 159), log (allow it, the kernel logs it), off",
     )
     p.add_argument(
         "-v", "--verbose", action="store_true", help="log device activity and boot timing to stderr"
@@ -172,6 +180,8 @@ def preflight(config: MachineConfig) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.seccomp not in ("kill", "log", "off"):  # argparse checks a given value, not the default
+        raise ConfigError(f"EVMM_SECCOMP={args.seccomp!r}: not kill, log or off")
     config = config_from_args(args)
     host = probe()
     if not host.present or (not host.can_boot_linux and not args.allow_slow_kvm):
@@ -185,15 +195,23 @@ def run(args: argparse.Namespace) -> int:
         from evmm.control import parse_qmp_spec
 
         parse_qmp_spec(args.qmp)  # a bad spec is a usage error before anything starts
-    return run_machine(config, verbose=args.verbose, api_sock=args.api_sock, qmp=args.qmp)
+    return run_machine(
+        config, verbose=args.verbose, api_sock=args.api_sock, qmp=args.qmp, seccomp=args.seccomp
+    )
 
 
 def run_machine(
-    config: MachineConfig, *, verbose: bool = False, api_sock: Path | None = None, qmp: str | None = None
+    config: MachineConfig,
+    *,
+    verbose: bool = False,
+    api_sock: Path | None = None,
+    qmp: str | None = None,
+    seccomp: str = "kill",
 ) -> int:
     """Build the machine, serve its console and control channels, run it until it stops; the exit code."""
     import uvloop
 
+    from evmm.confine import seccomp as confine
     from evmm.control import Commands, start_control
     from evmm.control.prompt import CommandsTarget, EscapeMenu, fd_writer
     from evmm.log import set_raw_terminal
@@ -209,6 +227,9 @@ def run_machine(
     # SIGUSR2 prints every thread's Python stack to stderr and the VM goes on: where a VM that has gone
     # silent is stuck (the linux tier's harness asks for it when a guest times out).
     faulthandler.register(signal.SIGUSR2, all_threads=True)
+    # Filters compiled now, before the loop exists (it must not get an io_uring); each thread puts its own
+    # on as it starts (evmm.confine.thread).
+    confinement = confine.enable(confine.Mode(seccomp), confine.features(config))
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     in_fd = sys.stdin.fileno() if sys.stdin is not None else None
@@ -239,9 +260,18 @@ def run_machine(
                     CommandsTarget(commands), fd_writer(out_fd), send=console.inject if console else None
                 )
             )
+            if os.environ.get("EVMM_TEST_HOOKS") == "1":
+                from evmm.confine.testhook import test_commands
+
+                for command in test_commands(confinement is not None):
+                    commands.register(command)
             close_control = loop.run_until_complete(
                 start_control(m, console, api_sock=api_sock, qmp=qmp, commands=commands)
             )
+            if confinement is not None:
+                # The main thread's filter goes on as the machine starts its vCPUs, before the reactor
+                # serves a single exit (the vCPU threads, started unfiltered, put on their own first).
+                m.subscribe(confine.main_on_start(m))
             loop.add_signal_handler(signal.SIGINT, m.stop, exitcodes.EXIT_SIGINT, "interrupted (SIGINT)")
             loop.add_signal_handler(signal.SIGTERM, m.stop, exitcodes.EXIT_SIGTERM, "terminated (SIGTERM)")
             loop.add_signal_handler(signal.SIGHUP, m.stop, exitcodes.EXIT_SIGTERM, "hung up (SIGHUP)")

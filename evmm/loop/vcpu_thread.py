@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from evmm import exitcodes
+from evmm.confine.thread import confine_thread
 from evmm.devices.bus import Bus
 from evmm.errors import EvmmError
 from evmm.kvm import exits
@@ -127,6 +128,7 @@ class VcpuThread:
 
     def _main(self) -> None:
         name_os_thread(f"evmm-vcpu{self.index}")
+        confine_thread("vcpu")
         # Only the main thread should run Python signal handlers; block the async ones here so a Ctrl-C is
         # never delivered to a vCPU thread (the kick signal stays unblocked to interrupt KVM_RUN).
         signal.pthread_sigmask(

@@ -6,6 +6,7 @@ vmlinux (PVH entry), which under TCG reaches /init about twice as soon as the bz
 
 from __future__ import annotations
 
+import hashlib
 from importlib import resources
 from pathlib import Path
 
@@ -56,15 +57,24 @@ def testhost_assets(cache: Path | None = None) -> TesthostAssets:
     raise EvmmError(f"no KVM test host kernel in {root}: run `evmm assets` first")
 
 
+def recipe_id() -> str:
+    """A digest of the test host's init: a changed init makes ``build_testhost_assets`` rebuild its image."""
+    init = resources.files("evmm.testhost").joinpath("init").read_bytes()
+    return hashlib.sha256(init + repr(MODULES).encode()).hexdigest()[:16]
+
+
 def build_testhost_assets(
     cache: Path | None = None, *, force: bool = False, step: Step = no_progress
 ) -> TesthostAssets:
     root = cache_root(cache)
     if not force:
         try:
-            return testhost_assets(root)
+            found = testhost_assets(root)
         except EvmmError:
             pass
+        else:
+            if (read_manifest(root / MANIFEST) or {}).get("recipe") == recipe_id():
+                return found
     with Workspace(root, step, refresh=force) as ws:
         kroot, version = ws.fetch_kernel(KERNEL_METAPACKAGE, KERNEL_PREFIX)
         busybox = ws.fetch_busybox()
@@ -85,6 +95,7 @@ def build_testhost_assets(
                 "kernel": f"testhost/{version}/vmlinux",
                 "initramfs": f"testhost/{version}/initramfs.cpio.gz",
                 "kernel_version": version,
+                "recipe": recipe_id(),
             },
         )
     return testhost_assets(root)

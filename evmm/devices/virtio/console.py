@@ -24,7 +24,8 @@ from evmm.devices.virtio.device import (
     Activation,
     VirtioDevice,
 )
-from evmm.errors import ConfigError
+from evmm.devices.virtio.queue import QueueBroken
+from evmm.errors import ConfigError, GuestMemoryError
 from evmm.log import log
 
 RECEIVEQ, TRANSMITQ = 0, 1
@@ -115,9 +116,18 @@ class VirtioConsole(VirtioDevice):
             ctx.signal_used(q)
 
     def _fill_rx(self) -> None:
+        """Input is waiting (a reactor callback of the backend, not a kick): a ring the guest wrote garbage
+        into breaks this device (DEVICE_NEEDS_RESET), never the reactor."""
         ctx = self.ctx
         if ctx is None:
             return
+        try:
+            self._fill_rx_queue(ctx)
+        except (QueueBroken, GuestMemoryError) as e:
+            self.backend.want_input(False)
+            ctx.interrupt.needs_reset(str(e))
+
+    def _fill_rx_queue(self, ctx: Activation) -> None:
         q = ctx.queue(RECEIVEQ)
         used = False
         while True:

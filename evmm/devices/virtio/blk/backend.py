@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from evmm.confine.thread import confine_thread
 from evmm.devices.virtio.blk.request import SECTOR_SHIFT
 from evmm.errors import ConfigError
 
@@ -219,6 +220,7 @@ class IoWorkers(Generic[T]):
         self._jobs.put((token, job))
 
     def _run(self) -> None:
+        confine_thread("io")
         while (item := self._jobs.get()) is not None:
             token, job = item
             try:
