@@ -47,6 +47,64 @@ class Features:
 
     tap: bool = False  # a virtio-net device or a net hot-replace slot
     vhost: bool = False  # --vsock vhost=on
+    fs: bool = False  # a --fs shared directory: its workers resolve and change files under it
+
+
+# What a virtio-fs worker asks of the host file system (evmm.devices.virtio.fs.hostcalls and ops): every name
+# resolved under a directory fd (openat2 with RESOLVE_BENEATH, the *at calls), attributes, directory listing,
+# extended attributes through /proc/self/fd, and the FUSE operations' own calls.  No call takes a path the
+# guest wrote that is not below such an fd.
+_FS = (
+    "openat2",
+    "openat",
+    "newfstatat",
+    "fstat",
+    "statx",
+    "getdents64",
+    "mkdirat",
+    "mknodat",
+    "unlinkat",
+    "renameat2",
+    "linkat",
+    "symlinkat",
+    "readlinkat",
+    "fchmodat",
+    "fchmod",
+    "fchownat",
+    "fchown",
+    "utimensat",
+    "truncate",
+    "ftruncate",
+    "fstatfs",
+    "statfs",
+    "faccessat",
+    "faccessat2",
+    "getxattr",
+    "lgetxattr",
+    "fgetxattr",
+    "listxattr",
+    "llistxattr",
+    "flistxattr",
+    "setxattr",
+    "lsetxattr",
+    "fsetxattr",
+    "removexattr",
+    "lremovexattr",
+    "fremovexattr",
+    "lseek",
+    "fsync",
+    "fdatasync",
+    "fallocate",
+    "pread64",
+    "pwrite64",
+    "preadv2",
+    "pwritev2",
+    "close",
+    "dup",
+    "fcntl",
+    "geteuid",
+    "getegid",
+)
 
 
 def _kvm_ioctls(*names: str) -> tuple[int, ...]:
@@ -207,6 +265,7 @@ def main_rules(pid: int, features: Features) -> list[Rule]:
         "rseq",
         # A worker stacks its own filter on this one.
         Rule("seccomp", ArgIn(0, (SECCOMP_SET_MODE_FILTER,))),
+        *(_FS if features.fs else ()),
     )
 
 
@@ -216,9 +275,17 @@ def vcpu_rules(pid: int) -> list[Rule]:
     return _rules(pid, hot, (PR_SET_NAME, PR_GET_NAME))
 
 
-def io_rules(pid: int) -> list[Rule]:
+def io_rules(pid: int, features: Features) -> list[Rule]:
     hot = ("futex", "clock_gettime", "write", "munmap", "gettid", "pwritev2", "preadv2")  # measured order
-    return _rules(pid, hot, (PR_SET_NAME, PR_GET_NAME), "fdatasync", "fallocate", "pwrite64")
+    return _rules(
+        pid,
+        hot,
+        (PR_SET_NAME, PR_GET_NAME),
+        "fdatasync",
+        "fallocate",
+        "pwrite64",
+        *(_FS if features.fs else ()),
+    )
 
 
 def rules(role: str, pid: int, features: Features) -> list[Rule]:
@@ -227,5 +294,5 @@ def rules(role: str, pid: int, features: Features) -> list[Rule]:
     if role == "vcpu":
         return vcpu_rules(pid)
     if role == "io":
-        return io_rules(pid)
+        return io_rules(pid, features)
     raise ValueError(f"no seccomp role {role!r} (roles: {', '.join(ROLES)})")

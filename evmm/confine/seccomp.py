@@ -169,10 +169,11 @@ def confine_main(stop: Callable[[int, str], None]) -> None:
 
 
 def features(config: MachineConfig) -> Features:
-    """What of the machine widens the main thread's list: taps (now or hot-replaced later), vhost-vsock."""
+    """What of the machine widens the lists: taps (now or hot-replaced later), vhost-vsock, shared directories."""
     return Features(
         tap=bool(config.nets) or config.hotplug_net > 0,
         vhost=config.vsock is not None and config.vsock.vhost,
+        fs=bool(config.fss),
     )
 
 

@@ -182,3 +182,10 @@ def test_every_call_measured_in_the_linux_tier_is_allowed(role: str) -> None:
     assert refused == []
     if role == "io":
         assert sorted(w for w in seen[role] if not _allowed("main", w)) == []
+
+
+@pytest.mark.parametrize("role", ["main", "io"])
+def test_file_system_calls_only_with_a_shared_directory(role: str) -> None:
+    for call in ("openat2", "renameat2", "linkat", "fchownat", "getdents64", "fsetxattr"):
+        assert run(_prog(role), number(call)) == SECCOMP_RET_TRAP
+        assert run(_prog(role, Features(fs=True)), number(call)) == SECCOMP_RET_ALLOW
