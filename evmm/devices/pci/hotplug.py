@@ -2,7 +2,7 @@
 the guest says it let go of a device (Cloud Hypervisor's and QEMU's ACPI PCI hotplug, through the GED).
 
 The DSDT's slot methods read these registers when the GED interrupt reports a PCI hotplug event: every slot
-set in UP gets Notify(Sxx, 1) (Bus Check: Linux's acpiphp rescans the slot and binds the new device) and
+set in UP gets Notify(Sxx, 1) (Device Check: Linux's acpiphp rescans the slot and binds the new device) and
 every slot set in DOWN gets Notify(Sxx, 3) (Eject Request: acpiphp unbinds the driver and calls the slot's
 _EJ0), and _EJ0 writes the slot's bit to EJECT (ACPI 6.5 §5.6.6 for the notification values, §6.3.3 _EJx).
 UP and DOWN clear when read, so an event is reported once.  All registers are 32-bit; other accesses read
