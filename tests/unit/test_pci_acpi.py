@@ -18,7 +18,7 @@ from tests.unit.test_acpi_tables import IASL, _iasl, dump
 
 GiB = 1 << 30
 PCI = PciHostAcpi(
-    ecam=EcamWindow(0xE000_0000),
+    ecam=EcamWindow(0xE000_0000, last_bus=0),
     mmio32=(0xC000_0000, 0x2000_0000),
     mmio64=layout.pci_mmio64_window(6 * GiB),
     intx_gsis=(16, 17, 18, 19, 20, 21, 22, 23),
@@ -52,7 +52,7 @@ def test_the_xsdt_lists_an_mcfg_with_one_ecam_window() -> None:
     mcfg = d.tables["MCFG"]
     assert mcfg.revision == 1 and len(mcfg.data) == 36 + 8 + 16
     base, segment, first, last = struct.unpack_from("<QHBB", mcfg.data, 44)
-    assert (base, segment, first, last) == (0xE000_0000, 0, 0, 255)
+    assert (base, segment, first, last) == (0xE000_0000, 0, 0, 0)
     assert mcfg.data[36:44] == bytes(8) and mcfg.data[56:60] == bytes(4)
 
 
@@ -78,7 +78,7 @@ def test_pci0_resources_are_the_bus_range_config_ports_io_windows_and_two_memory
     resources = ap.current_resources(devices()["\\_SB_.PCI0"])
     producer = 0b1100  # producer, positive decode, minimum and maximum fixed (ACPI 6.5 §6.4.3.5.1)
     assert resources == [
-        ap.AddressRange(16, 2, producer, 0, 0, 0, 0xFF, 0, 0x100),
+        ap.AddressRange(16, 2, producer, 0, 0, 0, 0, 0, 1),  # bus 0 only
         ap.IoPort(True, 0xCF8, 0xCF8, 1, 8),
         ap.AddressRange(16, 1, producer, 0x3, 0, 0, 0xCF7, 0, 0xCF8),  # EntireRange
         ap.AddressRange(16, 1, producer, 0x3, 0, 0xD00, 0xFFFF, 0, 0xF300),
@@ -99,7 +99,7 @@ def test_the_64_bit_window_starts_above_ram() -> None:
 def test_the_ecam_window_is_reserved_by_a_motherboard_resource_device() -> None:
     mres = devices()["\\_SB_.MRES"]
     assert ap.hardware_id(mres) == "PNP0C02"
-    assert ap.current_resources(mres) == [ap.FixedMemory32(True, 0xE000_0000, 256 << 20)]
+    assert ap.current_resources(mres) == [ap.FixedMemory32(True, 0xE000_0000, 1 << 20)]
 
 
 def test_prt_routes_every_slot_pin_to_its_swizzled_ioapic_input() -> None:
@@ -265,6 +265,6 @@ def test_iasl_decodes_the_mcfg(tmp_path: Path) -> None:
         "Base Address : 00000000E0000000",
         "Segment Group Number : 0000",
         "Start Bus Number : 00",
-        "End Bus Number : FF",
+        "End Bus Number : 00",
     ):
         assert expected in mcfg, expected
