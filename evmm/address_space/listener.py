@@ -11,11 +11,11 @@ equal to the view's I/O ranges, so the exit dispatcher keeps its lock-free looku
 from __future__ import annotations
 
 import mmap
-from typing import Protocol, cast
+from typing import Protocol
 
 from evmm.address_space.flatview import FlatRange, IoEventFd
 from evmm.address_space.region import Io, Ram
-from evmm.devices.bus import Bus, BusDevice, SplitDevice
+from evmm.devices.bus import ON_REACTOR, Bus, BusDevice, OnVcpu
 from evmm.errors import ConfigError
 from evmm.log import log
 
@@ -100,24 +100,24 @@ class KvmListener:
 
 class _Shifted:
     """A device seen from the middle of its region (the first part hidden by a region above it): offsets
-    on the bus start where the visible part starts, the device's where the region starts.  The inline
-    entry points are only called when the region is ``split``, which ``Bus.insert`` checks the device for."""
+    on the bus start where the visible part starts, the device's where the region starts.  Its ``on_vcpu``
+    declaration moves with the offsets."""
 
     def __init__(self, device: BusDevice, shift: int) -> None:
         self._device = device
         self._shift = shift
+        where = getattr(device, "on_vcpu", ON_REACTOR)
+        self.on_vcpu = OnVcpu(
+            everything=where.everything,
+            reads=frozenset(o - shift for o in where.reads if o >= shift),
+            writes=frozenset(o - shift for o in where.writes if o >= shift),
+        )
 
     def read(self, offset: int, size: int) -> int:
         return self._device.read(offset + self._shift, size)
 
     def write(self, offset: int, size: int, value: int) -> None:
         self._device.write(offset + self._shift, size, value)
-
-    def read_inline(self, offset: int, size: int) -> int | None:
-        return cast(SplitDevice, self._device).read_inline(offset + self._shift, size)
-
-    def write_inline(self, offset: int, size: int, value: int) -> bool:
-        return cast(SplitDevice, self._device).write_inline(offset + self._shift, size, value)
 
 
 class BusListener:
@@ -131,7 +131,7 @@ class BusListener:
         if not isinstance(region, Io):
             return
         device = region.device if fr.offset_in_region == 0 else _Shifted(region.device, fr.offset_in_region)
-        self.bus.insert(fr.start, fr.size, device, region.name, inline=region.inline, split=region.split)
+        self.bus.insert(fr.start, fr.size, device, region.name)
 
     def region_del(self, fr: FlatRange) -> None:
         if isinstance(fr.region, Io):

@@ -111,26 +111,15 @@ class Rom(Ram):
 
 
 class Io(Region):
-    """A range decoded by a register-level device (MMIO or port I/O), which sees offsets into the region.
-
-    ``inline`` and ``split`` say which thread serves it, as ``Bus.insert`` takes them.  Ioeventfds live on
-    the region at offsets, and so follow it wherever it is mapped: a BAR moved by the guest takes its queue
+    """A range decoded by a register-level device (MMIO or port I/O), which sees offsets into the region and
+    says itself which thread serves which register (``on_vcpu``, read by the bus).  Ioeventfds live on the
+    region at offsets, and so follow it wherever it is mapped: a BAR moved by the guest takes its queue
     notification eventfds along.
     """
 
-    def __init__(
-        self,
-        name: str,
-        size: int,
-        device: BusDevice,
-        *,
-        inline: bool = False,
-        split: bool = False,
-    ) -> None:
+    def __init__(self, name: str, size: int, device: BusDevice) -> None:
         super().__init__(name, size)
         self.device = device
-        self.inline = inline
-        self.split = split
         self.ioeventfds: list[IoEventFdSpec] = []
 
     def add_ioeventfd(self, offset: int, length: int, fd: int, datamatch: int | None = None) -> None:

@@ -11,10 +11,7 @@ import sys
 from pathlib import Path
 
 from evmm import exitcodes
-from evmm.errors import ConfigError, EvmmError
-from evmm.hostkvm import probe
-from evmm.machine.config import MachineConfig, check_cpus, check_file, check_memory, parse_size
-from evmm.machine.devspec import (
+from evmm.config.devspec import (
     parse_drive,
     parse_hotplug,
     parse_net,
@@ -22,6 +19,9 @@ from evmm.machine.devspec import (
     parse_virtio_console,
     parse_vsock,
 )
+from evmm.errors import ConfigError, EvmmError
+from evmm.hostkvm import probe
+from evmm.machine.config import MachineConfig, check_cpus, check_file, check_memory, parse_size
 
 TESTHOST_HINT = "evmm testhost run -- evmm run ..."
 

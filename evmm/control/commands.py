@@ -20,10 +20,10 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from evmm.config.devspec import DriveSpec, NetSpec
 from evmm.errors import EvmmError
 from evmm.exitcodes import EXIT_GUEST_POWEROFF, EXIT_GUEST_RESET
 from evmm.log import log
-from evmm.machine.devspec import DriveSpec, NetSpec
 from evmm.record import record
 from evmm.rpc.protocol import ErrorCode
 

@@ -7,8 +7,8 @@ from dataclasses import field
 from pathlib import Path
 
 from evmm.arch.x86 import layout
+from evmm.config.devspec import ConsoleSpec, DriveSpec, NetSpec, RngSpec, VsockSpec
 from evmm.errors import ConfigError
-from evmm.machine.devspec import ConsoleSpec, DriveSpec, NetSpec, RngSpec, VsockSpec
 from evmm.record import record
 
 MIN_MEMORY = 32 * layout.MiB

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from evmm.config.devspec import DriveSpec, NetSpec
 from evmm.errors import EvmmError
-from evmm.machine.devspec import DriveSpec, NetSpec
 
 Listener = Callable[[str, dict[str, Any]], None]
 

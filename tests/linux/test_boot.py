@@ -59,7 +59,7 @@ def test_dmesg_has_no_acpi_complaints(launch: GuestFactory, guest_assets: GuestA
 
 def test_a_verbose_console_boot_arrives_whole(launch: GuestFactory, guest_assets: GuestAssets) -> None:
     """Without ``quiet`` the kernel prints ~17 KB through the 16550A, nearly all of it answered by the UART
-    fast path in C (evmm/kvm/uart_fast.py): every line must arrive, in order, on the serial console."""
+    fast path in C (evmm/devices/legacy/serial_fast.py): every line must arrive, in order, on the serial console."""
     append = " ".join(w for w in kernel_args().split() if w != "quiet")
     guest = launch(evmm_run_argv(guest_assets.vmlinux, guest_assets.initramfs, append=append), "evmm-verbose")
     guest.expect(READY, BOOT_TIMEOUT)

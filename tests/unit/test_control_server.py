@@ -788,9 +788,6 @@ async def test_closing_while_a_request_is_in_flight_reports_no_error(sockdir: Pa
     # The VMM's exit path with a client mid-request (a pause waiting for vCPUs to park): close() cancels its
     # session.  Nothing may reach the loop's exception handler, which prints a traceback on the guest's
     # console (CPython 3.11's asyncio.streams turns a cancelled connection handler into one).
-    loop = asyncio.get_running_loop()
-    reported: list[dict[str, Any]] = []
-    loop.set_exception_handler(lambda _loop, context: reported.append(context))
     path = sockdir / "api.sock"
     close = await start_control(FakeMachine(park_delay=30), None, api_sock=path, qmp=None)
     raw = await Raw.open(path)
@@ -798,5 +795,6 @@ async def test_closing_while_a_request_is_in_flight_reports_no_error(sockdir: Pa
     await asyncio.sleep(0.1)  # the server is inside the pause, waiting for the vCPUs
     await close()
     assert await raw.recv() is None  # dropped, at EOF, without an answer
-    await asyncio.sleep(0.05)  # done callbacks run
-    assert reported == []
+    await asyncio.sleep(
+        0.05
+    )  # done callbacks run: tests/conftest.py fails the test if one reached the handler

@@ -442,9 +442,6 @@ async def test_closing_with_a_client_still_connected_reports_no_error(
 ) -> None:
     # As at `quit`: the client that asked is still connected while the VMM closes.  Nothing may reach the
     # loop's exception handler (CPython 3.11's asyncio.streams turns a cancelled handler into a traceback).
-    loop = asyncio.get_running_loop()
-    reported: list[dict[str, Any]] = []
-    loop.set_exception_handler(lambda _loop, context: reported.append(context))
     path = sockdir / "qmp.sock"
     close = await start_control(machine, None, api_sock=None, qmp=f"unix:{path},server,nowait")
     reader, writer = await asyncio.open_unix_connection(str(path))
@@ -452,5 +449,6 @@ async def test_closing_with_a_client_still_connected_reports_no_error(
     await close()
     assert await asyncio.wait_for(reader.read(), 5) == b""  # dropped, at EOF
     writer.close()
-    await asyncio.sleep(0.05)  # done callbacks run
-    assert reported == []
+    await asyncio.sleep(
+        0.05
+    )  # done callbacks run: tests/conftest.py fails the test if one reached the handler

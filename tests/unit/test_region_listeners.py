@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import mmap
-from typing import cast
 
 import pytest
 
 from evmm.address_space import AddressSpace, Alias, Container, Io, Ram, Rom
 from evmm.address_space.listener import BusListener, KvmListener, page_trim
-from evmm.devices.bus import Bus, SplitDevice
+from evmm.devices.bus import Bus, OnVcpu
 from evmm.errors import ConfigError, KvmError
 from tests.fakes.address_space import FailingListener, RecordingListener, SlotRecordingVm
 
@@ -27,11 +26,9 @@ class Regs:
     def write(self, offset: int, size: int, value: int) -> None:
         pass
 
-    def read_inline(self, offset: int, size: int) -> int | None:
-        return 0x1000 | offset
 
-    def write_inline(self, offset: int, size: int, value: int) -> bool:
-        return False
+class VcpuRegs(Regs):
+    on_vcpu = OnVcpu(reads=frozenset({0x10, 0x110}), writes=frozenset({0x120}))
 
 
 def space() -> tuple[AddressSpace, RecordingListener]:
@@ -235,10 +232,12 @@ def test_bus_listener_mirrors_the_io_ranges_with_device_offsets() -> None:
     bus = Bus("mmio")
     s = AddressSpace("memory", Container("system", 1 << 32))
     s.add_listener(BusListener(bus))
-    regs = Regs()
-    s.root.add(Io("regs", 0x1000, regs, split=True), 0x10000)
+    regs = VcpuRegs()
+    s.root.add(Io("regs", 0x1000, regs), 0x10000)
     s.root.add(Ram("ram", mmap.mmap(-1, PAGE)), 0)  # not on the bus
-    assert [(m.base, m.length, m.name, m.split) for m in bus.mappings()] == [(0x10000, 0x1000, "regs", True)]
+    assert [(m.base, m.length, m.name, m.on_vcpu) for m in bus.mappings()] == [
+        (0x10000, 0x1000, "regs", VcpuRegs.on_vcpu)
+    ]
     assert bus.read(0x10040, 4) == 0x40
     cover = Io("cover", 0x100, Regs())
     s.root.add(cover, 0x10000, priority=1)
@@ -250,7 +249,8 @@ def test_bus_listener_mirrors_the_io_ranges_with_device_offsets() -> None:
     assert bus.read(0x10140, 4) == 0x140
     shifted = bus.find(0x10110)
     assert shifted is not None
-    assert cast(SplitDevice, shifted.device).read_inline(0x10110 - shifted.base, 4) == 0x1110
+    # Which thread serves a register follows the offsets: 0x110 and 0x120 of the device are 0x10 and 0x20 here.
+    assert shifted.on_vcpu == OnVcpu(reads=frozenset({0x10}), writes=frozenset({0x20}))
     s.root.move(cover, 0x20000)
     assert [(m.base, m.name) for m in bus.mappings()] == [(0x10000, "regs"), (0x20000, "cover")]
     assert bus.read(0x10010, 4) == 0x10
