@@ -241,14 +241,19 @@ class Machine:
         """Fill (or refill) a slot's backend while the guest runs; raises EvmmError with one line."""
         slot = self._slot(slot_id)
         slot.fill(spec)
-        self.emit("device-changed", {"slot": slot.id, "action": "replaced", "backend": slot.backend})
+        self._device_changed(slot, "replaced")
         return slot.describe()
 
     def remove_device(self, slot_id: str) -> dict[str, Any]:
         slot = self._slot(slot_id)
         slot.empty()
-        self.emit("device-changed", {"slot": slot.id, "action": "removed", "backend": None})
+        self._device_changed(slot, "removed")
         return slot.describe()
+
+    def _device_changed(self, slot: HotplugSlot, action: str) -> None:
+        self.emit(
+            "device-changed", {"slot": slot.id, "kind": slot.kind, "action": action, "backend": slot.backend}
+        )
 
     def device_list(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -271,21 +276,26 @@ class Machine:
     # ---- pause / resume (reactor) ----------------------------------------------------------------------
 
     async def pause(self) -> None:
-        """Return once every vCPU is out of KVM_RUN and parked."""
+        """Return once every vCPU is out of KVM_RUN and parked, and announce it (``state-changed``)."""
         self.paused = True
         for t in self.threads:
             t.request_pause()
         await self._wait_for(
             lambda: all(t.state in (VcpuState.PAUSED, VcpuState.STOPPED) for t in self.threads)
         )
+        if self.state == "paused":  # not once stopped: the stop announces itself
+            self.emit("state-changed", {"state": "paused"})
 
     async def resume(self) -> None:
+        """Return once every vCPU runs again, and announce it (``state-changed``)."""
         self.paused = False
         for t in self.threads:
             t.resume()
         await self._wait_for(
             lambda: all(t.state in (VcpuState.RUNNING, VcpuState.STOPPED) for t in self.threads)
         )
+        if self.state == "running":
+            self.emit("state-changed", {"state": "running"})
 
     async def _wait_for(self, cond: Callable[[], bool]) -> None:
         if cond():
