@@ -47,7 +47,7 @@ def test_hot_replace_is_announced_once_by_the_machine() -> None:
     with tiny_guest(SPIN) as t, tempfile.TemporaryDirectory() as d:
         image = Path(d) / "disk.img"
         image.write_bytes(bytes(4096))
-        t.machine.parts.slots.append(HotplugSlot("hp-blk0", "blk", make_empty_blk("hp-blk0")))
+        t.machine.devices.slots.append(HotplugSlot("hp-blk0", "blk", make_empty_blk("hp-blk0")))
         events: list[tuple[str, dict[str, Any]]] = []
         t.machine.subscribe(lambda name, data: events.append((name, data)))
         commands = Commands(t.machine)
