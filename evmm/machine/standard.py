@@ -19,6 +19,7 @@ from evmm.arch.x86 import layout
 from evmm.arch.x86.irqroute import pc_gsi_routes
 from evmm.devices.pci import hotplug
 from evmm.devices.pci.host_bridge import HostBridge
+from evmm.devices.pci.intx import SharedLine
 from evmm.devices.pci.root import CONFIG_IO_PORTS, ConfigIo, Ecam, PciRoot
 from evmm.kvm import Kvm
 from evmm.loop.console import ConsoleIO
@@ -31,12 +32,15 @@ from evmm.machine.board import (
     create_vm,
     default_cmdline,
     legacy_devices,
+    make_virtio_devices,
 )
 from evmm.machine.config import MachineConfig
 from evmm.machine.devices import Devices
+from evmm.machine.interrupts import KvmIrqLine
 from evmm.machine.lifecycle import Lifecycle
 from evmm.machine.machine import Machine, MachineParts
 from evmm.machine.msi import GsiRouting
+from evmm.machine.pci_devices import BarAllocator, PciDevices
 from evmm.memory import GuestMemory
 from evmm.record import record
 
@@ -60,12 +64,8 @@ class PciSystem:
     hotplug: hotplug.PciHotplugRegisters
 
 
-def pci_system(
-    spaces: Spaces,
-    config: MachineConfig,
-    on_hotplug_event: Callable[[], None],
-    on_eject: Callable[[int], None],
-) -> PciSystem:
+def pci_system(spaces: Spaces, config: MachineConfig, on_hotplug_event: Callable[[], None]) -> PciSystem:
+    """Bus 0 with the host bridge, ECAM, 0xCF8 and the hotplug registers, in the board's address spaces."""
     pci_mem = Container("pci-memory", 1 << 64)
     pci_io = Container("pci-io", 1 << 16)
     hole64, size64 = layout.pci_mmio64_window(config.memory)
@@ -83,7 +83,7 @@ def pci_system(
         ecam = Ecam(root, layout.PCI_ECAM_BUSES)
         memory.add(Io("pci-ecam", ecam.size, ecam), layout.PCI_ECAM_BASE)
         ports.add(Io("pci-config", CONFIG_IO_PORTS, ConfigIo(root)), layout.PCI_CONFIG_IO_PORT)
-        regs = hotplug.PciHotplugRegisters(on_hotplug_event, on_eject)
+        regs = hotplug.PciHotplugRegisters(on_hotplug_event)
         memory.add(Io("pci-hotplug", hotplug.SIZE, regs), layout.PCI_HOTPLUG_BASE)
         root.plug(0, HostBridge())
     return PciSystem(root, regs)
@@ -101,17 +101,24 @@ def build_standard(
     lifecycle = Lifecycle()
     try:
         vm = create_vm(b, config)
-        GsiRouting(vm, pc_gsi_routes())
+        routing = GsiRouting(vm, pc_gsi_routes())
         vm.create_pit2()
         memory = b.memory = GuestMemory.anonymous(layout.ram_layout(config.memory))
         spaces = address_spaces(vm, memory)
         legacy = legacy_devices(b, vm, spaces, loop, console, lifecycle)
-        pci_system(
-            spaces,
-            config,
-            lambda: legacy.acpi_pm.ged_event(layout.ACPI_GED_EVENT_PCI_HOTPLUG),
-            lambda slot: None,
+        intx = {gsi: SharedLine(KvmIrqLine(vm, gsi)) for gsi in layout.PCI_INTX_GSIS}
+        pci = pci_system(spaces, config, lambda: legacy.acpi_pm.ged_event(layout.ACPI_GED_EVENT_PCI_HOTPLUG))
+        bars = BarAllocator(
+            (layout.PCI_MMIO32_BASE, layout.PCI_MMIO32_SIZE), layout.pci_mmio64_window(config.memory)
         )
+        pci_devices = PciDevices(
+            pci.root, pci.hotplug, vm, routing, memory, loop, bars, intx, layout.PCI_INTX_GSIS
+        )
+        b.closers.append(pci_devices.close)
+        virtio = make_virtio_devices(config, stdio)
+        with spaces.memory.transaction():
+            for name, device in virtio:
+                pci_devices.add(name, device)
         tables = build_acpi_tables(AcpiConfig(num_cpus=config.cpus, pci=pci_acpi(config)))
         memory.write(layout.ACPI_TABLES_ADDR, tables.blob)
         vcpus, cmdline = boot_vcpus(
@@ -123,6 +130,11 @@ def build_standard(
             tables.rsdp_addr,
             lambda tsc_khz: default_cmdline(tsc_khz, console_name(config), pci=True),
         )
+        hvc = None
+        if config.console is not None:
+            from evmm.devices.virtio.console import VirtioConsole
+
+            hvc = next(d for _, d in virtio if isinstance(d, VirtioConsole))
         parts = MachineParts(
             config=config,
             kvm=b.kvm,
@@ -132,7 +144,7 @@ def build_standard(
             pio=spaces.pio_bus,
             mmio=spaces.mmio_bus,
             cmdline=cmdline,
-            devices=Devices(acpi_pm=legacy.acpi_pm, i8042=legacy.i8042),
+            devices=Devices(acpi_pm=legacy.acpi_pm, i8042=legacy.i8042, virtio_console=hvc, pci=pci_devices),
             lifecycle=lifecycle,
             closers=b.closers,
         )

@@ -20,10 +20,11 @@ SIZE = 0x10
 
 
 class PciHotplugRegisters:
-    def __init__(self, notify: Callable[[], None], on_eject: Callable[[int], None]) -> None:
-        """``notify`` raises the GED's PCI hotplug event; ``on_eject(slot)`` is the guest's eject."""
+    def __init__(self, notify: Callable[[], None], on_eject: Callable[[int], None] | None = None) -> None:
+        """``notify`` raises the GED's PCI hotplug event; ``on_eject(slot)`` is the guest's eject, given here
+        or later by whoever owns the devices."""
         self._notify = notify
-        self._on_eject = on_eject
+        self.on_eject = on_eject
         self._up = 0
         self._down = 0
 
@@ -50,5 +51,5 @@ class PciHotplugRegisters:
         if size != 4 or offset != REG_EJECT:
             return
         for slot in range(32):
-            if value >> slot & 1:
-                self._on_eject(slot)
+            if value >> slot & 1 and self.on_eject is not None:
+                self.on_eject(slot)
