@@ -220,6 +220,10 @@ def run_machine(
                 machine = build(config, loop, console)
             m = machine
             commands = Commands(m)
+            if config.board == "standard":
+                from evmm.control.pci_commands import register_pci_commands
+
+                register_pci_commands(commands)
             menu.append(
                 EscapeMenu(
                     CommandsTarget(commands), fd_writer(out_fd), send=console.inject if console else None
