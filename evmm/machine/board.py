@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from evmm import exitcodes
 from evmm.address_space import AddressSpace, Container, Io, Ram
 from evmm.address_space.listener import BusListener, KvmListener
 from evmm.arch.x86 import layout
 from evmm.arch.x86.boot import load_linux, setup_boot_vcpu, setup_vcpu
+from evmm.arch.x86.irqroute import pc_gsi_routes
 from evmm.arch.x86.mptable import build_mptable
 from evmm.devices.acpi_pm import AcpiPm
 from evmm.devices.boot_timer import BootTimer
@@ -34,10 +36,16 @@ from evmm.log import log
 from evmm.loop.console import ConsoleIO
 from evmm.machine.cmdline import merge_cmdline
 from evmm.machine.config import MachineConfig, check_cpus
+from evmm.machine.devices import Devices
 from evmm.machine.interrupts import IrqfdInterrupt, KvmIrqLine
 from evmm.machine.lifecycle import Lifecycle
+from evmm.machine.machine import Machine, MachineParts
+from evmm.machine.msi import GsiRouting
 from evmm.memory import GuestMemory
 from evmm.record import record
+
+if TYPE_CHECKING:
+    from evmm.devices.virtio.console import VirtioConsole
 
 COM1_BASE = 0x3F8
 RTC_BASE = 0x70
@@ -227,6 +235,88 @@ def make_virtio_devices(
 
 def console_name(config: MachineConfig) -> str:
     return "hvc0" if config.console is not None and config.console.kind == "stdio" else "ttyS0"
+
+
+@record
+class Base:
+    """What every board starts from: the VM with its routing table, guest RAM, both address spaces and the
+    legacy devices."""
+
+    vm: Vm
+    routing: GsiRouting
+    memory: GuestMemory
+    spaces: Spaces
+    legacy: Legacy
+
+
+def base(
+    b: Build,
+    config: MachineConfig,
+    loop: asyncio.AbstractEventLoop,
+    console: ConsoleIO | None,
+    lifecycle: Lifecycle,
+) -> Base:
+    vm = create_vm(b, config)
+    routing = GsiRouting(vm, pc_gsi_routes())  # before the PIT, which raises IRQ 0 through it
+    vm.create_pit2()
+    memory = b.memory = GuestMemory.anonymous(layout.ram_layout(config.memory))
+    spaces = address_spaces(vm, memory)
+    return Base(vm, routing, memory, spaces, legacy_devices(b, vm, spaces, loop, console, lifecycle))
+
+
+def build(
+    config: MachineConfig,
+    loop: asyncio.AbstractEventLoop,
+    console: ConsoleIO | None,
+    kvm_path: str,
+    body: Callable[[Build, Base, Lifecycle], Machine],
+) -> Machine:
+    """A board: its ``base``, then ``body`` adds the rest; whatever was made is released if anything fails."""
+    b = Build(Kvm(kvm_path))
+    lifecycle = Lifecycle()
+    try:
+        return body(b, base(b, config, loop, console, lifecycle), lifecycle)
+    except BaseException:
+        b.abort()
+        raise
+
+
+def virtio_console(virtio: list[tuple[str, VirtioDevice]]) -> VirtioConsole | None:
+    """The --virtio-console device among the board's, for the machine (its size follows the terminal)."""
+    from evmm.devices.virtio.console import VirtioConsole
+
+    return next((d for _, d in virtio if isinstance(d, VirtioConsole)), None)
+
+
+def assemble(
+    b: Build,
+    board: Base,
+    config: MachineConfig,
+    lifecycle: Lifecycle,
+    loop: asyncio.AbstractEventLoop,
+    console: ConsoleIO | None,
+    boot: tuple[list[Vcpu], str],
+    devices: Devices,
+) -> Machine:
+    """The running machine from what the board built; ``boot`` is ``boot_vcpus``'s answer."""
+    vcpus, cmdline = boot
+    parts = MachineParts(
+        config=config,
+        kvm=b.kvm,
+        vm=board.vm,
+        memory=board.memory,
+        vcpus=vcpus,
+        pio=board.spaces.pio_bus,
+        mmio=board.spaces.mmio_bus,
+        cmdline=cmdline,
+        devices=devices,
+        lifecycle=lifecycle,
+        closers=b.closers,
+    )
+    machine = Machine(parts, loop)
+    if console is not None:
+        console.attach_input(board.legacy.serial)
+    return machine
 
 
 def boot_vcpus(

@@ -14,30 +14,30 @@ import asyncio
 from evmm.acpi.tables import AcpiConfig, VirtioMmioDevice, build_acpi_tables
 from evmm.address_space import Io
 from evmm.arch.x86 import layout
-from evmm.arch.x86.irqroute import pc_gsi_routes
 from evmm.devices.virtio.device import VirtioDevice
 from evmm.devices.virtio.mmio import VirtioMmio
 from evmm.errors import ConfigError
-from evmm.kvm import Kvm, Vm
+from evmm.kvm import Vm
 from evmm.log import log
 from evmm.loop.console import ConsoleIO
 from evmm.machine.board import (
+    Base,
     Build,
     Spaces,
-    address_spaces,
+    assemble,
     boot_vcpus,
+    build,
     console_name,
-    create_vm,
     default_cmdline,
-    legacy_devices,
     make_virtio_devices,
+    virtio_console,
 )
 from evmm.machine.config import MachineConfig
 from evmm.machine.devices import Devices
 from evmm.machine.hotplug import HotplugSlot, make_empty_blk, make_empty_net
 from evmm.machine.interrupts import IrqfdInterrupt, KvmNotifyRegistrar
 from evmm.machine.lifecycle import Lifecycle
-from evmm.machine.machine import Machine, MachineParts
+from evmm.machine.machine import Machine
 from evmm.memory import GuestMemory
 
 
@@ -94,26 +94,18 @@ def build_microvm(
     stdio: tuple[int, int] | None = None,
     kvm_path: str = "/dev/kvm",
 ) -> Machine:
-    b = Build(Kvm(kvm_path))
-    lifecycle = Lifecycle()
-    try:
-        vm = create_vm(b, config)
-        vm.set_gsi_routing(pc_gsi_routes())
-        vm.create_pit2()
-        memory = b.memory = GuestMemory.anonymous(layout.ram_layout(config.memory))
-        spaces = address_spaces(vm, memory)
-        legacy = legacy_devices(b, vm, spaces, loop, console, lifecycle)
+    def body(b: Build, board: Base, lifecycle: Lifecycle) -> Machine:
         slots = _make_hotplug_slots(config)
         virtio = make_virtio_devices(config, stdio) + [(slot.id, slot.device) for slot in slots]
-        with spaces.memory.transaction():
-            transports = _virtio_transports(b, vm, memory, spaces, loop, virtio)
+        with board.spaces.memory.transaction():
+            transports = _virtio_transports(b, board.vm, board.memory, board.spaces, loop, virtio)
 
         acpi_devices = tuple(
             VirtioMmioDevice(t.base, layout.VIRTIO_MMIO_SIZE, layout.VIRTIO_IRQS[i])
             for i, t in enumerate(transports)
         )
         tables = build_acpi_tables(AcpiConfig(num_cpus=config.cpus, virtio_devices=acpi_devices))
-        memory.write(layout.ACPI_TABLES_ADDR, tables.blob)
+        board.memory.write(layout.ACPI_TABLES_ADDR, tables.blob)
 
         def defaults(tsc_khz: int) -> list[str]:
             words = default_cmdline(tsc_khz, console_name(config))
@@ -122,31 +114,13 @@ def build_microvm(
                 words += _virtio_cmdline_words(transports)
             return words
 
-        vcpus, cmdline = boot_vcpus(b, vm, config, memory, legacy, tables.rsdp_addr, defaults)
-
-        hvc = None
-        if config.console is not None:
-            from evmm.devices.virtio.console import VirtioConsole
-
-            hvc = next(d for _, d in virtio if isinstance(d, VirtioConsole))
-        devices = Devices(acpi_pm=legacy.acpi_pm, i8042=legacy.i8042, virtio_console=hvc, slots=slots)
-        parts = MachineParts(
-            config=config,
-            kvm=b.kvm,
-            vm=vm,
-            memory=memory,
-            vcpus=vcpus,
-            pio=spaces.pio_bus,
-            mmio=spaces.mmio_bus,
-            cmdline=cmdline,
-            devices=devices,
-            lifecycle=lifecycle,
-            closers=b.closers,
+        boot = boot_vcpus(b, board.vm, config, board.memory, board.legacy, tables.rsdp_addr, defaults)
+        devices = Devices(
+            acpi_pm=board.legacy.acpi_pm,
+            i8042=board.legacy.i8042,
+            virtio_console=virtio_console(virtio),
+            slots=slots,
         )
-        machine = Machine(parts, loop)
-        if console is not None:
-            console.attach_input(legacy.serial)
-        return machine
-    except BaseException:
-        b.abort()
-        raise
+        return assemble(b, board, config, lifecycle, loop, console, boot, devices)
+
+    return build(config, loop, console, kvm_path, body)

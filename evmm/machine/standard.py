@@ -16,32 +16,29 @@ from evmm.acpi.pci import PciHostAcpi
 from evmm.acpi.tables import AcpiConfig, build_acpi_tables
 from evmm.address_space import Alias, Container, Io
 from evmm.arch.x86 import layout
-from evmm.arch.x86.irqroute import pc_gsi_routes
 from evmm.devices.pci import hotplug
 from evmm.devices.pci.host_bridge import HostBridge
 from evmm.devices.pci.intx import SharedLine
 from evmm.devices.pci.root import CONFIG_IO_PORTS, ConfigIo, Ecam, PciRoot
-from evmm.kvm import Kvm
 from evmm.loop.console import ConsoleIO
 from evmm.machine.board import (
+    Base,
     Build,
     Spaces,
-    address_spaces,
+    assemble,
     boot_vcpus,
+    build,
     console_name,
-    create_vm,
     default_cmdline,
-    legacy_devices,
     make_virtio_devices,
+    virtio_console,
 )
 from evmm.machine.config import MachineConfig
 from evmm.machine.devices import Devices
 from evmm.machine.interrupts import KvmIrqLine
 from evmm.machine.lifecycle import Lifecycle
-from evmm.machine.machine import Machine, MachineParts
-from evmm.machine.msi import GsiRouting
+from evmm.machine.machine import Machine
 from evmm.machine.pci_devices import BarAllocator, PciDevices
-from evmm.memory import GuestMemory
 from evmm.record import record
 
 
@@ -97,61 +94,35 @@ def build_standard(
     stdio: tuple[int, int] | None = None,
     kvm_path: str = "/dev/kvm",
 ) -> Machine:
-    b = Build(Kvm(kvm_path))
-    lifecycle = Lifecycle()
-    try:
-        vm = create_vm(b, config)
-        routing = GsiRouting(vm, pc_gsi_routes())
-        vm.create_pit2()
-        memory = b.memory = GuestMemory.anonymous(layout.ram_layout(config.memory))
-        spaces = address_spaces(vm, memory)
-        legacy = legacy_devices(b, vm, spaces, loop, console, lifecycle)
+    def body(b: Build, board: Base, lifecycle: Lifecycle) -> Machine:
+        vm, memory, acpi_pm = board.vm, board.memory, board.legacy.acpi_pm
         intx = {gsi: SharedLine(KvmIrqLine(vm, gsi)) for gsi in layout.PCI_INTX_GSIS}
-        pci = pci_system(spaces, config, lambda: legacy.acpi_pm.ged_event(layout.ACPI_GED_EVENT_PCI_HOTPLUG))
+        pci = pci_system(board.spaces, config, lambda: acpi_pm.ged_event(layout.ACPI_GED_EVENT_PCI_HOTPLUG))
         bars = BarAllocator(
             (layout.PCI_MMIO32_BASE, layout.PCI_MMIO32_SIZE), layout.pci_mmio64_window(config.memory)
         )
         pci_devices = PciDevices(
-            pci.root, pci.hotplug, vm, routing, memory, loop, bars, intx, layout.PCI_INTX_GSIS
+            pci.root, pci.hotplug, vm, board.routing, memory, loop, bars, intx, layout.PCI_INTX_GSIS
         )
         b.closers.append(pci_devices.close)
         virtio = make_virtio_devices(config, stdio)
-        with spaces.memory.transaction():
+        with board.spaces.memory.transaction():
             for name, device in virtio:
                 pci_devices.add(name, device)
         tables = build_acpi_tables(AcpiConfig(num_cpus=config.cpus, pci=pci_acpi(config)))
         memory.write(layout.ACPI_TABLES_ADDR, tables.blob)
-        vcpus, cmdline = boot_vcpus(
+        boot = boot_vcpus(
             b,
             vm,
             config,
             memory,
-            legacy,
+            board.legacy,
             tables.rsdp_addr,
             lambda tsc_khz: default_cmdline(tsc_khz, console_name(config), pci=True),
         )
-        hvc = None
-        if config.console is not None:
-            from evmm.devices.virtio.console import VirtioConsole
-
-            hvc = next(d for _, d in virtio if isinstance(d, VirtioConsole))
-        parts = MachineParts(
-            config=config,
-            kvm=b.kvm,
-            vm=vm,
-            memory=memory,
-            vcpus=vcpus,
-            pio=spaces.pio_bus,
-            mmio=spaces.mmio_bus,
-            cmdline=cmdline,
-            devices=Devices(acpi_pm=legacy.acpi_pm, i8042=legacy.i8042, virtio_console=hvc, pci=pci_devices),
-            lifecycle=lifecycle,
-            closers=b.closers,
+        devices = Devices(
+            acpi_pm=acpi_pm, i8042=board.legacy.i8042, virtio_console=virtio_console(virtio), pci=pci_devices
         )
-        machine = Machine(parts, loop)
-        if console is not None:
-            console.attach_input(legacy.serial)
-        return machine
-    except BaseException:
-        b.abort()
-        raise
+        return assemble(b, board, config, lifecycle, loop, console, boot, devices)
+
+    return build(config, loop, console, kvm_path, body)
