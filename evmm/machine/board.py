@@ -206,7 +206,8 @@ def legacy_devices(
 def make_virtio_devices(
     config: MachineConfig, stdio: tuple[int, int] | None
 ) -> list[tuple[str, VirtioDevice]]:
-    """Backends in slot order: disks, NICs, vsock, console, rng (imported only when asked for)."""
+    """Backends in slot order: disks, NICs, vsock, console, rng, shared directories (imported only when asked
+    for)."""
     devices: list[tuple[str, VirtioDevice]] = []
     if config.drives:
         from evmm.devices.virtio.blk import make_blk
@@ -230,6 +231,11 @@ def make_virtio_devices(
         from evmm.devices.virtio.rng import VirtioRng
 
         devices.append(("rng", VirtioRng(config.rng.rate)))
+    if config.fss:
+        from evmm.devices.virtio.fs import make_fs
+
+        for fs in config.fss:
+            devices.append((f"fs-{fs.tag}", make_fs(fs, len(config.fss))))
     return devices
 
 
