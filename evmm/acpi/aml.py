@@ -12,7 +12,7 @@ import enum
 import re
 import struct
 from collections.abc import Sequence
-from typing import Protocol, TypeAlias
+from typing import ClassVar, Protocol, TypeAlias
 
 from evmm.record import record
 
@@ -47,9 +47,13 @@ LOCAL0_OP = 0x60
 ARG0_OP = 0x68
 STORE_OP = 0x70
 AND_OP = 0x7B
+OR_OP = 0x7D
 NOTIFY_OP = 0x86
+CREATE_DWORD_FIELD_OP = 0x8A
+LNOT_OP = 0x92
 LEQUAL_OP = 0x93
 IF_OP = 0xA0
+ELSE_OP = 0xA1
 RETURN_OP = 0xA4
 ONES_OP = 0xFF
 NULL_NAME = 0x00
@@ -376,11 +380,17 @@ class Field:
 
 @record(frozen=True)
 class If:
+    """If, and its Else when ``orelse`` is given (an Else must follow its If directly: §20.2.5.3)."""
+
     predicate: Operand
     body: tuple[AmlObject, ...]
+    orelse: tuple[AmlObject, ...] | None = None
 
     def to_aml(self) -> bytes:
-        return bytes([IF_OP]) + _package(encode(self.predicate) + term_list(self.body))
+        aml = bytes([IF_OP]) + _package(encode(self.predicate) + term_list(self.body))
+        if self.orelse is not None:
+            aml += bytes([ELSE_OP]) + _package(term_list(self.orelse))
+        return aml
 
 
 @record(frozen=True)
@@ -393,16 +403,53 @@ class LEqual:
 
 
 @record(frozen=True)
-class And:
-    """Bitwise And; with no target the result is only returned (Target is NullName)."""
+class _Bitwise:
+    """A bitwise operator (Operand Operand Target); with no target the result is only returned (Target is
+    NullName)."""
 
+    OPCODE: ClassVar[int]
     left: Operand
     right: Operand
     target: AmlObject | None = None
 
     def to_aml(self) -> bytes:
         target = self.target.to_aml() if self.target else bytes([NULL_NAME])
-        return bytes([AND_OP]) + encode(self.left) + encode(self.right) + target
+        return bytes([self.OPCODE]) + encode(self.left) + encode(self.right) + target
+
+
+@record(frozen=True)
+class And(_Bitwise):
+    OPCODE = AND_OP
+
+
+@record(frozen=True)
+class Or(_Bitwise):
+    OPCODE = OR_OP
+
+
+@record(frozen=True)
+class LNot:
+    operand: Operand
+
+    def to_aml(self) -> bytes:
+        return bytes([LNOT_OP]) + encode(self.operand)
+
+
+@record(frozen=True)
+class CreateDWordField:
+    """Name the dword at byte ``index`` of buffer ``source`` (§19.6.18), as _OSC reads its capabilities."""
+
+    source: AmlObject
+    index: Operand
+    name: str
+
+    def to_aml(self) -> bytes:
+        return (
+            bytes([CREATE_DWORD_FIELD_OP])
+            + self.source.to_aml()
+            + encode(self.index)
+            + name_string(self.name)
+        )
 
 
 @record(frozen=True)
@@ -539,6 +586,79 @@ class ExtendedInterrupt:
             f"<{len(self.interrupts)}I", *self.interrupts
         )
         return _large(0x09, data)
+
+
+class AddressSpaceType(enum.IntEnum):
+    """Resource Type of an Address Space Descriptor (§6.4.3.5.1, Table 6.48)."""
+
+    MEMORY = 0
+    IO = 1
+    BUS_NUMBER = 2
+
+
+class Cacheability(enum.IntEnum):
+    """_MEM, bits 2:1 of a memory range's type-specific flags (§6.4.3.5.1, Table 6.50)."""
+
+    NON_CACHEABLE = 0
+    CACHEABLE = 1
+    WRITE_COMBINING = 2
+    PREFETCHABLE = 3
+
+
+# (item name, struct format of one field) of the QWord, DWord and Word Address Space Descriptors (§6.4.3.5).
+_ADDRESS_FORMS = {64: (0x0A, "Q"), 32: (0x07, "I"), 16: (0x08, "H")}
+IO_ENTIRE_RANGE = 0x3  # _RNG: both ISA and non-ISA ranges (Table 6.51)
+
+
+@record(frozen=True)
+class AddressSpace:
+    """A QWord/DWord/Word Address Space Descriptor, as a bridge produces it (ASL ``QWordMemory``,
+    ``DWordMemory``, ``WordIO``, ``WordBusNumber`` with ResourceProducer, PosDecode, MinFixed, MaxFixed).
+
+    General flags (§6.4.3.5.1): bit 0 clear for a producer, bit 1 clear for positive decode, bits 2 and 3
+    set for fixed minimum and maximum.  ``type_flags`` are the memory or I/O specific flags.
+    """
+
+    kind: AddressSpaceType
+    width: int  # 16, 32 or 64
+    minimum: int
+    maximum: int
+    type_flags: int = 0
+    translation: int = 0
+
+    def to_bytes(self) -> bytes:
+        if self.width not in _ADDRESS_FORMS:
+            raise ValueError(f"address space descriptors are 16, 32 or 64 bits wide, not {self.width}")
+        if not 0 <= self.minimum <= self.maximum < 1 << self.width:
+            raise ValueError(f"bad {self.width}-bit range {self.minimum:#x}-{self.maximum:#x}")
+        item, field = _ADDRESS_FORMS[self.width]
+        general = (1 << 2) | (1 << 3)
+        length = self.maximum - self.minimum + 1
+        data = struct.pack(
+            f"<BBB5{field}",
+            self.kind,
+            general,
+            self.type_flags,
+            0,
+            self.minimum,
+            self.maximum,
+            self.translation,
+            length,
+        )
+        return _large(item, data)
+
+
+def word_bus_number(first: int, last: int) -> AddressSpace:
+    return AddressSpace(AddressSpaceType.BUS_NUMBER, 16, first, last)
+
+
+def word_io(minimum: int, maximum: int) -> AddressSpace:
+    return AddressSpace(AddressSpaceType.IO, 16, minimum, maximum, type_flags=IO_ENTIRE_RANGE)
+
+
+def memory_window(minimum: int, maximum: int, width: int, cacheable: Cacheability) -> AddressSpace:
+    """A read-write memory window (``DWordMemory`` or ``QWordMemory``): _RW in bit 0, _MEM in bits 2:1."""
+    return AddressSpace(AddressSpaceType.MEMORY, width, minimum, maximum, type_flags=1 | cacheable << 1)
 
 
 # End tag (§6.4.2.9); a zero checksum means "treat the template as if its checksum were right".

@@ -43,6 +43,7 @@ from evmm.acpi.aml import (
     term_list,
 )
 from evmm.arch.x86.layout import (
+    ACPI_GED_EVENT_PCI_HOTPLUG,
     ACPI_GED_EVENT_POWER_BUTTON,
     ACPI_PM_BASE,
     ACPI_PM_GED_EVENT,
@@ -115,25 +116,24 @@ def _virtio(index: int, dev: VirtioMmioDevice) -> Device:
     return Device(f"VR{index:02X}", (Name("_HID", String("LNRO0005")), Name("_UID", index), resources))
 
 
-def _ged() -> Device:
+def _event(bit: int, *handler: AmlObject) -> If:
+    return If(LEqual(And(Local(0), bit), bit), handler)
+
+
+def _ged(pci_hotplug: str | None) -> Device:
     """The Generic Event Device (ACPI 6.5 §5.6.9): its interrupt makes OSPM run _EVT(gsi).
 
     _EVT reads the event selector (reading clears it in the device model) and turns the power button bit
-    into Notify(PWRB, 0x80), which Linux's button driver reports as KEY_POWER.
+    into Notify(PWRB, 0x80), which Linux's button driver reports as KEY_POWER, and the PCI hotplug bit into
+    a call of the method ``pci_hotplug`` names (the standard board's slot notifications).
     """
     selector = NameRef("ESEL")
-    evt = Method(
-        "_EVT",
-        arg_count=1,
-        serialized=True,
-        body=(
-            Store(selector, Local(0)),
-            If(
-                LEqual(And(Local(0), ACPI_GED_EVENT_POWER_BUTTON), ACPI_GED_EVENT_POWER_BUTTON),
-                (Notify(NameRef(POWER_BUTTON_PATH), NOTIFY_BUTTON_PRESSED),),
-            ),
-        ),
-    )
+    events: list[AmlObject] = [
+        _event(ACPI_GED_EVENT_POWER_BUTTON, Notify(NameRef(POWER_BUTTON_PATH), NOTIFY_BUTTON_PRESSED))
+    ]
+    if pci_hotplug is not None:
+        events.append(_event(ACPI_GED_EVENT_PCI_HOTPLUG, NameRef(pci_hotplug)))
+    evt = Method("_EVT", arg_count=1, serialized=True, body=(Store(selector, Local(0)), *events))
     return Device(
         "GED",
         (
@@ -164,8 +164,14 @@ def build_dsdt(
     rtc: bool,
     i8042: bool,
     ged: bool,
+    extra: Sequence[AmlObject] = (),
+    pci_hotplug: str | None = None,
 ) -> bytes:
-    """The DSDT with a blank 36-byte header, which ``tables`` fills in and checksums."""
+    """The DSDT with a blank 36-byte header, which ``tables`` fills in and checksums.
+
+    ``extra``: more devices for \\_SB (the standard board's PCI0); ``pci_hotplug``: the method the GED calls
+    on a PCI hotplug event.
+    """
     devices: list[AmlObject] = []
     if com1:
         devices.append(_uart("COM1", 1, COM1_PORT, IRQ_COM1))
@@ -176,8 +182,9 @@ def build_dsdt(
     if i8042:
         devices.append(_i8042())
     devices.extend(_virtio(i, dev) for i, dev in enumerate(virtio_devices))
+    devices.extend(extra)
     if ged:
-        devices += [_ged(), _power_button()]
+        devices += [_ged(pci_hotplug), _power_button()]
     terms: list[AmlObject] = [
         # \_S5 tells OSPM that S5 (soft off) exists and which SLP_TYP to write for it (ACPI 6.5 §7.4.2);
         # the second element is SLP_TYPb, which a hardware-reduced platform ignores.

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import struct
 
-from evmm.acpi import dsdt, fadt, madt
+from evmm.acpi import dsdt, fadt, madt, mcfg
 from evmm.acpi.dsdt import VirtioMmioDevice
+from evmm.acpi.pci import PCNT_PATH, PciHostAcpi, pci_host_devices
 from evmm.arch.x86.layout import (
     ACPI_TABLES_ADDR,
     ACPI_TABLES_END,
@@ -57,6 +58,7 @@ class AcpiConfig:
     rtc: bool = True
     i8042: bool = True
     ged: bool = True
+    pci: PciHostAcpi | None = None  # the standard board: PCI0 in the DSDT, and an MCFG
 
 
 @record(frozen=True)
@@ -146,25 +148,30 @@ def build_acpi_tables(config: AcpiConfig, base: int = ACPI_TABLES_ADDR) -> AcpiT
         rtc=config.rtc,
         i8042=config.i8042,
         ged=config.ged,
+        extra=pci_host_devices(config.pci) if config.pci is not None else (),
+        pci_hotplug=PCNT_PATH if config.pci is not None and config.pci.hotplug_base is not None else None,
     )
     madt_table = madt.build_madt(config.num_cpus)
+    more = [] if config.pci is None else [(mcfg.SIGNATURE, mcfg.REVISION, mcfg.build_mcfg([config.pci.ecam]))]
 
-    # Lay out: RSDP, XSDT (two entries), FADT, MADT, DSDT, each 16-byte aligned.
+    # Lay out: RSDP, XSDT, FADT, MADT, DSDT, then any more tables (MCFG), each 16-byte aligned.
+    sizes = [RSDP_LENGTH, _HEADER.size + (2 + len(more)) * 8, fadt.LENGTH, len(madt_table), len(dsdt_table)]
     offsets: list[int] = []
     end = 0
-    for size in (RSDP_LENGTH, _HEADER.size + 2 * 8, fadt.LENGTH, len(madt_table), len(dsdt_table)):
+    for size in sizes + [len(table) for _, _, table in more]:
         start = -(-end // TABLE_ALIGN) * TABLE_ALIGN
         offsets.append(start)
         end = start + size
-    rsdp_at, xsdt_at, fadt_at, madt_at, dsdt_at = (base + off for off in offsets)
+    rsdp_at, xsdt_at, fadt_at, madt_at, dsdt_at, *more_at = (base + off for off in offsets)
 
     fadt_table = fadt.build_fadt(dsdt_addr=dsdt_at, i8042=config.i8042, rtc=config.rtc)
     parts = [
         _rsdp(xsdt_at),
-        _xsdt([fadt_at, madt_at]),
+        _xsdt([fadt_at, madt_at, *more_at]),
         _seal(fadt.SIGNATURE, fadt.REVISION, fadt_table),
         _seal(madt.SIGNATURE, madt.REVISION, madt_table),
         _seal(dsdt.SIGNATURE, dsdt.REVISION, dsdt_table),
+        *(_seal(signature, revision, table) for signature, revision, table in more),
     ]
     blob = bytearray(end)
     for offset, part in zip(offsets, parts, strict=True):

@@ -24,6 +24,7 @@ KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 KERNEL_PREFIX = "linux-image-"
 MODULES = (
     "virtio_mmio",
+    "virtio_pci",  # the standard board's transport (with virtio_pci_modern_dev, from modules.dep)
     "virtio_blk",
     "virtio_net",
     "virtio_console",

@@ -30,11 +30,12 @@ class Context:
     quick: bool
     say: Callable[[str], None]
     boot_timeout: float = 180.0  # a quiet boot takes 3-10 s in the test host; a hung one is a failed run
+    machine: str = "microvm"  # the boards compared: evmm's --machine and its QEMU counterpart
 
     def spec(self, memory_mib: int, *, tools: bool = False) -> VmSpec:
         """The default guest (or its tools variant, with fio and iperf3) on the shared command line."""
         initrd = self.guest.tools_initramfs if tools else self.guest.initramfs
-        return VmSpec(self.guest.vmlinux, initrd, self.append, memory_mib)
+        return VmSpec(self.guest.vmlinux, initrd, self.append, memory_mib, machine=self.machine)
 
 
 @record

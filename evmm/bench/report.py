@@ -7,6 +7,7 @@ sides did different work says so, and the ratio is left out rather than guessed.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -67,6 +68,11 @@ def remarks(m: Metric) -> str:
     return "; ".join(parts + partial)
 
 
+def _qemu(meta: dict[str, Any]) -> str:
+    """Which QEMU board the run compared against (the standard board's counterpart is q35)."""
+    return "QEMU q35" if meta.get("machine") == "standard" else "QEMU microvm"
+
+
 def _title(m: Metric) -> str:
     return f"{m.spec.title} ({m.spec.unit}, {m.spec.better} is better)"
 
@@ -76,7 +82,8 @@ def rich_table(results: Results) -> Table:
     host = meta.get("host", {})
     where = "inside the KVM test host (QEMU TCG)" if host.get("in_testhost") else "directly"
     table = Table(
-        title=f"evmm vs QEMU microvm — {meta.get('date', '?')}, {where}, {host.get('cpus', '?')} CPUs",
+        title=f"evmm {meta.get('machine', 'microvm')} vs {_qemu(meta)} — {meta.get('date', '?')}, {where}, "
+        f"{host.get('cpus', '?')} CPUs",
         caption=escape(f"median [min{DASH}max] over the runs; ratio = evmm median / QEMU median"),
         show_lines=False,
     )
@@ -111,7 +118,7 @@ def print_table(results: Results, console: Console | None = None) -> None:
 
 def markdown(results: Results) -> str:
     lines = [
-        "| metric | unit | evmm | QEMU microvm | evmm/QEMU | remarks |",
+        f"| metric | unit | evmm | {_qemu(results.meta)} | evmm/QEMU | remarks |",
         "| --- | --- | ---: | ---: | ---: | --- |",
     ]
     for m in results.metrics.values():
@@ -168,7 +175,7 @@ def chart(results: Results, path: Path) -> str | None:
     host = results.meta.get("host", {})
     where = "in the KVM test host (nested, QEMU TCG)" if host.get("in_testhost") else "directly on KVM"
     ax.set_title(
-        f"evmm / QEMU microvm, median ratio per metric — {results.meta.get('date', '?')[:10]}, {where}\n"
+        f"evmm / {_qemu(results.meta)}, median ratio per metric — {results.meta.get('date', '?')[:10]}, {where}\n"
         "green: evmm better, red: evmm worse (each metric's own direction), grey: within 3%",
         fontsize=9,
     )

@@ -60,6 +60,7 @@ class Plan:
     profile: bool = False
     density_runs: int | None = None  # default: runs
     resume: bool = False  # keep the finished rows of OUT/results.json
+    machine: str = "microvm"  # microvm (against QEMU microvm) or standard (against QEMU q35)
 
 
 def one_line(e: BaseException) -> str:
@@ -86,12 +87,14 @@ def tsc_khz() -> int:
         return 0
 
 
-def kernel_cmdline() -> str:
+def kernel_cmdline(machine: str = "microvm") -> str:
     """One command line for both VMMs: a quiet serial console plus every word evmm's board would add.
 
-    Given explicitly, evmm adds nothing of its own, and QEMU's guest gets exactly the same words.
+    Given explicitly, evmm adds nothing of its own, and QEMU's guest gets exactly the same words.  The
+    standard board (and q35) keep PCI.
     """
-    words = ["console=ttyS0", "quiet", "reboot=k", "pci=off", "i8042.noaux", "panic=-1"]
+    words = ["console=ttyS0", "quiet", "reboot=k", *(["pci=off"] if machine == "microvm" else [])]
+    words += ["i8042.noaux", "panic=-1"]
     khz = tsc_khz()
     if khz:
         words.append(f"tsc_early_khz={khz}")
@@ -146,6 +149,7 @@ def host_meta(plan: Plan, append: str, ctx: Context) -> dict[str, Any]:
         "qemu": _version([vmm.QEMU_BINARY, "--version"]),
         "guest_kernel": ctx.guest.kernel_version,
         "cmdline": append,
+        "machine": plan.machine,
         "runs": plan.runs,
         "quick": plan.quick,
         "argv": {
@@ -182,8 +186,15 @@ class Runner:
 
         guest = default_guest()
         workdir = Path(tempfile.mkdtemp(prefix="evmm-bench-", dir="/tmp"))
-        append = kernel_cmdline()
-        ctx = Context(guest=guest, append=append, workdir=workdir, quick=self.plan.quick, say=self.say)
+        append = kernel_cmdline(self.plan.machine)
+        ctx = Context(
+            guest=guest,
+            append=append,
+            workdir=workdir,
+            quick=self.plan.quick,
+            say=self.say,
+            machine=self.plan.machine,
+        )
         rows = {name: ROWS[name]() for name in self.plan.rows}
         finished: dict[str, Any] = {}
         if self.plan.resume and self.path.is_file():

@@ -16,7 +16,11 @@ from pathlib import Path
 from evmm.record import record
 
 QEMU_BINARY = "qemu-system-x86_64"
-QEMU_MACHINE = "microvm,rtc=on,x-option-roms=off"
+# evmm's board -> QEMU's: microvm against microvm, the standard board against q35 (PCIe, virtio-pci; QEMU
+# runs its firmware, SeaBIOS, before the kernel it is given).
+QEMU_MACHINES = {"microvm": "microvm,rtc=on,x-option-roms=off", "standard": "q35"}
+# The virtio transport of each QEMU board, as a -device suffix.
+QEMU_TRANSPORTS = {"microvm": "device", "standard": "pci"}
 MAC = "52:54:00:12:34:56"
 
 
@@ -34,6 +38,7 @@ class VmSpec:
     api_sock: Path | None = None  # evmm's msgpack control socket
     qmp_sock: Path | None = None  # QMP (QEMU's, or evmm's --qmp)
     verbose: bool = False  # evmm -v: logs the boot-timer register's reading (a few lines in all)
+    machine: str = "microvm"  # evmm's board (--machine), and the QEMU board it is compared with
 
 
 @record(frozen=True)
@@ -73,7 +78,7 @@ EVMM_SECCOMP_OFF = Side("evmm-seccomp-off", "evmm", seccomp="off")  # the seccom
 def evmm_argv(spec: VmSpec) -> list[str]:
     argv = [sys.executable, "-m", "evmm", "run"]
     argv += ["--kernel", str(spec.kernel), "--initrd", str(spec.initrd), "--append", spec.append]
-    argv += ["--memory", f"{spec.memory_mib}M", "--cpus", str(spec.cpus)]
+    argv += ["--memory", f"{spec.memory_mib}M", "--cpus", str(spec.cpus), "--machine", spec.machine]
     if spec.drive is not None:
         argv += ["--drive", f"path={spec.drive},id=bench"]
     if spec.tap is not None:
@@ -91,7 +96,8 @@ def evmm_argv(spec: VmSpec) -> list[str]:
 
 
 def qemu_argv(spec: VmSpec, *, vhost: bool = False) -> list[str]:
-    argv = [QEMU_BINARY, "-M", QEMU_MACHINE, "-enable-kvm", "-cpu", "host"]
+    argv = [QEMU_BINARY, "-M", QEMU_MACHINES[spec.machine], "-enable-kvm", "-cpu", "host"]
+    transport = QEMU_TRANSPORTS[spec.machine]
     argv += ["-smp", str(spec.cpus), "-m", f"{spec.memory_mib}M", "-no-reboot"]
     argv += ["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio"]
     argv += ["-kernel", str(spec.kernel), "-initrd", str(spec.initrd), "-append", spec.append]
@@ -100,14 +106,14 @@ def qemu_argv(spec: VmSpec, *, vhost: bool = False) -> list[str]:
             "-drive",
             f"file={spec.drive},format=raw,if=none,id=bench,aio=threads,cache=writeback",
             "-device",
-            "virtio-blk-device,drive=bench,serial=bench",
+            f"virtio-blk-{transport},drive=bench,serial=bench",
         ]
     if spec.tap is not None:
         argv += [
             "-netdev",
             f"tap,id=net0,ifname={spec.tap},script=no,downscript=no,vhost={'on' if vhost else 'off'}",
             "-device",
-            f"virtio-net-device,netdev=net0,mac={spec.mac}",
+            f"virtio-net-{transport},netdev=net0,mac={spec.mac}",
         ]
     if spec.share is not None:
         # -virtfs would add a PCI device; microvm's virtio transport is MMIO, hence -fsdev and -device.

@@ -54,6 +54,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--quick", action="store_true", help="fewer runs and smaller workloads, for a smoke run")
     p.add_argument(
+        "--machine",
+        choices=("microvm", "standard"),
+        default="microvm",
+        help="evmm's board: microvm (against QEMU microvm) or standard (against QEMU q35, virtio-pci)",
+    )
+    p.add_argument(
         "--profile", action="store_true", help="one more evmm run per row under py-spy (not counted)"
     )
     p.add_argument(
@@ -122,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         profile=args.profile,
         density_runs=density_runs,
         resume=args.resume,
+        machine=args.machine,
     )
     if args.inside or os.environ.get("EVMM_IN_TESTHOST") == "1" or _kvm_boots_linux():
         return _direct(plan, render=not args.inside, heartbeat=args.inside)
@@ -172,7 +179,7 @@ def _in_testhost(plan: Plan, args: argparse.Namespace) -> int:
     resume = plan.resume
     for boot in range(1, TESTHOST_BOOTS + 1):
         inner = [sys.executable, "-m", "evmm", "bench", "--inside", "--out", str(plan.out)]
-        inner += ["--runs", str(plan.runs), "--only", ",".join(plan.rows)]
+        inner += ["--runs", str(plan.runs), "--only", ",".join(plan.rows), "--machine", plan.machine]
         for flag, on in (("--quick", plan.quick), ("--profile", plan.profile), ("--resume", resume)):
             if on:
                 inner.append(flag)

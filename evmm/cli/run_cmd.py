@@ -45,6 +45,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--cpus", default="1", metavar="N", help="number of vCPUs (default 1)")
     p.add_argument(
+        "--machine",
+        choices=("microvm", "standard"),
+        default="microvm",
+        help="the board: microvm (virtio-mmio, no PCI; the default) or standard (PCI, virtio-pci, hotplug)",
+    )
+    p.add_argument(
         "--drive",
         action="append",
         default=[],
@@ -152,6 +158,7 @@ def config_from_args(args: argparse.Namespace) -> MachineConfig:
         cmdline=args.append,
         memory=memory,
         cpus=cpus,
+        board=args.machine,
         drives=tuple(parse_drive(d) for d in args.drive),
         nets=tuple(parse_net(n) for n in args.net),
         vsock=parse_vsock(args.vsock) if args.vsock is not None else None,
@@ -221,6 +228,9 @@ def run_machine(
     from evmm.loop.vcpu_thread import KICK_SIGNAL
     from evmm.machine.machine import Machine
     from evmm.machine.microvm import build_microvm
+    from evmm.machine.standard import build_standard
+
+    build = build_standard if config.board == "standard" else build_microvm
 
     # The kick signal must have a handler (any) so that it interrupts KVM_RUN instead of killing the process.
     signal.signal(KICK_SIGNAL, lambda signum, frame: None)
@@ -247,14 +257,18 @@ def run_machine(
             if hvc_stdio:
                 # The virtio console owns the terminal; the UART's output is dropped.
                 stdio = (in_fd if in_fd is not None else os.open(os.devnull, os.O_RDONLY), out_fd)
-                machine = build_microvm(config, loop, None, stdio=stdio)
+                machine = build(config, loop, None, stdio=stdio)
             else:
                 console = ConsoleIO(
                     loop, out_fd, in_fd, interactive=term.active, on_escape=lambda key: menu[0].on_escape(key)
                 )
-                machine = build_microvm(config, loop, console)
+                machine = build(config, loop, console)
             m = machine
             commands = Commands(m)
+            if config.board == "standard":
+                from evmm.control.pci_commands import register_pci_commands
+
+                register_pci_commands(commands)
             menu.append(
                 EscapeMenu(
                     CommandsTarget(commands), fd_writer(out_fd), send=console.inject if console else None

@@ -198,6 +198,35 @@ class Command:
         return {"name": self.name, "doc": self.doc, "params": {k: p.schema() for k, p in self.params.items()}}
 
 
+def device_spec(
+    method: str, kind: str, what: str, p: Mapping[str, Any], noun: str = " slot"
+) -> DriveSpec | NetSpec:
+    """A disk (``path``, ``readonly``) or a NIC (``tap``, ``mac``) from a request's parameters; ``what`` and
+    ``noun`` frame the target in messages ("hp-blk0 is a" disk " slot", "kind=blk is a" disk "")."""
+    if kind == "blk":
+        if p["path"] is None or p["tap"] is not None or p["mac"] is not None:
+            raise CommandError(
+                ErrorCode.INVALID_PARAMS, f"{method}: {what} disk{noun}: give path (and readonly)"
+            )
+        return DriveSpec(path=Path(p["path"]), readonly=p["readonly"])
+    if kind == "net":
+        if p["tap"] is None or p["path"] is not None or p["readonly"]:
+            raise CommandError(
+                ErrorCode.INVALID_PARAMS, f"{method}: {what} network{noun}: give tap (and mac)"
+            )
+        if not 0 < len(p["tap"]) < 16:
+            raise CommandError(
+                ErrorCode.INVALID_PARAMS, f"{method}: tap={p['tap']!r} is not 1 to 15 characters"
+            )
+        mac = p["mac"]
+        if mac is not None and (not _MAC_RE.match(mac) or int(mac[:2], 16) & 1):
+            raise CommandError(
+                ErrorCode.INVALID_PARAMS, f"{method}: mac={mac!r} is not a unicast MAC like 52:54:00:12:34:56"
+            )
+        return NetSpec(tap=p["tap"], mac=mac)
+    raise CommandError(ErrorCode.FAILED, f"{method}: {what}{noun} of kind {kind!r}, which evmm cannot fill")
+
+
 def _slot_param(doc: str = "hot-replace slot id, e.g. hp-blk0 (query-hotplug lists them)") -> Param:
     return Param(str, doc, required=True)
 
@@ -378,33 +407,7 @@ class Commands:
 
     @staticmethod
     def _spec(slot: dict[str, Any], p: dict[str, Any]) -> DriveSpec | NetSpec:
-        kind, sid = slot.get("kind"), slot.get("id")
-        if kind == "blk":
-            if p["path"] is None or p["tap"] is not None or p["mac"] is not None:
-                raise CommandError(
-                    ErrorCode.INVALID_PARAMS,
-                    f"device-replace: {sid} is a disk slot: give path (and readonly)",
-                )
-            return DriveSpec(path=Path(p["path"]), readonly=p["readonly"])
-        if kind == "net":
-            if p["tap"] is None or p["path"] is not None or p["readonly"]:
-                raise CommandError(
-                    ErrorCode.INVALID_PARAMS, f"device-replace: {sid} is a network slot: give tap (and mac)"
-                )
-            if not 0 < len(p["tap"]) < 16:
-                raise CommandError(
-                    ErrorCode.INVALID_PARAMS, f"device-replace: tap={p['tap']!r} is not 1 to 15 characters"
-                )
-            mac = p["mac"]
-            if mac is not None and (not _MAC_RE.match(mac) or int(mac[:2], 16) & 1):
-                raise CommandError(
-                    ErrorCode.INVALID_PARAMS,
-                    f"device-replace: mac={mac!r} is not a unicast MAC like 52:54:00:12:34:56",
-                )
-            return NetSpec(tap=p["tap"], mac=mac)
-        raise CommandError(
-            ErrorCode.FAILED, f"device-replace: slot {sid} is of kind {kind!r}, which evmm cannot fill"
-        )
+        return device_spec("device-replace", str(slot.get("kind")), f"{slot.get('id')} is a", p)
 
     # ---- console --------------------------------------------------------------------------------------------
 

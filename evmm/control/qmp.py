@@ -227,6 +227,9 @@ class QmpServer:
             slot = str(data.get("slot"))
             dev = self.book.device_in(slot) or slot
             self._broadcast("DEVICE_DELETED", {"device": dev, "path": f"/machine/peripheral/{dev}"})
+            entry = self.book.devices.get(dev)
+            if entry is not None and entry.pci:  # gone from the bus (the guest may eject on its own)
+                self.book.detach(dev)
 
     # ---- the commands ------------------------------------------------------------------------------------------
 
@@ -277,12 +280,24 @@ class QmpServer:
 
     async def _device_add(self, session: QmpSession, args: dict[str, Any]) -> Any:
         plan = self.book.plan(args)
+        if plan.pci:  # the standard board: a new PCI device, named by its QMP id
+            params = {"path": None, "readonly": False, "tap": None, "mac": None, **plan.params}
+            await self.commands.call(
+                "device-add", {"kind": plan.kind, "id": args["id"], **params}, client=session.name
+            )
+            self.book.attach(args["id"], args["id"], plan)
+            return {}
         slot = self.book.free_slot(plan, await self._slots(session))
         await self.commands.call("device-replace", {"slot": slot, **plan.params}, client=session.name)
         self.book.attach(args["id"], slot, plan)
         return {}
 
     async def _device_del(self, session: QmpSession, args: dict[str, Any]) -> Any:
+        if self.book.device(args["id"]).pci:
+            # Answered once the guest has ejected it (QEMU answers at once and reports DEVICE_DELETED later;
+            # the event comes here too, before the answer).
+            await self.commands.call("device-del", {"id": args["id"]}, client=session.name)
+            return {}  # the book let go of it at DEVICE_DELETED
         slot = self.book.slot_of(args["id"])
         # DEVICE_DELETED goes out from the machine's device-changed, while the book still names the device.
         await self.commands.call("device-remove", {"slot": slot}, client=session.name)

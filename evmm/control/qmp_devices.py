@@ -19,6 +19,9 @@ from evmm.rpc.qmp_wire import QmpError
 
 BLK_DRIVERS = ("virtio-blk-device", "virtio-blk-mmio")
 NET_DRIVERS = ("virtio-net-device", "virtio-net-mmio")
+# The standard board's PCI hotplug (evmm/control/pci_commands.py): a new device, not a slot filled.
+PCI_BLK_DRIVERS = ("virtio-blk-pci",)
+PCI_NET_DRIVERS = ("virtio-net-pci",)
 
 # Each command's arguments, by QEMU's names.  blockdev-add takes QEMU's form {"driver": "raw", "file":
 # {"driver": "file", "filename": F}} and the flat {"driver": "file", "filename": F}; StratoVirt's adds "cache",
@@ -91,9 +94,10 @@ def _unused(table: Mapping[str, _B], name: str, missing: str, busy: Callable[[st
 class Device:
     """A ``device_add``-ed device: the slot it fills and the node or netdev it uses."""
 
-    slot: str
+    slot: str  # the hot-replace slot, or for a PCI device its own id
     kind: str  # "blk" or "net", as the slot's
     backend: str
+    pci: bool = False
 
 
 @record(frozen=True)
@@ -103,6 +107,7 @@ class Plan:
     kind: str
     params: dict[str, Any]
     backend: str
+    pci: bool = False  # a PCI device to hot-add (device-add), not a slot to fill (device-replace)
 
 
 class DeviceBook:
@@ -164,13 +169,16 @@ class DeviceBook:
         if a["id"] in self.devices:
             raise _fail(f"Duplicate device ID '{a['id']}'")
         driver = a["driver"]
-        if driver in BLK_DRIVERS:
-            return self._drive(a)
-        if driver in NET_DRIVERS:
-            return self._nic(a)
-        raise _fail(
-            f"device_add: driver '{driver}' is not supported ({', '.join(BLK_DRIVERS + NET_DRIVERS)})"
-        )
+        if driver in BLK_DRIVERS + PCI_BLK_DRIVERS:
+            plan = self._drive(a)
+        elif driver in NET_DRIVERS + PCI_NET_DRIVERS:
+            plan = self._nic(a)
+        else:
+            known = ", ".join(BLK_DRIVERS + NET_DRIVERS + PCI_BLK_DRIVERS + PCI_NET_DRIVERS)
+            raise _fail(f"device_add: driver '{driver}' is not supported ({known})")
+        if driver in PCI_BLK_DRIVERS + PCI_NET_DRIVERS:
+            plan = Plan(plan.kind, plan.params, plan.backend, pci=True)
+        return plan
 
     def _drive(self, a: Mapping[str, Any]) -> Plan:
         if a["drive"] is None or a["netdev"] is not None or a["mac"] is not None:
@@ -203,14 +211,17 @@ class DeviceBook:
 
     def attach(self, dev: str, slot: str, plan: Plan) -> None:
         """``dev`` now fills ``slot`` (the core said yes)."""
-        self.devices[dev] = Device(slot, plan.kind, plan.backend)
+        self.devices[dev] = Device(slot, plan.kind, plan.backend, plan.pci)
         self._backend(self.devices[dev]).user = dev
 
     def slot_of(self, dev: str) -> str:
+        return self.device(dev).slot
+
+    def device(self, dev: str) -> Device:
         entry = self.devices.get(dev)
         if entry is None:
             raise QmpError("DeviceNotFound", f"Device '{dev}' not found")
-        return entry.slot
+        return entry
 
     def detach(self, dev: str) -> None:
         """``dev``'s slot is empty (the core said yes); its node or netdev is free again."""

@@ -56,8 +56,12 @@ class AcpiPm:
     def power_button(self) -> None:
         """Press the power button: flag the event and interrupt the guest, whose GED handler reads the event
         register and notifies the control-method power button device (PNP0C0C)."""
+        self.ged_event(ACPI_GED_EVENT_POWER_BUTTON)
+
+    def ged_event(self, bits: int) -> None:
+        """Flag GED events (``ACPI_GED_EVENT_*``: the power button, a PCI hotplug) and interrupt the guest."""
         with self._lock:
-            self._ged_events |= ACPI_GED_EVENT_POWER_BUTTON
+            self._ged_events |= bits
         self._ged.trigger()
 
     def read(self, offset: int, size: int) -> int:

@@ -2,7 +2,8 @@
 
 A device sees offsets into its own range, never absolute addresses, and two devices may not claim overlapping
 ranges (Firecracker's bus does the same).  The buses are filled by the machine builder before the first vCPU
-runs; lookups are then read-only, so vCPU threads may resolve addresses without taking a lock.
+runs; a later change (a BAR the guest moves, a hot-added device, on the reactor) replaces the whole lookup
+table with one assignment, so vCPU threads resolve addresses without a lock and never see half a change.
 
 Threads: the reactor owns device state, so an access is served there (the vCPU waits for the answer), except
 where the device declares in ``on_vcpu`` that it serves the register on the vCPU thread that trapped the
@@ -94,8 +95,7 @@ class Bus:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._bases: list[int] = []
-        self._maps: list[Mapping] = []
+        self._table: tuple[list[int], list[Mapping]] = ([], [])  # bases, mappings: replaced, never mutated
 
     def insert(self, base: int, length: int, device: BusDevice, name: str) -> None:
         if length <= 0:
@@ -104,33 +104,34 @@ class Bus:
         if not isinstance(on_vcpu, OnVcpu):
             raise ConfigError(f"{self.name} bus: {name}'s on_vcpu is not an OnVcpu")
         m = Mapping(base, length, device, name, on_vcpu)
-        i = bisect.bisect_right(self._bases, base)
-        for other in self._maps[max(i - 1, 0) : i + 1]:
+        bases, maps = self._table
+        i = bisect.bisect_right(bases, base)
+        for other in maps[max(i - 1, 0) : i + 1]:
             if other.base < m.end and m.base < other.end:
                 raise ConfigError(
                     f"{self.name} bus: {name} at {base:#x}+{length:#x} overlaps {other.name} "
                     f"at {other.base:#x}+{other.length:#x}"
                 )
-        self._bases.insert(i, base)
-        self._maps.insert(i, m)
+        self._table = ([*bases[:i], base, *bases[i:]], [*maps[:i], m, *maps[i:]])
 
     def remove(self, base: int) -> None:
-        i = bisect.bisect_left(self._bases, base)
-        if i == len(self._bases) or self._bases[i] != base:
+        bases, maps = self._table
+        i = bisect.bisect_left(bases, base)
+        if i == len(bases) or bases[i] != base:
             raise ConfigError(f"{self.name} bus: nothing is mapped at {base:#x}")
-        del self._bases[i]
-        del self._maps[i]
+        self._table = (bases[:i] + bases[i + 1 :], maps[:i] + maps[i + 1 :])
 
     def find(self, addr: int) -> Mapping | None:
-        i = bisect.bisect_right(self._bases, addr) - 1
+        bases, maps = self._table
+        i = bisect.bisect_right(bases, addr) - 1
         if i >= 0:
-            m = self._maps[i]
+            m = maps[i]
             if addr < m.end:
                 return m
         return None
 
     def mappings(self) -> list[Mapping]:
-        return list(self._maps)
+        return list(self._table[1])
 
     # ---- dispatch: the vCPU thread's one way to reach a device ---------------------------------------------
 

@@ -42,21 +42,59 @@ class Vm:
             ffi.release(handle)  # lets the owner close its mmap
         self._slot_buffers.clear()
 
-    def set_user_memory_region(self, slot: int, gpa: int, buffer: mmap, *, readonly: bool = False) -> None:
-        """Map ``buffer`` (a host mapping the VMM keeps) at guest-physical ``gpa`` as memory slot ``slot``."""
+    def set_user_memory_region(
+        self,
+        slot: int,
+        gpa: int,
+        buffer: mmap,
+        *,
+        readonly: bool = False,
+        offset: int = 0,
+        size: int | None = None,
+    ) -> None:
+        """Map ``size`` bytes of ``buffer`` (a host mapping the VMM keeps) from ``offset`` at guest-physical
+        ``gpa`` as memory slot ``slot``; the whole buffer by default."""
         handle = ffi.from_buffer(buffer)
+        length = len(handle) - offset if size is None else size
+        if offset < 0 or length <= 0 or offset + length > len(handle):
+            ffi.release(handle)
+            raise ValueError(
+                f"memory slot {slot}: {offset:#x}+{length:#x} is outside its {len(handle):#x} bytes"
+            )
         region = ffi.new(
             "struct kvm_userspace_memory_region *",
             {
                 "slot": slot,
                 "flags": lib.KVM_MEM_READONLY if readonly else 0,
                 "guest_phys_addr": gpa,
-                "memory_size": len(handle),
-                "userspace_addr": int(ffi.cast("uintptr_t", handle)),
+                "memory_size": length,
+                "userspace_addr": int(ffi.cast("uintptr_t", handle)) + offset,
             },
         )
-        ioctl(self.fd, lib.KVM_SET_USER_MEMORY_REGION, region, f"KVM_SET_USER_MEMORY_REGION (slot {slot})")
+        try:
+            ioctl(
+                self.fd, lib.KVM_SET_USER_MEMORY_REGION, region, f"KVM_SET_USER_MEMORY_REGION (slot {slot})"
+            )
+        except BaseException:
+            ffi.release(handle)
+            raise
+        old = self._slot_buffers.pop(slot, None)
+        if old is not None:
+            ffi.release(old)
         self._slot_buffers[slot] = handle
+
+    def delete_user_memory_region(self, slot: int) -> None:
+        """Unmap memory slot ``slot`` (a size of zero deletes it: Documentation/virt/kvm/api.rst)."""
+        region = ffi.new("struct kvm_userspace_memory_region *", {"slot": slot, "memory_size": 0})
+        ioctl(
+            self.fd,
+            lib.KVM_SET_USER_MEMORY_REGION,
+            region,
+            f"KVM_SET_USER_MEMORY_REGION (delete slot {slot})",
+        )
+        handle = self._slot_buffers.pop(slot, None)
+        if handle is not None:
+            ffi.release(handle)
 
     def set_tss_addr(self, addr: int) -> None:
         ioctl_val(self.fd, lib.KVM_SET_TSS_ADDR, addr, "KVM_SET_TSS_ADDR")

@@ -2,7 +2,7 @@
 
 The builder holds every device while it wires them; ``Machine`` keeps only what it acts on: the ACPI power
 button, the i8042 for Ctrl-Alt-Del, the virtio console (whose size follows the terminal), the hot-replace
-slots.  A board without one of them leaves it None, and the machine says so in one line when asked for it.
+slots, the standard board's PCI devices.  A board without one of them leaves it None, and the machine says so in one line when asked for it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # types only: a machine without a virtio console never import
     from evmm.devices.legacy.i8042 import I8042
     from evmm.devices.virtio.console import VirtioConsole
     from evmm.machine.hotplug import HotplugSlot
+    from evmm.machine.pci_devices import PciDevices
 
 
 @record
@@ -25,3 +26,4 @@ class Devices:
     i8042: I8042 | None = None
     virtio_console: VirtioConsole | None = None  # --virtio-console's device
     slots: list[HotplugSlot] = field(default_factory=list)
+    pci: PciDevices | None = None  # the standard board's PCI devices (hotplug, the topology query-vm shows)

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from evmm.devices.virtio.console import VirtioConsole
     from evmm.kvm import Kvm, Vcpu, Vm
     from evmm.machine.hotplug import HotplugSlot
+    from evmm.machine.pci_devices import PciDevices
 
 JOIN_TIMEOUT = 5.0
 
@@ -103,6 +104,8 @@ class Machine:
             for v, ch in zip(parts.vcpus, self._channels, strict=True)
         ]
         self._lifecycle.attach(self._stopping, self._booted)
+        if self.devices.pci is not None:
+            self.devices.pci.attach(self.emit)
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
@@ -223,6 +226,7 @@ class Machine:
             ],
             "memory_regions": [{"gpa": r.gpa, "size": r.size} for r in self.parts.memory.regions],
             "devices": self.device_list(),
+            **({"pci": self.devices.pci.describe()} if self.devices.pci is not None else {}),
         }
 
     # ---- hot-replace (reactor) ---------------------------------------------------------------------------
@@ -254,6 +258,31 @@ class Machine:
         self.emit(
             "device-changed", {"slot": slot.id, "kind": slot.kind, "action": action, "backend": slot.backend}
         )
+
+    # ---- PCI hotplug, the standard board (reactor) -------------------------------------------------------------
+
+    def _pci(self) -> PciDevices:
+        if self.devices.pci is None:
+            raise ConfigError("this machine has no PCI bus: start evmm run with --machine standard")
+        return self.devices.pci
+
+    def pci_add(self, name: str, spec: DriveSpec | NetSpec) -> dict[str, Any]:
+        """Hot-add a virtio-blk or virtio-net device; the guest finds it through an ACPI Device Check."""
+        from evmm.machine.pci_devices import make_device
+
+        pci = self._pci()
+        slot = pci.add(name, make_device(spec, len(pci.names())), hot=True)
+        backend = str(spec.path) if isinstance(spec, DriveSpec) else spec.tap or f"fd {spec.fd}"
+        self.emit("device-changed", {"slot": name, "action": "added", "backend": backend})
+        return {"id": name, "bdf": f"00:{slot:02x}.0"}
+
+    async def pci_remove(self, name: str, timeout: float) -> dict[str, Any]:
+        """Ask the guest to eject ``name`` and wait for it (``asyncio.TimeoutError`` after ``timeout``)."""
+        await self._pci().remove(name, timeout)
+        return {"id": name}
+
+    def pci_topology(self) -> list[dict[str, Any]]:
+        return self._pci().describe()
 
     def device_list(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []

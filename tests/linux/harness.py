@@ -121,13 +121,20 @@ def kernel_args(*extra: str) -> str:
 
 
 def evmm_run_argv(
-    kernel: Path, initrd: Path, *, cpus: int = 1, memory: str = "256M", append: str | None = None
+    kernel: Path,
+    initrd: Path,
+    *,
+    cpus: int = 1,
+    memory: str = "256M",
+    append: str | None = None,
+    board: str = "microvm",
 ) -> list[str]:
     return [
         *(sys.executable, "-m", "evmm", "run"),
         *("--kernel", str(kernel), "--initrd", str(initrd)),
         *("--append", kernel_args() if append is None else append),
         *("--memory", memory, "--cpus", str(cpus)),
+        *(("--machine", board) if board != "microvm" else ()),
     ]
 
 

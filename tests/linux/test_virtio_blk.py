@@ -60,8 +60,8 @@ def sha256_of(path: Path, length: int) -> str:
     return h.hexdigest()
 
 
-def boot(launch: GuestFactory, assets: GuestAssets, drives: list[str], name: str) -> Guest:
-    argv = evmm_run_argv(assets.vmlinux, assets.initramfs)
+def boot(launch: GuestFactory, assets: GuestAssets, drives: list[str], name: str, board: str) -> Guest:
+    argv = evmm_run_argv(assets.vmlinux, assets.initramfs, board=board)
     for d in drives:
         argv += ["--drive", d]
     guest = launch(argv, name)
@@ -81,11 +81,12 @@ def guest_sha256(guest: Guest, command: str) -> str:
     return m.group(1)
 
 
+@pytest.mark.both_boards
 def test_guest_writes_and_reads_back_what_the_host_sees(
-    launch: GuestFactory, guest_assets: GuestAssets, workdir: Path
+    launch: GuestFactory, guest_assets: GuestAssets, workdir: Path, board: str
 ) -> None:
     image = sparse_image(workdir / "disk.img", (TEST_MIB + 16) * MiB)
-    guest = boot(launch, guest_assets, [f"path={image}"], "evmm-blk-rw")
+    guest = boot(launch, guest_assets, [f"path={image}"], f"evmm-blk-rw-{board}", board)
     size = int(guest.check("cat /sys/block/vda/size"))
     assert size == (TEST_MIB + 16) * MiB // 512
     # Random data written through the page cache; conv=fsync ends with a FLUSH.
@@ -98,10 +99,10 @@ def test_guest_writes_and_reads_back_what_the_host_sees(
 
 
 def test_flush_is_durable_when_the_vmm_is_killed(
-    launch: GuestFactory, guest_assets: GuestAssets, workdir: Path
+    launch: GuestFactory, guest_assets: GuestAssets, workdir: Path, board: str
 ) -> None:
     image = sparse_image(workdir / "disk.img", 8 * MiB)
-    guest = boot(launch, guest_assets, [f"path={image}"], "evmm-blk-durable")
+    guest = boot(launch, guest_assets, [f"path={image}"], f"evmm-blk-durable-{board}", board)
     marker = "evmm-durable-" + os.urandom(8).hex()
     # conv=fsync: the guest fsyncs /dev/vda, which its driver turns into VIRTIO_BLK_T_FLUSH.
     guest.check(f"echo {marker} | dd of=/dev/vda bs=4096 seek=100 conv=sync,fsync 2>/dev/null")
@@ -113,10 +114,10 @@ def test_flush_is_durable_when_the_vmm_is_killed(
 
 
 def test_discard_frees_the_images_blocks(
-    launch: GuestFactory, guest_assets: GuestAssets, workdir: Path
+    launch: GuestFactory, guest_assets: GuestAssets, workdir: Path, board: str
 ) -> None:
     image = sparse_image(workdir / "disk.img", 32 * MiB)
-    guest = boot(launch, guest_assets, [f"path={image}"], "evmm-blk-discard")
+    guest = boot(launch, guest_assets, [f"path={image}"], f"evmm-blk-discard-{board}", board)
     assert int(guest.check("cat /sys/block/vda/queue/discard_max_bytes")) > 0
     guest.check("dd if=/dev/urandom of=/dev/vda bs=1M count=16 conv=fsync 2>/dev/null", timeout=IO_TIMEOUT)
     full = allocated(image)
@@ -129,12 +130,12 @@ def test_discard_frees_the_images_blocks(
 
 
 def test_read_only_drive_refuses_writes(
-    launch: GuestFactory, guest_assets: GuestAssets, workdir: Path
+    launch: GuestFactory, guest_assets: GuestAssets, workdir: Path, board: str
 ) -> None:
     image = workdir / "ro.img"
     image.write_bytes(os.urandom(4 * MiB))
     before = sha256_of(image, 4 * MiB)
-    guest = boot(launch, guest_assets, [f"path={image},readonly=on"], "evmm-blk-ro")
+    guest = boot(launch, guest_assets, [f"path={image},readonly=on"], f"evmm-blk-ro-{board}", board)
     assert guest.check("cat /sys/block/vda/ro").strip() == "1"  # VIRTIO_BLK_F_RO reached the driver
     # Reads work.
     assert guest_sha256(guest, "dd if=/dev/vda bs=1M count=4 2>/dev/null") == before
@@ -151,10 +152,14 @@ def test_read_only_drive_refuses_writes(
     assert sha256_of(image, 4 * MiB) == before
 
 
-def test_two_drives_are_vda_and_vdb(launch: GuestFactory, guest_assets: GuestAssets, workdir: Path) -> None:
+def test_two_drives_are_vda_and_vdb(
+    launch: GuestFactory, guest_assets: GuestAssets, workdir: Path, board: str
+) -> None:
     a = sparse_image(workdir / "a.img", 8 * MiB)
     b = sparse_image(workdir / "b.img", 16 * MiB)
-    guest = boot(launch, guest_assets, [f"path={a},id=disk-a", f"path={b},id=disk-b"], "evmm-blk-two")
+    guest = boot(
+        launch, guest_assets, [f"path={a},id=disk-a", f"path={b},id=disk-b"], f"evmm-blk-two-{board}", board
+    )
     disks = {}
     for name in ("vda", "vdb"):
         serial = guest.check(f"cat /sys/block/{name}/serial").strip()  # GET_ID

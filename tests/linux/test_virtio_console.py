@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from evmm.assets import GuestAssets
 from evmm.exitcodes import EXIT_GUEST_POWEROFF
 from tests.conftest import GuestFactory
@@ -38,10 +40,14 @@ def read_until(fd_read: Callable[[], bytes], want: bytes, timeout: float = 30.0)
     return got
 
 
-def test_shell_on_hvc0_over_a_socket(launch: GuestFactory, guest_assets: GuestAssets) -> None:
+@pytest.mark.both_boards
+def test_shell_on_hvc0_over_a_socket(launch: GuestFactory, guest_assets: GuestAssets, board: str) -> None:
     path = Path(tempfile.mkdtemp(prefix="evmm-hvc-", dir="/tmp")) / "hvc.sock"
-    argv = [*evmm_run_argv(guest_assets.vmlinux, guest_assets.initramfs), "--virtio-console", str(path)]
-    guest = launch(argv, "evmm-hvc-socket")
+    argv = [
+        *evmm_run_argv(guest_assets.vmlinux, guest_assets.initramfs, board=board),
+        *("--virtio-console", str(path)),
+    ]
+    guest = launch(argv, f"evmm-hvc-socket-{board}")
     guest.expect(READY, BOOT_TIMEOUT)  # on ttyS0: the serial console is still the console
     guest.expect(PROMPT, 30)
     assert guest.check("ls /dev/hvc0").strip() == "/dev/hvc0"
@@ -62,9 +68,13 @@ def test_shell_on_hvc0_over_a_socket(launch: GuestFactory, guest_assets: GuestAs
     assert guest.wait_exit(60) == EXIT_GUEST_POWEROFF
 
 
-def test_hvc0_on_a_pty(launch: GuestFactory, guest_assets: GuestAssets) -> None:
-    argv = [*evmm_run_argv(guest_assets.vmlinux, guest_assets.initramfs), "--virtio-console", "pty"]
-    guest = launch(argv, "evmm-hvc-pty")
+def test_hvc0_on_a_pty(launch: GuestFactory, guest_assets: GuestAssets, board: str) -> None:
+    argv = [
+        *evmm_run_argv(guest_assets.vmlinux, guest_assets.initramfs, board=board),
+        "--virtio-console",
+        "pty",
+    ]
+    guest = launch(argv, f"evmm-hvc-pty-{board}")
     m = guest.expect(re.compile(r"virtio-console \(hvc0\) is on (/dev/pts/\d+)"), BOOT_TIMEOUT)
     fd = os.open(m.group(1), os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
     try:
@@ -82,14 +92,14 @@ def test_hvc0_on_a_pty(launch: GuestFactory, guest_assets: GuestAssets) -> None:
     assert guest.wait_exit(60) == EXIT_GUEST_POWEROFF
 
 
-def test_console_on_hvc0(launch: GuestFactory, guest_assets: GuestAssets) -> None:
+def test_console_on_hvc0(launch: GuestFactory, guest_assets: GuestAssets, board: str) -> None:
     """``console=hvc0``: the guest's console shell runs on the virtio console, which has evmm's stdio."""
     append = kernel_args().replace("console=ttyS0", "console=hvc0")
     argv = [
-        *evmm_run_argv(guest_assets.vmlinux, guest_assets.initramfs, append=append),
+        *evmm_run_argv(guest_assets.vmlinux, guest_assets.initramfs, append=append, board=board),
         *("--virtio-console", "stdio"),
     ]
-    guest = launch(argv, "evmm-hvc-console")
+    guest = launch(argv, f"evmm-hvc-console-{board}")
     # Not READY: virtio_console is a module here, so when the kernel starts /init there is no console yet
     # for its stdout ("unable to open an initial console"); busybox init's shell opens hvc0 by itself.
     guest.expect(PROMPT, BOOT_TIMEOUT)

@@ -43,15 +43,21 @@ def workdir() -> Iterator[Path]:
 
 
 def boot(
-    launch: GuestFactory, assets: GuestAssets, shares: list[str], name: str, *, tools: bool = False
+    launch: GuestFactory,
+    assets: GuestAssets,
+    shares: list[str],
+    name: str,
+    board: str,
+    *,
+    tools: bool = False,
 ) -> Guest:
     initrd = assets.tools_initramfs if tools else assets.initramfs
     if tools and not initrd.is_file():
         pytest.skip("the tools initramfs was not built (evmm assets --no-tools)")
-    argv = evmm_run_argv(assets.vmlinux, initrd, memory="512M" if tools else "256M")
+    argv = evmm_run_argv(assets.vmlinux, initrd, memory="512M" if tools else "256M", board=board)
     for s in shares:
         argv += ["--fs", s]
-    guest = launch(argv, name)
+    guest = launch(argv, f"{name}-{board}")
     guest.expect(READY, TOOLS_BOOT_TIMEOUT if tools else BOOT_TIMEOUT)
     guest.expect(PROMPT, 30)
     return guest
@@ -102,10 +108,10 @@ def host_ls(path: Path) -> dict[str, tuple[str, int, int, int, int]]:
 
 @pytest.mark.cost(240)
 def test_files_links_attributes_and_trees(
-    launch: GuestFactory, guest_assets: GuestAssets, workdir: Path
+    launch: GuestFactory, guest_assets: GuestAssets, workdir: Path, board: str
 ) -> None:
     share = workdir / "share"
-    guest = boot(launch, guest_assets, [f"path={share},tag=share"], "evmm-fs-basic")
+    guest = boot(launch, guest_assets, [f"path={share},tag=share"], "evmm-fs-basic", board)
     mount(guest, "share")
     assert "virtiofs" in guest.check("grep /mnt /proc/mounts")
     # Create, write, read back; the host sees the bytes at once.
@@ -159,7 +165,7 @@ def test_files_links_attributes_and_trees(
 
 @pytest.mark.cost(600)
 def test_big_file_checksummed_both_ways(
-    launch: GuestFactory, guest_assets: GuestAssets, workdir: Path
+    launch: GuestFactory, guest_assets: GuestAssets, workdir: Path, board: str
 ) -> None:
     """The host writes a random file; the guest copies it (reading and writing it all through virtio-fs) and
     checksums it; the host checksums the copy.  (Random data from the guest's own /dev/urandom and a guest
@@ -168,7 +174,7 @@ def test_big_file_checksummed_both_ways(
     with open(share / "from-host", "wb") as f:
         for _ in range(TEST_MIB):
             f.write(os.urandom(MiB))
-    guest = boot(launch, guest_assets, [f"path={share},tag=big"], "evmm-fs-big")
+    guest = boot(launch, guest_assets, [f"path={share},tag=big"], "evmm-fs-big", board)
     mount(guest, "big")
     guest.check("cp /mnt/from-host /mnt/from-guest && sync", timeout=IO_TIMEOUT)
     assert (share / "from-guest").stat().st_size == TEST_MIB * MiB
@@ -179,15 +185,16 @@ def test_big_file_checksummed_both_ways(
     poweroff(guest)
 
 
+@pytest.mark.both_boards
 def test_host_changes_are_seen_and_readonly_refuses_writes(
-    launch: GuestFactory, guest_assets: GuestAssets, workdir: Path
+    launch: GuestFactory, guest_assets: GuestAssets, workdir: Path, board: str
 ) -> None:
     share, ro = workdir / "share", workdir / "ro"
     ro.mkdir()
     (ro / "keep").write_text("read-only\n")
     (share / "h").write_text("first\n")
     guest = boot(
-        launch, guest_assets, [f"path={share},tag=rw", f"path={ro},tag=ro,readonly=on"], "evmm-fs-host"
+        launch, guest_assets, [f"path={share},tag=rw", f"path={ro},tag=ro,readonly=on"], "evmm-fs-host", board
     )
     mount(guest, "rw")
     mount(guest, "ro", "/ro")
@@ -211,7 +218,7 @@ def test_host_changes_are_seen_and_readonly_refuses_writes(
 
 
 @pytest.mark.cost(300)
-def test_escapes_fail(launch: GuestFactory, guest_assets: GuestAssets, workdir: Path) -> None:
+def test_escapes_fail(launch: GuestFactory, guest_assets: GuestAssets, workdir: Path, board: str) -> None:
     share = workdir / "share"
     outside = workdir / "outside"
     outside.mkdir()
@@ -220,7 +227,7 @@ def test_escapes_fail(launch: GuestFactory, guest_assets: GuestAssets, workdir: 
     (share / "d" / "secret").write_text("inside\n")
     (share / "to-etc").symlink_to("/etc")  # made on the host, pointing out of the share
     (share / "to-outside").symlink_to(outside)
-    guest = boot(launch, guest_assets, [f"path={share},tag=esc,cache=none"], "evmm-fs-escape")
+    guest = boot(launch, guest_assets, [f"path={share},tag=esc,cache=none"], "evmm-fs-escape", board)
     mount(guest, "esc")
     # The guest resolves every symlink in its own namespace: /etc is the guest's.
     assert guest.check("cat /mnt/to-etc/passwd") == guest.check("cat /etc/passwd")
@@ -267,10 +274,10 @@ def test_escapes_fail(launch: GuestFactory, guest_assets: GuestAssets, workdir: 
 
 @pytest.mark.cost(600)
 def test_stress_ng_filesystem_stressors(
-    launch: GuestFactory, guest_assets: GuestAssets, workdir: Path
+    launch: GuestFactory, guest_assets: GuestAssets, workdir: Path, board: str
 ) -> None:
     share = workdir / "share"
-    guest = boot(launch, guest_assets, [f"path={share},tag=stress"], "evmm-fs-stress", tools=True)
+    guest = boot(launch, guest_assets, [f"path={share},tag=stress"], "evmm-fs-stress", board, tools=True)
     mount(guest, "stress")
     # A dozen of the filesystem class's stressors that work on a plain directory, with small trees and
     # files: all run at once, in a one-vCPU guest at emulation speed, and their clean-up comes after the

@@ -57,7 +57,7 @@ def host_side(ns: str, tap: str) -> None:
     ip("-n", ns, "link", "set", tap, "up")
 
 
-def boot(launch: GuestFactory, assets: GuestAssets, ns: str, tap: str, name: str) -> Guest:
+def boot(launch: GuestFactory, assets: GuestAssets, ns: str, tap: str, name: str, board: str) -> Guest:
     if not assets.tools_initramfs.is_file():
         pytest.skip("the tools initramfs (socat) was not built")
     argv = [
@@ -65,7 +65,7 @@ def boot(launch: GuestFactory, assets: GuestAssets, ns: str, tap: str, name: str
         # One vCPU: in the TCG test host a two-vCPU guest under a long TCP stream sometimes dies, with QEMU's
         # microvm as with evmm (measured: QEMU 1 of 2 runs died with 2 vCPUs, 3 of 3 passed with 1); SMP is
         # covered by the boot tests.  ("id N is not a head", once blamed on the same, was evmm's: a4c2d81.)
-        *evmm_run_argv(assets.vmlinux, assets.tools_initramfs, memory="512M", cpus=1),
+        *evmm_run_argv(assets.vmlinux, assets.tools_initramfs, memory="512M", cpus=1, board=board),
         *("--net", f"tap={tap},mac={MAC}"),
     ]
     guest = launch(argv, name)
@@ -140,13 +140,18 @@ class OneConnection(threading.Thread):
 
 # 90-300 s in a one-vCPU test host (its guest->host TCP: 3 or 16-60 Mbit/s), most tests ~25 s.
 @pytest.mark.cost(200)
+@pytest.mark.both_boards
 def test_ping_and_a_tcp_stream_both_ways(
-    netns: str, launch: GuestFactory, guest_assets: GuestAssets, capsys: pytest.CaptureFixture[str]
+    netns: str,
+    launch: GuestFactory,
+    guest_assets: GuestAssets,
+    capsys: pytest.CaptureFixture[str],
+    board: str,
 ) -> None:
     # One boot for everything (the linux tier's time is shared).  No tap beforehand: evmm creates it in the
     # namespace it runs in; the host side is configured once it exists (a tap made with `ip tuntap add` and
     # attached is covered by tests/unit/test_virtio_net_tap.py).
-    guest = boot(launch, guest_assets, netns, "evtap0", "evmm-net")
+    guest = boot(launch, guest_assets, netns, "evtap0", f"evmm-net-{board}", board)
     host_side(netns, "evtap0")
     nic = guest_nic(guest)
     assert guest.check(f"cat /sys/class/net/{nic}/address").strip() == MAC

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from evmm.assets import GuestAssets
 from tests.conftest import GuestFactory
 from tests.linux.harness import PROMPT, READY, evmm_run_argv
@@ -9,8 +11,11 @@ from tests.linux.harness import PROMPT, READY, evmm_run_argv
 BOOT_TIMEOUT = 120.0
 
 
-def test_hwrng_yields_data(launch: GuestFactory, guest_assets: GuestAssets) -> None:
-    guest = launch(evmm_run_argv(guest_assets.vmlinux, guest_assets.initramfs) + ["--rng"], "rng")
+@pytest.mark.both_boards
+def test_hwrng_yields_data(launch: GuestFactory, guest_assets: GuestAssets, board: str) -> None:
+    guest = launch(
+        evmm_run_argv(guest_assets.vmlinux, guest_assets.initramfs, board=board) + ["--rng"], f"rng-{board}"
+    )
     guest.expect(READY, BOOT_TIMEOUT)
     guest.expect(PROMPT, 30)
     assert guest.check("cat /sys/devices/virtual/misc/hw_random/rng_current").strip().startswith("virtio_rng")

@@ -45,22 +45,26 @@ def sock_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="evmm-vs-", dir="/tmp"))
 
 
-def vsock_argv(assets: GuestAssets, vsock: str) -> list[str]:
+def vsock_argv(assets: GuestAssets, vsock: str, board: str) -> list[str]:
     if not assets.tools_initramfs.is_file():
         pytest.skip("the tools initramfs (socat) was not built")
-    return [*evmm_run_argv(assets.vmlinux, assets.tools_initramfs, memory="512M"), "--vsock", vsock]
+    return [
+        *evmm_run_argv(assets.vmlinux, assets.tools_initramfs, memory="512M", board=board),
+        "--vsock",
+        vsock,
+    ]
 
 
-def boot(launch: GuestFactory, assets: GuestAssets, path: Path, name: str) -> Guest:
-    guest = launch(vsock_argv(assets, f"cid={CID},path={path}"), name)
+def boot(launch: GuestFactory, assets: GuestAssets, path: Path, name: str, board: str) -> Guest:
+    guest = launch(vsock_argv(assets, f"cid={CID},path={path}", board), f"{name}-{board}")
     guest.expect(READY, BOOT_TIMEOUT)
     return guest
 
 
-def boot_vhost(launch: GuestFactory, assets: GuestAssets, cid: int, name: str) -> Guest:
+def boot_vhost(launch: GuestFactory, assets: GuestAssets, cid: int, name: str, board: str) -> Guest:
     if not VHOST_DEVICE.exists():
         pytest.skip(f"{VHOST_DEVICE} does not exist on this host (the vhost_vsock module is not loaded)")
-    guest = launch(vsock_argv(assets, f"cid={cid},vhost=on"), name)
+    guest = launch(vsock_argv(assets, f"cid={cid},vhost=on", board), f"{name}-{board}")
     guest.expect(READY, BOOT_TIMEOUT)
     return guest
 
@@ -116,11 +120,16 @@ def sha_in(text: str) -> str:
     return m.group(1)
 
 
+@pytest.mark.both_boards
 def test_16mib_each_way(
-    launch: GuestFactory, guest_assets: GuestAssets, sock_dir: Path, capsys: pytest.CaptureFixture[str]
+    launch: GuestFactory,
+    guest_assets: GuestAssets,
+    sock_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    board: str,
 ) -> None:
     path = sock_dir / "v.sock"
-    guest = boot(launch, guest_assets, path, "evmm-vsock-16m")
+    guest = boot(launch, guest_assets, path, "evmm-vsock-16m", board)
     blob = os.urandom(BIG)
     want = hashlib.sha256(blob).hexdigest()
 
@@ -160,10 +169,10 @@ def test_16mib_each_way(
 
 
 def test_eight_concurrent_streams_and_rst(
-    launch: GuestFactory, guest_assets: GuestAssets, sock_dir: Path
+    launch: GuestFactory, guest_assets: GuestAssets, sock_dir: Path, board: str
 ) -> None:
     path = sock_dir / "v.sock"
-    guest = boot(launch, guest_assets, path, "evmm-vsock-8")
+    guest = boot(launch, guest_assets, path, "evmm-vsock-8", board)
     # Nobody listens on host port 7777: the device answers RST and socat fails at once.
     started = time.monotonic()
     out, status = guest.run("socat -u OPEN:/dev/null VSOCK-CONNECT:2:7777 2>&1", timeout=30)
@@ -242,10 +251,10 @@ def vsock_listener(port: int, backlog: int = 8) -> socket.socket:
 
 
 def test_vhost_16mib_each_way(
-    launch: GuestFactory, guest_assets: GuestAssets, capsys: pytest.CaptureFixture[str]
+    launch: GuestFactory, guest_assets: GuestAssets, capsys: pytest.CaptureFixture[str], board: str
 ) -> None:
     cid = VHOST_CIDS[0]
-    guest = boot_vhost(launch, guest_assets, cid, "evmm-vhost-vsock-16m")
+    guest = boot_vhost(launch, guest_assets, cid, "evmm-vhost-vsock-16m", board)
     blob = os.urandom(BIG)
     want = hashlib.sha256(blob).hexdigest()
 
@@ -287,13 +296,13 @@ def test_vhost_16mib_each_way(
 
 
 def test_vhost_concurrent_streams_rst_and_a_cid_in_use(
-    launch: GuestFactory, guest_assets: GuestAssets
+    launch: GuestFactory, guest_assets: GuestAssets, board: str
 ) -> None:
     cid = VHOST_CIDS[1]
-    guest = boot_vhost(launch, guest_assets, cid, "evmm-vhost-vsock-8")
+    guest = boot_vhost(launch, guest_assets, cid, "evmm-vhost-vsock-8", board)
 
     # A second VMM cannot have the same CID: one line naming the option, before its guest boots.
-    second = launch(vsock_argv(guest_assets, f"cid={cid},vhost=on"), "evmm-vhost-vsock-same-cid")
+    second = launch(vsock_argv(guest_assets, f"cid={cid},vhost=on", board), "evmm-vhost-vsock-same-cid")
     assert second.wait_exit(60) == 1
     errors = [ln for ln in second.log.splitlines() if ln.strip()]
     assert errors == [

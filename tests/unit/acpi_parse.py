@@ -376,7 +376,7 @@ class _Reader:
             name, pos = self.name_string(pos + 1)
             value, pos = self.term(pos)
             return Node("Name", name, children=[value]), pos
-        if op in (0x10, 0x14, 0xA0, 0x11, 0x12):
+        if op in (0x10, 0x14, 0xA0, 0xA1, 0x11, 0x12):
             return self.package_op(op, pos)
         if op == 0x5B:
             return self.ext_op(pos)
@@ -384,15 +384,25 @@ class _Reader:
             return Node("Local", value=op - 0x60), pos + 1
         if 0x68 <= op <= 0x6E:
             return Node("Arg", value=op - 0x68), pos + 1
-        simple = {0x70: ("Store", 2), 0x86: ("Notify", 2), 0x93: ("LEqual", 2), 0xA4: ("Return", 1)}
+        simple = {
+            0x70: ("Store", 2),
+            0x86: ("Notify", 2),
+            0x92: ("LNot", 1),
+            0x93: ("LEqual", 2),
+            0xA4: ("Return", 1),
+        }
         if op in simple:
             return self.operands(simple[op][0], pos + 1, simple[op][1])
-        if op == 0x7B:
-            node, pos = self.operands("And", pos + 1, 2)
+        if op in (0x7B, 0x7D):  # And, Or: two operands and a Target
+            node, pos = self.operands("And" if op == 0x7B else "Or", pos + 1, 2)
             if d[pos] == 0x00:  # Target is NullName
                 return node, pos + 1
             target, pos = self.term(pos)
             node.children.append(target)
+            return node, pos
+        if op == 0x8A:  # CreateDWordField SourceBuff ByteIndex NameString
+            node, pos = self.operands("CreateDWordField", pos + 1, 2)
+            node.name, pos = self.name_string(pos)
             return node, pos
         if op in _LEAD_CHARS or op in (ord("\\"), ord("^"), 0x2E, 0x2F):
             name, pos = self.name_string(pos)
@@ -410,6 +420,8 @@ class _Reader:
         if op == 0xA0:
             predicate, pos = self.term(pos)
             return Node("If", children=[predicate, *self.terms(pos, end)]), end
+        if op == 0xA1:
+            return Node("Else", children=self.terms(pos, end)), end
         if op == 0x11:
             size, pos = self.term(pos)
             data = self.data[pos:end]
@@ -538,7 +550,25 @@ class ExtInterrupt:
     interrupts: tuple[int, ...]
 
 
-Resource = IoPort | Irq | FixedMemory32 | ExtInterrupt
+@dataclass(frozen=True)
+class AddressRange:
+    """A QWord, DWord or Word Address Space Descriptor (ACPI 6.5 §6.4.3.5)."""
+
+    width: int  # 64, 32 or 16
+    kind: int  # 0 memory, 1 I/O, 2 bus number
+    general_flags: int
+    type_flags: int
+    granularity: int
+    minimum: int
+    maximum: int
+    translation: int
+    length: int
+
+
+Resource = IoPort | Irq | FixedMemory32 | ExtInterrupt | AddressRange
+
+# Large item name -> width of the address space descriptor's five numeric fields.
+_ADDRESS_ITEMS = {0x0A: 8, 0x07: 4, 0x08: 2}
 
 
 def decode_resources(data: bytes) -> list[Resource]:
@@ -558,6 +588,10 @@ def decode_resources(data: bytes) -> list[Resource]:
                 out.append(
                     ExtInterrupt(bool(f & 1), bool(f & 2), bool(f & 4), bool(f & 8), bool(f & 16), ints)
                 )
+            elif item in _ADDRESS_ITEMS and length == 3 + 5 * _ADDRESS_ITEMS[item]:
+                n = _ADDRESS_ITEMS[item]
+                fields = [_le(body, 3 + i * n, n) for i in range(5)]
+                out.append(AddressRange(8 * n, body[0], body[1], body[2], *fields))
             else:
                 raise ParseError(f"unsupported large resource {item:#x} of length {length}")
             continue

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evmm.arch.x86.layout import (
+    ACPI_GED_EVENT_PCI_HOTPLUG,
     ACPI_GED_EVENT_POWER_BUTTON,
     ACPI_PM_GED_EVENT,
     ACPI_PM_RESET,
@@ -70,6 +71,15 @@ def test_power_button_sets_the_event_and_triggers_the_ged() -> None:
     assert pm.read(ACPI_PM_GED_EVENT, 1) == ACPI_GED_EVENT_POWER_BUTTON
     assert pm.read(ACPI_PM_GED_EVENT, 1) == 0  # reading acknowledged it
     assert poweroff.count == 0  # only the guest decides to power off
+
+
+def test_events_raised_together_are_read_together_once() -> None:
+    pm, ged, _, _ = make()
+    pm.ged_event(ACPI_GED_EVENT_PCI_HOTPLUG)
+    pm.power_button()
+    assert ged.count == 2
+    assert pm.read(ACPI_PM_GED_EVENT, 1) == ACPI_GED_EVENT_PCI_HOTPLUG | ACPI_GED_EVENT_POWER_BUTTON == 0b11
+    assert pm.read(ACPI_PM_GED_EVENT, 1) == 0
 
 
 def test_wide_access_covers_each_register() -> None:

@@ -11,8 +11,10 @@
 0x000e_0000  ACPI: RSDP, XSDT, FADT, MADT, DSDT (reserved in e820)
 0x0010_0000  kernel (bzImage protected-mode part; ELF segments at their p_paddr)
 ...          RAM up to min(memory, MMIO32_START); initrd at the top of it
-0xc000_0000  32-bit MMIO hole: virtio-mmio slots, ACPI power block, IOAPIC, LAPIC
+0xc000_0000  32-bit MMIO hole: virtio-mmio slots (microvm) or the PCI window and ECAM (standard), ACPI power
+             block, IOAPIC, LAPIC
 0x1_0000_0000 RAM above 4 GiB when the guest has more than MMIO32_START bytes
+...          the standard board's 64-bit PCI window, from the first GiB boundary above RAM
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ VIRTIO_MMIO_MAX_SLOTS = 64
 ACPI_PM_BASE = 0xFEB0_0000  # the hardware-reduced ACPI block (sleep control/status, reset, GED)
 ACPI_PM_SIZE = 0x100
 BOOT_TIMER_BASE = 0xFEB0_1000  # boot-timer marker register (like Firecracker's)
+PCI_HOTPLUG_BASE = 0xFEB0_2000  # the standard board's ACPI PCI hotplug registers (devices/pci/hotplug.py)
+PCI_HOTPLUG_SIZE = 0x10
 IOAPIC_ADDR = 0xFEC0_0000
 LAPIC_ADDR = 0xFEE0_0000
 KVM_TSS_ADDR = 0xFFFB_D000  # three pages KVM needs on Intel for real-mode emulation
@@ -67,6 +71,20 @@ VIRTIO_IRQS = (16, 17, 18, 19, 20, 21, 22, 23, 5, 6, 7, 10, 11, 12, 13, 14, 15)
 
 MAX_VCPUS = 32
 
+# The standard board's PCI (issue 18), in the same 32-bit hole: a 512 MiB window for BARs, then ECAM.  ECAM
+# (and the MCFG, and PCI0's bus range) covers bus 0 alone, the only bus: Linux sets pcibios_last_bus from the
+# MCFG and then probes every device of every bus up to it through 0xCF8/0xCFC, two exits a probe; with 256
+# buses that is 16384 exits, minutes in the KVM test host (measured: the boot stalled in pci_subsys_init).
+PCI_MMIO32_BASE = 0xC000_0000
+PCI_MMIO32_SIZE = 0x2000_0000
+PCI_ECAM_BASE = 0xE000_0000
+PCI_ECAM_BUSES = 1
+PCI_ECAM_SIZE = PCI_ECAM_BUSES << 20
+PCI_MMIO64_SIZE = 32 * GiB
+PCI_CONFIG_IO_PORT = 0xCF8
+# The IOAPIC inputs INTx is swizzled over (devices/pci/intx.py); the standard board has no virtio-mmio.
+PCI_INTX_GSIS = (16, 17, 18, 19, 20, 21, 22, 23)
+
 
 def ram_layout(mem_size: int) -> list[tuple[int, int]]:
     """Guest RAM as ``(gpa, size)`` regions: below the 32-bit MMIO hole, and the rest above 4 GiB."""
@@ -75,6 +93,12 @@ def ram_layout(mem_size: int) -> list[tuple[int, int]]:
     if mem_size > low:
         regions.append((HIGH_RAM_START, mem_size - low))
     return regions
+
+
+def pci_mmio64_window(mem_size: int) -> tuple[int, int]:
+    """(base, size) of the 64-bit PCI window: from the first GiB boundary at or above the end of RAM."""
+    ram_end = max(HIGH_RAM_START, max(gpa + size for gpa, size in ram_layout(mem_size)))
+    return -(-ram_end // GiB) * GiB, PCI_MMIO64_SIZE
 
 
 def virtio_mmio_slot(index: int) -> int:
@@ -92,3 +116,4 @@ ACPI_PM_GED_EVENT = 0x3  # read: pending GED events (bit 0: power button), clear
 ACPI_RESET_VALUE = 0x42
 ACPI_S5_SLP_TYP = 5  # the SLP_TYPx value the DSDT's \_S5 package names
 ACPI_GED_EVENT_POWER_BUTTON = 0x1
+ACPI_GED_EVENT_PCI_HOTPLUG = 0x2
