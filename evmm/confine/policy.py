@@ -48,6 +48,7 @@ class Features:
     tap: bool = False  # a virtio-net device or a net hot-replace slot
     vhost: bool = False  # --vsock vhost=on
     fs: bool = False  # a --fs shared directory: its workers resolve and change files under it
+    pci: bool = False  # the standard board: the guest programs MSI-X vectors, hotplug adds devices
 
 
 # What a virtio-fs worker asks of the host file system (evmm.devices.virtio.fs.hostcalls and ops): every name
@@ -193,6 +194,10 @@ def main_rules(pid: int, features: Features) -> list[Rule]:
         "KVM_GET_SREGS",
     )
     ioctls += (FIOCLEX, FIONCLEX, FIONBIO, FIONREAD, *_TERMINAL)
+    if features.pci:
+        # A guest's MSI-X table or MSI capability write (served on the reactor) reroutes a vector: the whole
+        # GSI table is set again (evmm.machine.msi).
+        ioctls += _kvm_ioctls("KVM_SET_GSI_ROUTING")
     if features.vhost:
         ioctls += _vhost_ioctls()
     if features.tap:

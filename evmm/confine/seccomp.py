@@ -169,11 +169,12 @@ def confine_main(stop: Callable[[int, str], None]) -> None:
 
 
 def features(config: MachineConfig) -> Features:
-    """What of the machine widens the lists: taps (now or hot-replaced later), vhost-vsock, shared directories."""
+    """What of the machine widens the lists: taps (now or hot-replaced later), vhost-vsock, shared directories, PCI."""
     return Features(
         tap=bool(config.nets) or config.hotplug_net > 0,
         vhost=config.vsock is not None and config.vsock.vhost,
         fs=bool(config.fss),
+        pci=config.board == "standard",
     )
 
 

@@ -189,3 +189,12 @@ def test_file_system_calls_only_with_a_shared_directory(role: str) -> None:
     for call in ("openat2", "renameat2", "linkat", "fchownat", "getdents64", "fsetxattr"):
         assert run(_prog(role), number(call)) == SECCOMP_RET_TRAP
         assert run(_prog(role, Features(fs=True)), number(call)) == SECCOMP_RET_ALLOW
+
+
+def test_msi_rerouting_only_on_the_standard_board() -> None:
+    from evmm.kvm._ffi import lib
+
+    routing = int(lib.KVM_SET_GSI_ROUTING)
+    assert run(_prog("main"), number("ioctl"), [0, routing]) == SECCOMP_RET_TRAP
+    assert run(_prog("main", Features(pci=True)), number("ioctl"), [0, routing]) == SECCOMP_RET_ALLOW
+    assert run(_prog("vcpu", Features(pci=True)), number("ioctl"), [0, routing]) == SECCOMP_RET_TRAP
