@@ -34,6 +34,7 @@ from evmm.acpi.aml import (
     RegionSpace,
     ResourceDescriptor,
     ResourceTemplate,
+    Return,
     Scope,
     Store,
     String,
@@ -44,6 +45,7 @@ from evmm.acpi.aml import (
 )
 from evmm.arch.x86.layout import (
     ACPI_GED_EVENT_POWER_BUTTON,
+    ACPI_GED_EVENT_VMGENID,
     ACPI_PM_BASE,
     ACPI_PM_GED_EVENT,
     ACPI_S5_SLP_TYP,
@@ -70,6 +72,7 @@ I8042_COMMAND_PORT = 0x64
 # The value OSPM passes to Notify on a power button: "button pressed" (ACPI 6.5 §5.6.6, device object notification values).
 NOTIFY_BUTTON_PRESSED = 0x80
 POWER_BUTTON_PATH = "\\_SB.PWRB"
+VMGENID_PATH = "\\_SB.VGEN"
 
 
 @record(frozen=True)
@@ -115,25 +118,22 @@ def _virtio(index: int, dev: VirtioMmioDevice) -> Device:
     return Device(f"VR{index:02X}", (Name("_HID", String("LNRO0005")), Name("_UID", index), resources))
 
 
-def _ged() -> Device:
+def _on_event(bit: int, path: str) -> If:
+    return If(LEqual(And(Local(0), bit), bit), (Notify(NameRef(path), NOTIFY_BUTTON_PRESSED),))
+
+
+def _ged(vmgenid: bool = False) -> Device:
     """The Generic Event Device (ACPI 6.5 §5.6.9): its interrupt makes OSPM run _EVT(gsi).
 
     _EVT reads the event selector (reading clears it in the device model) and turns the power button bit
-    into Notify(PWRB, 0x80), which Linux's button driver reports as KEY_POWER.
+    into Notify(PWRB, 0x80), which Linux's button driver reports as KEY_POWER, and the VM generation bit
+    into Notify(VGEN, 0x80), on which Linux's vmgenid driver reads the new ID.
     """
     selector = NameRef("ESEL")
-    evt = Method(
-        "_EVT",
-        arg_count=1,
-        serialized=True,
-        body=(
-            Store(selector, Local(0)),
-            If(
-                LEqual(And(Local(0), ACPI_GED_EVENT_POWER_BUTTON), ACPI_GED_EVENT_POWER_BUTTON),
-                (Notify(NameRef(POWER_BUTTON_PATH), NOTIFY_BUTTON_PRESSED),),
-            ),
-        ),
-    )
+    events: tuple[AmlObject, ...] = (_on_event(ACPI_GED_EVENT_POWER_BUTTON, POWER_BUTTON_PATH),)
+    if vmgenid:
+        events += (_on_event(ACPI_GED_EVENT_VMGENID, VMGENID_PATH),)
+    evt = Method("_EVT", arg_count=1, serialized=True, body=(Store(selector, Local(0)), *events))
     return Device(
         "GED",
         (
@@ -156,6 +156,18 @@ def _power_button() -> Device:
     return Device("PWRB", (Name("_HID", String("PNP0C0C")), Name("_UID", 0)))
 
 
+def _vmgenid(addr: int) -> Device:
+    """The VM Generation ID device (Microsoft's "Virtual Machine Generation ID" spec; ACPI 6.5 §5.6.9 for
+    its notification through the GED): ADDR returns the guest-physical address of the 16-byte ID as a
+    package of two 32-bit halves.  _CID is the spec's "VM_Gen_Counter"; Linux's vmgenid driver
+    (drivers/virt/vmgenid.c) matches the _HID "VMGENCTR", and on a notify mixes the new ID into its RNG."""
+    addr_method = Method("ADDR", 0, (Return(Package((addr & 0xFFFFFFFF, addr >> 32))),))
+    name = String("VM_Gen_Counter")
+    return Device(
+        "VGEN", (Name("_HID", String("VMGENCTR")), Name("_CID", name), Name("_DDN", name), addr_method)
+    )
+
+
 def build_dsdt(
     *,
     virtio_devices: Sequence[VirtioMmioDevice],
@@ -164,8 +176,10 @@ def build_dsdt(
     rtc: bool,
     i8042: bool,
     ged: bool,
+    vmgenid_addr: int | None = None,
 ) -> bytes:
-    """The DSDT with a blank 36-byte header, which ``tables`` fills in and checksums."""
+    """The DSDT with a blank 36-byte header, which ``tables`` fills in and checksums; ``vmgenid_addr``:
+    where the VM generation ID is (its notification needs the GED)."""
     devices: list[AmlObject] = []
     if com1:
         devices.append(_uart("COM1", 1, COM1_PORT, IRQ_COM1))
@@ -177,7 +191,9 @@ def build_dsdt(
         devices.append(_i8042())
     devices.extend(_virtio(i, dev) for i, dev in enumerate(virtio_devices))
     if ged:
-        devices += [_ged(), _power_button()]
+        devices += [_ged(vmgenid_addr is not None), _power_button()]
+        if vmgenid_addr is not None:
+            devices.append(_vmgenid(vmgenid_addr))
     terms: list[AmlObject] = [
         # \_S5 tells OSPM that S5 (soft off) exists and which SLP_TYP to write for it (ACPI 6.5 §7.4.2);
         # the second element is SLP_TYPb, which a hardware-reduced platform ignores.

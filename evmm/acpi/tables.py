@@ -57,6 +57,7 @@ class AcpiConfig:
     rtc: bool = True
     i8042: bool = True
     ged: bool = True
+    vmgenid_addr: int | None = None  # a VMGenID device pointing there (needs the GED to be notified)
 
 
 @record(frozen=True)
@@ -146,6 +147,7 @@ def build_acpi_tables(config: AcpiConfig, base: int = ACPI_TABLES_ADDR) -> AcpiT
         rtc=config.rtc,
         i8042=config.i8042,
         ged=config.ged,
+        vmgenid_addr=config.vmgenid_addr,
     )
     madt_table = madt.build_madt(config.num_cpus)
 

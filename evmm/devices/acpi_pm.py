@@ -53,8 +53,12 @@ class AcpiPm:
     def power_button(self) -> None:
         """Press the power button: flag the event and interrupt the guest, whose GED handler reads the event
         register and notifies the control-method power button device (PNP0C0C)."""
+        self.raise_events(ACPI_GED_EVENT_POWER_BUTTON)
+
+    def raise_events(self, events: int) -> None:
+        """Flag GED ``events`` (the ``ACPI_GED_EVENT_*`` bits) and interrupt the guest; its _EVT notifies."""
         with self._lock:
-            self._ged_events |= ACPI_GED_EVENT_POWER_BUTTON
+            self._ged_events |= events
         self._ged.trigger()
 
     def read(self, offset: int, size: int) -> int:

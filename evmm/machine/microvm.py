@@ -8,6 +8,7 @@ reaches back into the machine.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 
 from evmm import exitcodes
@@ -25,6 +26,7 @@ from evmm.devices.legacy.rtc import Rtc
 from evmm.devices.legacy.serial import Serial
 from evmm.devices.virtio.device import VirtioDevice
 from evmm.devices.virtio.mmio import VirtioMmio
+from evmm.devices.vmgenid import GENERATION_ID_SIZE, VmGenId
 from evmm.errors import ConfigError, KvmError
 from evmm.kvm import Kvm, Vm
 from evmm.kvm.uart_fast import UartFastPath
@@ -227,6 +229,12 @@ def _virtio_cmdline_words(transports: list[VirtioMmio]) -> list[str]:
     ]
 
 
+def _vmgenid(memory: GuestMemory, acpi_pm: object) -> VmGenId:
+    """The VM generation ID's device, notified through the GED's event register."""
+    assert isinstance(acpi_pm, AcpiPm)
+    return VmGenId(memory, layout.VMGENID_ADDR, lambda: acpi_pm.raise_events(layout.ACPI_GED_EVENT_VMGENID))
+
+
 def build_microvm(
     config: MachineConfig,
     loop: asyncio.AbstractEventLoop,
@@ -234,7 +242,14 @@ def build_microvm(
     *,
     stdio: tuple[int, int] | None = None,
     kvm_path: str = "/dev/kvm",
+    memory: GuestMemory | None = None,
+    boot: bool = True,
 ) -> Machine:
+    """Build the machine; ``boot``: load the kernel and firmware tables and set the boot vCPU's entry state.
+
+    A restore (evmm/snapshot/restore.py) passes the snapshot's ``memory`` and ``boot=False``: RAM already
+    holds the kernel, the tables and everything since, and the vCPUs and devices get their saved state next.
+    """
     b = _Build(Kvm(kvm_path))
     machine_ref: list[Machine] = []
 
@@ -261,39 +276,49 @@ def build_microvm(
         vm.set_gsi_routing(pc_gsi_routes())
         vm.create_pit2()
 
-        memory = b.memory = GuestMemory.anonymous(layout.ram_layout(config.memory))
+        if memory is None:
+            memory = GuestMemory.anonymous(layout.ram_layout(config.memory))
+        b.memory = memory
         for slot, region in enumerate(memory.regions):
             vm.set_user_memory_region(slot, region.gpa, region.buffer)
 
         pio, mmio = Bus("pio"), Bus("mmio")
         devices = _legacy_devices(b, vm, pio, mmio, loop, console, stop, boot_marker)
+        vmgenid = devices["vmgenid"] = _vmgenid(memory, devices["acpi_pm"])
         slots = _make_hotplug_slots(config)
         virtio = _make_virtio_devices(config, stdio) + [(slot.id, slot.device) for slot in slots]
         transports = _virtio_transports(b, vm, memory, mmio, loop, virtio)
 
-        acpi_devices = tuple(
-            VirtioMmioDevice(t.base, layout.VIRTIO_MMIO_SIZE, layout.VIRTIO_IRQS[i])
-            for i, t in enumerate(transports)
-        )
-        tables = build_acpi_tables(AcpiConfig(num_cpus=config.cpus, virtio_devices=acpi_devices))
-        memory.write(layout.ACPI_TABLES_ADDR, tables.blob)
-        memory.write(layout.MPTABLE_ADDR, build_mptable(config.cpus))
-
         vcpus = [vm.create_vcpu(i) for i in range(config.cpus)]
-        console_name = "hvc0" if config.console is not None and config.console.kind == "stdio" else "ttyS0"
-        defaults = default_cmdline(vcpus[0].get_tsc_khz(), console_name)
-        acpi_off = "acpi=off" in config.cmdline.split()
-        if config.virtio_cmdline or (config.virtio_cmdline is None and acpi_off):
-            defaults += _virtio_cmdline_words(transports)
-        cmdline = merge_cmdline(config.cmdline, defaults)
-        plan = load_linux(memory, config.kernel, config.initrd, cmdline, tables.rsdp_addr)
-        supported = kvm.supported_cpuid()
         fast = devices["serial_fast"]
         assert isinstance(fast, UartFastPath)
+        cmdline = config.cmdline
+        if boot:
+            acpi_devices = tuple(
+                VirtioMmioDevice(t.base, layout.VIRTIO_MMIO_SIZE, layout.VIRTIO_IRQS[i])
+                for i, t in enumerate(transports)
+            )
+            acpi = AcpiConfig(num_cpus=config.cpus, virtio_devices=acpi_devices, vmgenid_addr=vmgenid.addr)
+            tables = build_acpi_tables(acpi)
+            memory.write(layout.ACPI_TABLES_ADDR, tables.blob)
+            memory.write(layout.MPTABLE_ADDR, build_mptable(config.cpus))
+            vmgenid.write(os.urandom(GENERATION_ID_SIZE))
+
+            console_name = (
+                "hvc0" if config.console is not None and config.console.kind == "stdio" else "ttyS0"
+            )
+            defaults = default_cmdline(vcpus[0].get_tsc_khz(), console_name)
+            acpi_off = "acpi=off" in config.cmdline.split()
+            if config.virtio_cmdline or (config.virtio_cmdline is None and acpi_off):
+                defaults += _virtio_cmdline_words(transports)
+            cmdline = merge_cmdline(config.cmdline, defaults)
+            plan = load_linux(memory, config.kernel, config.initrd, cmdline, tables.rsdp_addr)
+            supported = kvm.supported_cpuid()
+            for v in vcpus:
+                setup_vcpu(v, supported, config.cpus)
+            setup_boot_vcpu(vcpus[0], plan)
         for v in vcpus:
-            setup_vcpu(v, supported, config.cpus)
             v.attach_fast_path(fast)
-        setup_boot_vcpu(vcpus[0], plan)
 
         devices["virtio"] = transports
         parts = MachineParts(
