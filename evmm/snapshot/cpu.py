@@ -153,7 +153,7 @@ def vcpu_from_map(data: object, where: str) -> VcpuState:
         regs=Regs(**{n.name: regs.integer(n.name) for n in dataclasses.fields(Regs)}),
         sregs=_sregs(f.map("sregs")),
         xsave=f.blob("xsave"),
-        xcrs=f.blob("xcrs"),
+        xcrs=None if f.data.get("xcrs") is None else f.blob("xcrs"),
         debugregs=f.blob("debugregs"),
         lapic=f.blob("lapic"),
         msrs=tuple((i, v) for i, v in _int_rows(f, "msrs", 2)),

@@ -277,7 +277,8 @@ class VirtioMmio:
             return
         self.status = value
 
-    def _activate(self) -> None:
+    def _activate(self, prepare: Callable[[Virtqueue], None] | None = None) -> None:
+        """Build the queues and start the device; ``prepare`` sets each queue's indices first (a restore)."""
         event_idx = bool(self.driver_features & VIRTIO_F_EVENT_IDX)
         for i, cfg in enumerate(self.queues):
             if not cfg.ready:
@@ -286,7 +287,10 @@ class VirtioMmio:
             if why is not None:
                 self.set_needs_reset(f"queue {i}: {why}")
                 return
-            self.active[i] = Virtqueue(i, cfg, self._mem, event_idx=event_idx)
+            queue = Virtqueue(i, cfg, self._mem, event_idx=event_idx)
+            if prepare is not None:
+                prepare(queue)
+            self.active[i] = queue
         log.debug(
             "%s at %#x: activated, features %#x, queues %s",
             self.device.name,
