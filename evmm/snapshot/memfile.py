@@ -27,6 +27,7 @@ PAGE = mmap.PAGESIZE
 CHUNK = 2 << 20  # scanned at a time: one mincore call, one all-zero comparison for the common empty case
 _ZERO_CHUNK = bytes(CHUNK)
 _ZERO_PAGE = bytes(PAGE)
+_BIT0 = bytes(i & 1 for i in range(256))  # mincore's vector: only bit 0 means resident
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _mincore = _libc.mincore
@@ -67,7 +68,7 @@ def data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
 
 def _candidates(memory: GuestMemory, index: int, resident: bytes) -> bytearray:
     """Per page of region ``index``: 1 where it may hold data."""
-    maybe = bytearray(b & 1 for b in resident)
+    maybe = bytearray(resident.translate(_BIT0))
     backing = memory.backing
     if backing is not None:
         offset = memory.file_offset(index)
@@ -78,14 +79,18 @@ def _candidates(memory: GuestMemory, index: int, resident: bytes) -> bytearray:
     return maybe
 
 
-def _runs(view: memoryview, maybe: bytearray) -> Iterator[tuple[int, int]]:
-    """Byte ranges ``[a, b)`` of consecutive non-zero pages among the candidates."""
-    size = len(view)
+def _runs(buffer: mmap.mmap, maybe: bytearray) -> Iterator[tuple[int, int]]:
+    """Byte ranges ``[a, b)`` of consecutive non-zero pages among the candidates.
+
+    Slices of the mmap are copies compared with memcmp: comparing a memoryview with bytes goes item by item,
+    ~100 times slower (2.9 s for 256 MiB here).
+    """
+    size = len(buffer)
     run_start = -1
     for chunk in range(0, size, CHUNK):
         end = min(chunk + CHUNK, size)
         first, last = chunk // PAGE, (end + PAGE - 1) // PAGE
-        empty = not any(maybe[first:last]) or (end - chunk == CHUNK and view[chunk:end] == _ZERO_CHUNK)
+        empty = not any(maybe[first:last]) or (end - chunk == CHUNK and buffer[chunk:end] == _ZERO_CHUNK)
         if empty:
             if run_start >= 0:
                 yield run_start, chunk
@@ -93,7 +98,7 @@ def _runs(view: memoryview, maybe: bytearray) -> Iterator[tuple[int, int]]:
             continue
         for page in range(first, last):
             a = page * PAGE
-            data = maybe[page] and view[a : a + PAGE] != _ZERO_PAGE
+            data = maybe[page] and buffer[a : a + PAGE] != _ZERO_PAGE
             if data and run_start < 0:
                 run_start = a
             elif not data and run_start >= 0:
@@ -114,7 +119,7 @@ def save_memory(memory: GuestMemory, directory: Path) -> int:
             offset = memory.file_offset(index)
             maybe = _candidates(memory, index, resident_pages(region.buffer))
             with memoryview(region.buffer) as view:
-                for a, b in _runs(view, maybe):
+                for a, b in _runs(region.buffer, maybe):
                     n = b - a
                     done = 0
                     while done < n:
