@@ -111,15 +111,18 @@ def _opt_path(text: str | None) -> Path | None:
     return None if text is None else Path(text)
 
 
+def _same_count(where: str, what: str, option: str, saved: int, given: int) -> None:
+    if saved != given:
+        raise SnapshotError(
+            f"{where}: the guest has {saved} {what}; give {option} for each of them, in order, or none (got {given})"
+        )
+
+
 def apply_overrides(saved: MachineConfig, given: Overrides, where: str) -> MachineConfig:
     """The snapshot's configuration with the host resources given again; a change of board is one line."""
     config = saved
     if given.drives is not None:
-        if len(given.drives) != len(saved.drives):
-            raise SnapshotError(
-                f"{where}: the guest has {len(saved.drives)} disks; give --drive for each of them, in order, "
-                f"or none (got {len(given.drives)})"
-            )
+        _same_count(where, "disks", "--drive", len(saved.drives), len(given.drives))
         drives = tuple(
             dataclasses.replace(
                 new, id=new.id or old.id, serial=new.serial if new.serial is not None else old.serial
@@ -128,11 +131,7 @@ def apply_overrides(saved: MachineConfig, given: Overrides, where: str) -> Machi
         )
         config = dataclasses.replace(config, drives=drives)
     if given.nets is not None:
-        if len(given.nets) != len(saved.nets):
-            raise SnapshotError(
-                f"{where}: the guest has {len(saved.nets)} NICs; give --net for each of them, in order, "
-                f"or none (got {len(given.nets)})"
-            )
+        _same_count(where, "NICs", "--net", len(saved.nets), len(given.nets))
         nets = tuple(
             dataclasses.replace(new, mac=new.mac or old.mac, id=new.id or old.id)
             for old, new in zip(saved.nets, given.nets, strict=True)

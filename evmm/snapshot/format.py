@@ -131,8 +131,12 @@ class Fields:
             raise SnapshotError(f"{self.where}: {key!r} is not {name}")
         return value
 
-    def integer(self, key: str) -> int:
-        return int(self._get(key, int, "an integer"))
+    def integer(self, key: str, most: int | None = None) -> int:
+        """The integer at ``key``; with ``most``, one from 0 to ``most`` (a register, a ring index)."""
+        value = int(self._get(key, int, "an integer"))
+        if most is not None and not 0 <= value <= most:
+            raise SnapshotError(f"{self.where}: {key!r} is {value}, out of range (0 to {most:#x})")
+        return value
 
     def boolean(self, key: str) -> bool:
         return bool(self._get(key, bool, "a boolean"))

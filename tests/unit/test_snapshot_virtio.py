@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from evmm.devices.virtio.vsock.unix import HybridListener, listen_unix
 from evmm.memory import GuestMemory
 from evmm.snapshot.format import Fields, SnapshotError
 from tests.fakes.virtio_driver import MEM_SIZE, MmioDriver
+from tests.unit.test_virtio_net import FakeTap
 
 MAC = bytes.fromhex("525400123456")
 
@@ -136,22 +136,6 @@ def test_blk_requests_in_flight_are_waited_for_and_a_different_image_is_refused(
     blk.close()
 
 
-class FakeTap:
-    def __init__(self) -> None:
-        self.dev_end, self.host = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.dev_end.setblocking(False)
-
-    @property
-    def fd(self) -> int:
-        return self.dev_end.fileno()
-
-    def set_offload(self, flags: int) -> None:
-        pass
-
-    def close(self) -> None:
-        self.dev_end.close()
-
-
 def spin(loop: asyncio.AbstractEventLoop, seconds: float = 0.05) -> None:
     loop.run_until_complete(asyncio.sleep(seconds))
 
@@ -165,7 +149,7 @@ def test_net_receive_buffers_held_for_a_frame_are_given_back_and_taken_again(
     rx = old.queues[RX]
     rx.add([], [1024])
     old.kick(RX)
-    tap.host.send(h.NetHeader().pack() + bytes(3000))  # needs three 1 KiB buffers: the device holds one
+    tap.send(bytes(3000))  # needs three 1 KiB buffers: the device holds one
     spin(loop)
     net = old.transport.device
     assert isinstance(net, VirtioNet)
@@ -181,7 +165,7 @@ def test_net_receive_buffers_held_for_a_frame_are_given_back_and_taken_again(
     new, f = restore_into(old, dev, state, loop)
     net_persist.restore(dev, f.data["device"], "snapshot D: device")
     mmio_persist.activate(new.transport, f)
-    tap2.host.send(h.NetHeader().pack() + b"after the restore")
+    tap2.send(b"after the restore")
     spin(loop)
     (used,) = rx.get_used()
     assert used.data[h.HDR_LEN :] == b"after the restore"  # delivered into the buffer the old device held

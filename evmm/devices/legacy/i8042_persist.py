@@ -36,13 +36,7 @@ def save(kbd: I8042) -> dict[str, Any]:
 
 
 def _opt_byte(f: Fields, key: str) -> int | None:
-    value = f.data.get(key)
-    if value is None:
-        return None
-    n = f.integer(key)
-    if not 0 <= n <= 0xFF:
-        raise SnapshotError(f"{f.where}: {key!r} is not a byte")
-    return n
+    return None if f.data.get(key) is None else f.integer(key, 0xFF)
 
 
 def restore(kbd: I8042, data: object, where: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from evmm.devices.legacy.serial import Serial
-from evmm.snapshot.format import Fields, SnapshotError
+from evmm.snapshot.format import Fields
 
 VERSION = 1
 _REGISTERS = ("ier", "lcr", "mcr", "fcr", "scr", "dll", "dlm", "lsr_errors", "msr_delta")
@@ -26,9 +26,7 @@ def save(serial: Serial) -> dict[str, Any]:
 
 def restore(serial: Serial, data: object, where: str) -> None:
     f = Fields(data, where).version(VERSION)
-    values = {r: f.integer(r) for r in _REGISTERS}
-    if any(not 0 <= v <= 0xFF for v in values.values()):
-        raise SnapshotError(f"{where}: a register value is not a byte")
+    values = {r: f.integer(r, 0xFF) for r in _REGISTERS}
     rx = f.blob("rx")
     thr_pending, rx_waiting = f.boolean("thr_pending"), f.boolean("rx_waiting")
     with serial._lock:

@@ -79,13 +79,6 @@ def save(
     }
 
 
-def _u16(f: Fields, key: str) -> int:
-    n = f.integer(key)
-    if not 0 <= n <= 0xFFFF:
-        raise SnapshotError(f"{f.where}: {key} {n} is not a 16-bit ring index")
-    return n
-
-
 def restore_registers(t: VirtioMmio, data: object, where: str) -> Fields:
     """Put the saved registers into a fresh transport; its device's own state comes next (``activate``)."""
     f = Fields(data, where).version(VERSION)
@@ -123,7 +116,7 @@ def activate(t: VirtioMmio, f: Fields) -> None:
     states: dict[int, Fields] = {
         i: Fields(a, f"{f.where}: queue {i}") for i, a in enumerate(active) if a is not None
     }
-    indices = {i: (_u16(s, "next_avail"), _u16(s, "next_used"), s.integer("signalled_used"), s.boolean("notify"))
+    indices = {i: (s.integer("next_avail", 0xFFFF), s.integer("next_used", 0xFFFF), s.integer("signalled_used"), s.boolean("notify"))
                for i, s in states.items()}  # fmt: skip
     if not t.status & DRIVER_OK or t.status & DEVICE_NEEDS_RESET:
         return  # not started, or broken: the driver will reset it, and nothing runs until then
