@@ -24,6 +24,7 @@ ROW_TITLES = {
     "net": "4. virtio-net (iperf3)",
     "control": "5. control latency",
     "density": "6. density",
+    "restore": "7. snapshot and restore",
 }
 
 

@@ -31,6 +31,7 @@ from evmm.bench.density import DensityRow
 from evmm.bench.net import NetRow
 from evmm.bench.overhead import MemoryRow
 from evmm.bench.profile import Profiler
+from evmm.bench.restore import RestoreRow
 from evmm.bench.results import Results
 from evmm.bench.vmm import EVMM
 from evmm.record import record
@@ -42,6 +43,7 @@ ROWS: dict[str, Callable[[], Row]] = {
     "net": NetRow,
     "control": ControlRow,
     "density": DensityRow,
+    "restore": RestoreRow,
 }
 PROFILED = ("boot", "blk", "net", "control")
 RESULTS = "results.json"
