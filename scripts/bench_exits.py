@@ -7,9 +7,9 @@ exit).  The same guest runs five ways, from the bare minimum to what ``evmm run`
 
   1. a bare KVM_RUN loop on the main thread (cffi ioctl, exit decoded, answered)
   2. the same on a thread of its own (where evmm's vCPUs run)
-  3. evmm's vCPU thread and buses with a null inline device
+  3. evmm's vCPU thread and buses with a null device served on the vCPU thread
   4. evmm's vCPU thread with the 16550A model in Python (and the console ring)
-  5. as 4, with the UART fast path in C (evmm/kvm/uart_fast.py)
+  5. as 4, with the UART fast path in C (evmm/devices/legacy/serial_fast.py)
 
 Inside the KVM test host: evmm testhost run -- python scripts/bench_exits.py 5000
 """
@@ -24,9 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from evmm.devices.bus import EVERYTHING_ON_VCPU
 from evmm.devices.legacy.serial import Serial
+from evmm.devices.legacy.serial_fast import UartFastPath
 from evmm.kvm import Kvm, Vcpu, exits
-from evmm.kvm.uart_fast import UartFastPath
 from evmm.memory import GuestMemory
 from tests.fakes.irq import RecordingIrqLine
 from tests.kvm.tiny import FINISH_PORT, tiny_guest
@@ -44,6 +45,8 @@ def program(n: int) -> bytes:
 
 
 class Null:
+    on_vcpu = EVERYTHING_ON_VCPU
+
     def read(self, offset: int, size: int) -> int:
         return 0x60
 
@@ -117,15 +120,15 @@ def timed_evmm(n: int, device: str) -> tuple[float, int]:
     with tiny_guest(program(n)) as t:
         fast = UartFastPath(COM1) if device == "fast" else None
         if device == "null":
-            t.pio.insert(COM1, 8, Null(), "com1", inline=True)
+            t.pio.insert(COM1, 8, Null(), "com1")
         else:
             out = fast.put if fast is not None else (lambda data: None)
-            t.pio.insert(COM1, 8, Serial(RecordingIrqLine(), out, fast=fast), "com1", inline=True)
+            t.pio.insert(COM1, 8, Serial(RecordingIrqLine(), out, fast=fast), "com1")
         vcpu = t.machine.parts.vcpus[0]
-        vcpu.attach_fast_path(fast)
+        vcpu.set_exit_hooks([fast] if fast is not None else [])
         started = time.perf_counter()
         t.run(600)
-        return time.perf_counter() - started, vcpu.fast_exits
+        return time.perf_counter() - started, vcpu.hooked_exits
 
 
 def main() -> None:

@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import uvloop
 
+from evmm.config.devspec import NetSpec
 from evmm.devices.virtio.net import VirtioNet, make_net
 from evmm.devices.virtio.net import header as h
-from evmm.machine.devspec import NetSpec
 from evmm.netns import inet_checksum, inside, netns
 from tests.fakes.virtio_driver import MmioDriver
 

@@ -38,7 +38,7 @@ sys.exit(0 if managed and sys.prefix == sys.base_prefix else 1)'; then
       PY="$root/.venv/bin/python"
     fi
   fi
-  if ! "$PY" -c 'import evmm.kvm, evmm.kvm.vhost, pytest_rerunfailures, qemu.qmp, matplotlib' 2>/dev/null; then
+  if ! "$PY" -c 'import evmm.kvm.system, evmm.vhost.vsock, evmm.devices.legacy.serial_fast, pytest_rerunfailures, qemu.qmp, matplotlib' 2>/dev/null; then
     evmm_note "installing evmm and its dependencies (pip install -e .[dev,bench])"
     "$PY" -m pip install -q -e "$root[dev,bench]"
   fi

@@ -1,15 +1,19 @@
-"""Test tiers (see tests/tiers.py) and the linux tier's fixtures: guests that never outlive their test."""
+"""Test tiers (see tests/tiers.py), event loops that fail a test on a callback's exception, and the linux
+tier's fixtures: guests that never outlive their test."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from typing import Any
 
 import pytest
 
 from evmm.assets import GuestAssets
 from tests.linux.harness import Guest
+from tests.loops import CallbackErrors, watched_loop
 from tests.tiers import COST, HOST_SIDE, TierPlugin
 
 
@@ -23,6 +27,41 @@ def pytest_configure(config: pytest.Config) -> None:
         " the tier balances its test hosts with it",
     )
     config.pluginmanager.register(TierPlugin(config), "evmm-tiers")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # A module that sets LOOP_KINDS = ("asyncio", "uvloop") runs each of its tests that take `loop` on both.
+    kinds = getattr(metafunc.module, "LOOP_KINDS", None)
+    if kinds is not None and "loop" in metafunc.fixturenames:
+        metafunc.parametrize("loop", kinds, indirect=True)
+
+
+@pytest.fixture
+def loop(request: pytest.FixtureRequest) -> Iterator[asyncio.AbstractEventLoop]:
+    """A fresh event loop for a test that drives it itself (``run_until_complete``, a reactor thread); an
+    exception in any of its callbacks fails the test.  asyncio's by default, uvloop's with LOOP_KINDS."""
+    lp, errors = watched_loop(getattr(request, "param", "asyncio"))
+    try:
+        yield lp
+        errors.check()
+    finally:
+        lp.close()
+
+
+@pytest.fixture
+async def running_loop_errors() -> AsyncIterator[CallbackErrors]:
+    """The same for the loop pytest-asyncio runs a coroutine test in (every coroutine test gets it)."""
+    errors = CallbackErrors()
+    asyncio.get_running_loop().set_exception_handler(errors)
+    yield errors
+    await asyncio.sleep(0)  # callbacks the test left scheduled run, and may fail
+    errors.check()
+
+
+@pytest.fixture(autouse=True)
+def _coroutine_tests_fail_on_callback_errors(request: pytest.FixtureRequest) -> None:
+    if inspect.iscoroutinefunction(getattr(request.node, "obj", None)):
+        request.getfixturevalue("running_loop_errors")
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,11 @@
 """The test tiers: ``unit`` (no KVM), ``kvm`` (the host's /dev/kvm, tiny guests), ``linux`` (boots Linux).
 
-Where the host's KVM cannot boot Linux (a PVM-based /dev/kvm) but QEMU is installed, every selected linux-tier
-test runs in ONE boot of the KVM test host: the first of them starts an inner ``python -m pytest NODEIDS``
-through ``evmm testhost run`` with a shared results directory, and each outer item then reports its own inner
-outcome.  Tests marked ``host_side`` (the test host's own tests) always run out here instead.
+Where the host's KVM cannot boot Linux (a PVM-based /dev/kvm) but QEMU is installed, the selected linux-tier
+tests are shared out among KVM test hosts running side by side (``EVMM_TESTHOST_SHARDS``, two by default),
+each booted once unless it is lost (``Boots``): the first test starts, per test host, an inner
+``python -m pytest NODEIDS`` through ``evmm testhost run`` with a shared results directory, and each outer item
+then reports its own inner outcome.  Tests marked ``host_side`` (the test host's own tests) always run out
+here instead.
 """
 
 from __future__ import annotations
@@ -53,9 +55,10 @@ DEFAULT_SHARDS = 2  # on two host cores: half the tier's time of one two-vCPU te
 CPUS_ENV = "EVMM_TESTHOST_CPUS"  # each test host's vCPUs
 DEFAULT_CPUS = 2  # with one test host; one each when there are more
 HEARTBEAT = 10.0  # seconds between the inner run's signs of life (a test may run longer than the stall)
-# Test host boots for one tier: the first, and fresh ones after lost ones.  A CI run once lost four in
-# 1000 s, each under a different test; the tier's deadline bounds the time, this the count, and two boots
-# in a row in which no test even started end it sooner (the test host cannot work here).
+# Test host boots for one tier: the first, and fresh ones after lost ones.  A test host is lost now and
+# then (QEMU TCG's nested SVM, docs/testing.md), sometimes several in one run under different tests, so a
+# lost one is replaced; the tier's deadline bounds the time, this the count, and two boots in a row in which
+# no test even started end it sooner (the test host cannot work here).
 MAX_BOOTS = 8
 MAX_BARREN_BOOTS = 2
 HOST_SIDE = "host_side"

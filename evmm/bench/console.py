@@ -173,13 +173,14 @@ class VmProcess:
             self.proc.wait(wait)
         except subprocess.TimeoutExpired:
             return False
+        # The reader ends at the pipe's EOF; closing the pipe under it would fail its read with EBADF instead.
+        self._reader.join(5)
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 try:
                     stream.close()
                 except OSError:
                     pass
-        self._reader.join(5)
         return True
 
 

@@ -24,7 +24,8 @@ ROW_TITLES = {
     "net": "4. virtio-net (iperf3)",
     "control": "5. control latency",
     "density": "6. density",
-    "restore": "7. snapshot and restore",
+    "fs": "7. shared directory (virtio-fs vs virtio-9p)",
+    "restore": "8. snapshot and restore",
 }
 
 

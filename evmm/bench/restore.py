@@ -1,4 +1,4 @@
-"""Row 7: snapshot and restore: the snapshot's size, restore -> guest answering (cold and warm), ten at once.
+"""Row 8: snapshot and restore: the snapshot's size, restore -> guest answering (cold and warm), ten at once.
 
 Per run, each side boots the default guest (128 MiB, serial console only) to its prompt, times it answering
 (cold boot), saves it and quits, then restores it three ways and times each until the guest answers a

@@ -5,25 +5,24 @@ validates the parameters, runs the handler on the reactor and turns every failur
 with an ``ErrorCode`` and a one-line message, so no request, however wrong, can take the VMM down.  Methods
 to come (snapshot, balloon, metrics) are ``register``-ed the same way, from their own modules.
 
-State changes a command causes are events for every subscriber.  The machine is expected to emit them itself
-(it knows its state best); where it did not (``Machine.pause`` does not emit yet), the core emits the event,
-once, after the call.
+State changes a command causes reach subscribers as the machine's own events (``state-changed`` from
+``Machine.pause``/``resume``/``run``/``stop``): the machine knows its state best, so it is the one place that
+announces it, as StratoVirt's ``notify_lifecycle`` does.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
+from evmm.config.devspec import DriveSpec, NetSpec
 from evmm.errors import EvmmError
 from evmm.exitcodes import EXIT_GUEST_POWEROFF, EXIT_GUEST_RESET
 from evmm.log import log
-from evmm.machine.devspec import DriveSpec, NetSpec
 from evmm.record import record
 from evmm.rpc.protocol import ErrorCode
 
@@ -55,12 +54,10 @@ class ControlledMachine(Protocol):
 
     def subscribe(self, listener: Listener) -> Callable[[], None]: ...
 
-    def emit(self, event: str, data: dict[str, Any]) -> None: ...
-
 
 @runtime_checkable
 class HotplugMachine(Protocol):
-    """A machine with hot-replace slots (``evmm run --hotplug``)."""
+    """A machine with hot-replace slots (``evmm run --hotplug``); it announces each change (``device-changed``)."""
 
     def hotplug_slots(self) -> list[dict[str, Any]]: ...
 
@@ -91,9 +88,30 @@ _TYPE_NAMES: dict[type, str] = {
 }
 
 
+class Wording:
+    """How parameter faults are put to a client: evmm's words here; QMP's subclass uses QEMU's."""
+
+    type_names: ClassVar[Mapping[type, str]] = _TYPE_NAMES
+    nil_is_absent = True  # msgpack nil means "not given"; JSON null in QMP is a value of the wrong type
+
+    def unknown(self, method: str, key: str, known: Sequence[str]) -> str:
+        return f"{method}: unknown parameter {key!r} (takes {', '.join(known) or 'no parameters'})"
+
+    def missing(self, method: str, name: str) -> str:
+        return f"{method}: parameter {name!r} is required"
+
+    def wrong_type(self, method: str, name: str, value: object, expected: type) -> str:
+        got = _TYPE_NAMES.get(type(value), type(value).__name__)
+        return f"{method}: {name} is a {got}, not a {self.type_names[expected]}"
+
+
+EVMM_WORDING = Wording()
+
+
 @record(frozen=True)
 class Param:
-    """One parameter: its type, whether it is required, its default, and for strings the allowed values."""
+    """One parameter: its type, whether it is required, its default, for strings the allowed values, and for
+    a map the parameters it holds (checked as the method's own are)."""
 
     type: type
     doc: str = ""
@@ -102,15 +120,13 @@ class Param:
     choices: tuple[str, ...] = ()
     lo: int = 0
     hi: int = 1 << 31
+    fields: Mapping[str, Param] | None = None
 
-    def check(self, method: str, name: str, value: Any) -> Any:
+    def check(self, method: str, name: str, value: Any, wording: Wording = EVMM_WORDING) -> Any:
         if self.type is bytes and isinstance(value, str):
             value = value.encode()
         if (self.type is int and isinstance(value, bool)) or not isinstance(value, self.type):
-            got = _TYPE_NAMES.get(type(value), type(value).__name__)
-            raise CommandError(
-                ErrorCode.INVALID_PARAMS, f"{method}: {name} is a {got}, not a {_TYPE_NAMES[self.type]}"
-            )
+            raise CommandError(ErrorCode.INVALID_PARAMS, wording.wrong_type(method, name, value, self.type))
         if isinstance(value, int) and not isinstance(value, bool) and not self.lo <= value <= self.hi:
             raise CommandError(
                 ErrorCode.INVALID_PARAMS, f"{method}: {name}={value} is out of range ({self.lo} to {self.hi})"
@@ -123,6 +139,8 @@ class Param:
                 )
             if not value or len(value) > 4096 or "\0" in value:
                 raise CommandError(ErrorCode.INVALID_PARAMS, f"{method}: {name} must be 1 to 4096 characters")
+        if self.fields is not None and isinstance(value, dict):
+            value = check_params(method, self.fields, value, wording)
         return value
 
     def schema(self) -> dict[str, Any]:
@@ -134,23 +152,25 @@ class Param:
         return out
 
 
-def check_params(method: str, spec: Mapping[str, Param], params: Mapping[str, Any]) -> dict[str, Any]:
-    """Validated parameters with defaults filled in, or ``CommandError(INVALID_PARAMS)`` naming the first fault."""
+def check_params(
+    method: str, spec: Mapping[str, Param], params: Mapping[str, Any], wording: Wording = EVMM_WORDING
+) -> dict[str, Any]:
+    """Validated parameters with defaults filled in, or ``CommandError(INVALID_PARAMS)`` naming the first fault.
+
+    Every parameter of ``spec`` is in the result: an absent one as its default (None unless given).
+    """
     for key in params:
         if key not in spec:
-            takes = ", ".join(spec) or "no parameters"
-            raise CommandError(
-                ErrorCode.INVALID_PARAMS, f"{method}: unknown parameter {key!r} (takes {takes})"
-            )
+            raise CommandError(ErrorCode.INVALID_PARAMS, wording.unknown(method, key, list(spec)))
     out: dict[str, Any] = {}
     for name, p in spec.items():
-        value = params.get(name)
-        if value is None:
+        given = name in params and not (wording.nil_is_absent and params[name] is None)
+        if not given:
             if p.required:
-                raise CommandError(ErrorCode.INVALID_PARAMS, f"{method}: parameter {name!r} is required")
+                raise CommandError(ErrorCode.INVALID_PARAMS, wording.missing(method, name))
             out[name] = p.default
         else:
-            out[name] = p.check(method, name, value)
+            out[name] = p.check(method, name, params[name], wording)
     return out
 
 
@@ -279,38 +299,26 @@ class Commands:
             raise CommandError(ErrorCode.VM_STATE, f"{method}: the VM is {state}")
 
     async def _pause(self, call: Call) -> dict[str, Any]:
-        async with self._lifecycle:
-            self._need("pause", "running", "paused")
-            if self.machine.state == "running":
-                await self._transition("paused", self.machine.pause())
-            return {"state": self.machine.state}
+        return await self._transition(call.method, "paused", self.machine.pause)
 
     async def _resume(self, call: Call) -> dict[str, Any]:
+        return await self._transition(call.method, "running", self.machine.resume)
+
+    async def _transition(
+        self, method: str, state: str, change: Callable[[], Awaitable[None]]
+    ) -> dict[str, Any]:
+        """Pause or resume, one at a time; a VM already in ``state`` is left as it is.  The machine announces
+        the change itself (``state-changed``)."""
         async with self._lifecycle:
-            self._need("resume", "running", "paused")
-            if self.machine.state == "paused":
-                await self._transition("running", self.machine.resume())
+            self._need(method, "running", "paused")
+            if self.machine.state != state:
+                try:
+                    await asyncio.wait_for(change(), self.pause_timeout)
+                except TimeoutError:
+                    raise CommandError(
+                        ErrorCode.FAILED, f"the vCPUs did not reach {state} within {self.pause_timeout:g} s"
+                    ) from None
             return {"state": self.machine.state}
-
-    async def _transition(self, state: str, change: Awaitable[None]) -> None:
-        """Await a pause or resume, then emit ``state-changed`` unless the machine already did."""
-        seen = False
-
-        def watch(event: str, data: dict[str, Any]) -> None:
-            nonlocal seen
-            seen = seen or (event == "state-changed" and data.get("state") == state)
-
-        unsubscribe = self.machine.subscribe(watch)
-        try:
-            await asyncio.wait_for(change, self.pause_timeout)
-        except TimeoutError:
-            raise CommandError(
-                ErrorCode.FAILED, f"the vCPUs did not reach {state} within {self.pause_timeout:g} s"
-            ) from None
-        finally:
-            unsubscribe()
-        if not seen:
-            self.machine.emit("state-changed", {"state": state})
 
     async def _shutdown(self, call: Call) -> dict[str, Any]:
         self._need("shutdown", "running", "paused")
@@ -359,13 +367,14 @@ class Commands:
         machine = self._hotplug(call.method)
         p = call.params
         slot = self._slot(call.method, machine, p["slot"])
-        spec = self._spec(slot, p)
-        return await self._change(machine, slot, "replaced", machine.replace_device, spec)
+        machine.replace_device(slot["id"], self._spec(slot, p))  # the machine announces device-changed
+        return self._slot(call.method, machine, slot["id"])
 
     async def _device_remove(self, call: Call) -> dict[str, Any]:
         machine = self._hotplug(call.method)
         slot = self._slot(call.method, machine, call.params["slot"])
-        return await self._change(machine, slot, "removed", machine.remove_device)
+        machine.remove_device(slot["id"])
+        return self._slot(call.method, machine, slot["id"])
 
     @staticmethod
     def _spec(slot: dict[str, Any], p: dict[str, Any]) -> DriveSpec | NetSpec:
@@ -396,36 +405,6 @@ class Commands:
         raise CommandError(
             ErrorCode.FAILED, f"device-replace: slot {sid} is of kind {kind!r}, which evmm cannot fill"
         )
-
-    async def _change(
-        self,
-        machine: HotplugMachine,
-        slot: dict[str, Any],
-        action: str,
-        fn: Callable[..., object],
-        *args: Any,
-    ) -> dict[str, Any]:
-        sid = slot["id"]
-        seen = False
-
-        def watch(event: str, data: dict[str, Any]) -> None:
-            nonlocal seen
-            seen = seen or (event == "device-changed" and data.get("slot") == sid)
-
-        unsubscribe = self.machine.subscribe(watch)
-        try:
-            done = fn(sid, *args)
-            if inspect.isawaitable(done):
-                await done
-        finally:
-            unsubscribe()
-        now = self._slot("device-" + action, machine, sid)
-        if not seen:
-            self.machine.emit(
-                "device-changed",
-                {"slot": sid, "kind": now.get("kind"), "action": action, "backend": now.get("backend")},
-            )
-        return now
 
     # ---- console --------------------------------------------------------------------------------------------
 

@@ -1,49 +1,25 @@
-"""The msgpack control server: a Unix socket on the reactor, many clients, events, and the guest console.
+"""The msgpack control server: the control channel's methods, events and the guest console on an ``RpcServer``.
 
-Each connection reads frames through the pure ``Decoder`` and answers its requests in order (so console input
-keeps its order).  Whatever a client does costs at most its own connection: a bad frame gets an error response,
-a bad length prefix an error and a hang-up, a client that stops reading while events pile up past
-``MAX_QUEUED`` bytes is dropped, and one that leaves mid-request just never gets its answer.
-
-Methods that belong to a connection rather than to the machine are handled here: ``subscribe``,
-``unsubscribe``, ``console-attach``, ``console-detach``, ``console-input``.  Everything else goes to the
-shared ``Commands`` core.
+The socket, its clients and what a hostile client can cost are the core's (evmm/rpc/server.py); this module
+adds what the control channel means.  Methods that belong to a connection rather than to the machine are
+handled here: ``subscribe``, ``unsubscribe``, ``console-attach``, ``console-detach``, ``console-input``.
+Everything else goes to the shared ``Commands`` core.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import itertools
-import os
-import socket
-import stat
-import struct
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 from evmm.control.commands import Call, Command, CommandError, Commands, Param, check_params
-from evmm.errors import EvmmError
-from evmm.log import log
-from evmm.rpc.protocol import (
-    Decoder,
-    ErrorCode,
-    ProtocolError,
-    Request,
-    encode_frame,
-    error,
-    event,
-    parse_request,
-    result,
-)
+from evmm.rpc.codec import MsgpackCodec
+from evmm.rpc.protocol import ErrorCode, ProtocolError, error, event, parse_request, result
+from evmm.rpc.server import RpcServer, Session
 
-MAX_CLIENTS = 64
-MAX_QUEUED = 4 << 20  # bytes waiting to go to one client; past this it is too slow and is disconnected
 SCROLLBACK = 16 << 10  # console bytes replayed to a client that attaches, so it sees where the guest is
-READ_CHUNK = 1 << 16
-CLOSE_FLUSH = 1.0  # seconds to let last answers and the shutdown event reach clients when the VM ends
+CONSOLE_CHUNK = 1 << 16  # console bytes per event, far below a frame's limit
 
 
 class ConsoleLike(Protocol):
@@ -54,93 +30,14 @@ class ConsoleLike(Protocol):
     def inject(self, data: bytes) -> None: ...
 
 
-def bind_unix(path: Path, option: str) -> socket.socket:
-    """A listening Unix socket at ``path`` (mode 0600); a stale socket file is replaced, a live one is not."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise EvmmError(f"{option} {path}: {e.strerror}") from None
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise EvmmError(f"{option} {path}: exists and is not a socket; remove it or pick another path")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink(missing_ok=True)  # nobody listens: left behind by a VMM that was killed
-        else:
-            raise EvmmError(f"{option} {path}: another process is listening there (a VMM still running?)")
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(str(path))
-        os.chmod(path, 0o600)  # the socket can stop the VM: its owner only
-        sock.listen(16)
-    except OSError as e:
-        sock.close()
-        raise EvmmError(f"{option} {path}: cannot listen: {e.strerror or e}") from None
-    sock.setblocking(False)
-    return sock
+class ControlSession(Session):
+    """A control client: whether it takes machine events and console output."""
+
+    subscribed = False
+    console = False
 
 
-def peer_name(kind: str, number: int, writer: asyncio.StreamWriter) -> str:
-    sock = writer.get_extra_info("socket")
-    try:
-        pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-        return f"{kind} {number} (pid {pid})"
-    except (OSError, AttributeError, struct.error):
-        return f"{kind} {number}"
-
-
-class Session:
-    """One connected client."""
-
-    def __init__(self, number: int, name: str, writer: asyncio.StreamWriter) -> None:
-        self.number = number
-        self.name = name
-        self.writer = writer
-        self.decoder = Decoder()
-        self.subscribed = False
-        self.console = False
-        self.closed = False
-
-    def send(self, message: dict[str, Any]) -> None:
-        try:
-            frame = encode_frame(message)
-        except ValueError as e:  # a result that does not pack: the client still gets its answer
-            log.warning("control: %s: %s", self.name, e)
-            frame = encode_frame(error(message.get("id"), ErrorCode.INTERNAL_ERROR, str(e)))
-        self.send_frame(frame)
-
-    def send_frame(self, frame: bytes) -> None:
-        if self.closed or self.writer.is_closing():
-            return
-        if self.writer.transport.get_write_buffer_size() + len(frame) > MAX_QUEUED:
-            log.warning("control: %s does not read its events; disconnecting it", self.name)
-            self.abort()
-            return
-        self.writer.write(frame)
-
-    def abort(self) -> None:
-        self.closed = True
-        self.writer.transport.abort()
-
-    async def close(self, flush: float = 0.0) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        if flush and not self.writer.is_closing():
-            with contextlib.suppress(OSError, TimeoutError, ConnectionError):
-                await asyncio.wait_for(self.writer.drain(), flush)
-        self.writer.close()
-        with contextlib.suppress(OSError, ConnectionError, TimeoutError):
-            await asyncio.wait_for(self.writer.wait_closed(), flush or 0.1)
-
-
-LocalHandler = Callable[[Session, Call], Awaitable[Any]]
+LocalHandler = Callable[[ControlSession, Call], Awaitable[Any]]
 
 
 class ControlServer:
@@ -149,11 +46,9 @@ class ControlServer:
     def __init__(self, commands: Commands, console: ConsoleLike | None, path: Path) -> None:
         self.commands = commands
         self.console = console
-        self.path = path
-        self.sessions: dict[int, Session] = {}
-        self._numbers = itertools.count(1)
-        self._server: asyncio.AbstractServer | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.rpc = RpcServer(
+            path, "--api-sock", MsgpackCodec(), ControlSession, self._handle, kind="control client"
+        )
         self._scrollback = bytearray()
         self._unsubscribe: list[Callable[[], None]] = []
         self.local: dict[str, tuple[Command, LocalHandler]] = {}
@@ -183,12 +78,7 @@ class ControlServer:
         self.local[name] = (Command(name, unused, doc, params or {}), handler)
 
     async def start(self) -> None:
-        sock = bind_unix(self.path, "--api-sock")
-        try:
-            self._server = await asyncio.start_unix_server(self._accept, sock=sock)
-        except OSError as e:
-            sock.close()
-            raise EvmmError(f"--api-sock {self.path}: {e}") from None
+        await self.rpc.start()
         self._unsubscribe.append(self.commands.machine.subscribe(self._on_event))
         if self.console is not None:
             self._unsubscribe.append(self.console.add_output_listener(self._on_console))
@@ -198,68 +88,16 @@ class ControlServer:
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         self._unsubscribe.clear()
-        if self._server is not None:
-            self._server.close()
-        await asyncio.gather(*(s.close(CLOSE_FLUSH) for s in list(self.sessions.values())))
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._server is not None:
-            with contextlib.suppress(OSError):
-                await asyncio.wait_for(self._server.wait_closed(), CLOSE_FLUSH)
-            self._server = None
-        with contextlib.suppress(OSError):
-            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                self.path.unlink()
+        await self.rpc.close()
 
-    # ---- connections -------------------------------------------------------------------------------------
+    # ---- requests ------------------------------------------------------------------------------------------
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        number = next(self._numbers)
-        session = Session(number, peer_name("control client", number, writer), writer)
+    async def _handle(self, session: ControlSession, message: dict[str, Any]) -> None:
         try:
-            if len(self.sessions) >= MAX_CLIENTS:
-                session.send(error(None, ErrorCode.TOO_MANY_CLIENTS, f"over {MAX_CLIENTS} control clients"))
-                return
-            self.sessions[number] = session
-            await self._serve(session, reader)
-        except (ConnectionError, OSError):
-            pass  # the client went away; nothing of the VM depends on it
-        except asyncio.CancelledError:
-            # close() cancels the sessions still open.  The task ends here anyway, and must not end
-            # cancelled: CPython 3.11's asyncio.streams calls task.exception() on a start_unix_server
-            # handler's task when it is done, which raises for a cancelled one, and the loop then prints
-            # "Exception in callback ..." and a traceback on the guest's console (seen at QMP quit).
-            pass
-        finally:
-            self.sessions.pop(number, None)
-            self._tasks.discard(task)
-            await session.close(CLOSE_FLUSH if not session.closed else 0.0)
-
-    async def _serve(self, session: Session, reader: asyncio.StreamReader) -> None:
-        while not session.closed:
-            data = await reader.read(READ_CHUNK)
-            if not data:
-                return
-            for item in session.decoder.feed(data):
-                if isinstance(item, ProtocolError):
-                    session.send(error(item.id, item.code, item.message))
-                    if item.fatal:
-                        return
-                    continue
-                try:
-                    request = parse_request(item)
-                except ProtocolError as e:
-                    session.send(error(e.id, e.code, e.message))
-                    continue
-                await self._handle(session, request)
-                if session.closed:
-                    return
-
-    async def _handle(self, session: Session, request: Request) -> None:
+            request = parse_request(message)
+        except ProtocolError as e:
+            session.send(error(e.id, e.code, e.message))
+            return
         try:
             local = self.local.get(request.method)
             if request.method == "query-commands":
@@ -278,22 +116,15 @@ class ControlServer:
     # ---- events --------------------------------------------------------------------------------------------
 
     def _on_event(self, name: str, data: dict[str, Any]) -> None:
-        targets = [s for s in self.sessions.values() if s.subscribed]
-        if not targets:
-            return
-        try:
-            frame = encode_frame(event(name, data, time.time()))
-        except ValueError as e:
-            log.warning("control: event %s not sent: %s", name, e)
-            return
-        for s in targets:
-            s.send_frame(frame)
+        self.rpc.broadcast(
+            event(name, data, time.time()), (s for s in self.rpc.sessions.values() if s.subscribed)
+        )
 
-    async def _subscribe(self, session: Session, call: Call) -> dict[str, Any]:
+    async def _subscribe(self, session: ControlSession, call: Call) -> dict[str, Any]:
         session.subscribed = True
         return {"state": self.commands.machine.state}
 
-    async def _unsubscribe_events(self, session: Session, call: Call) -> dict[str, Any]:
+    async def _unsubscribe_events(self, session: ControlSession, call: Call) -> dict[str, Any]:
         session.subscribed = False
         return {}
 
@@ -303,14 +134,14 @@ class ControlServer:
         self._scrollback += data
         if len(self._scrollback) > SCROLLBACK:
             del self._scrollback[: len(self._scrollback) - SCROLLBACK]
-        viewers = [s for s in self.sessions.values() if s.console]
+        viewers = [s for s in self.rpc.sessions.values() if s.console]
         if not viewers:
             return
         # Chunks are what the reactor took in one wake-up, far below a frame; split anyway to be safe.
-        for i in range(0, len(data), 1 << 16):
-            frame = encode_frame(event("console-output", {"data": data[i : i + (1 << 16)]}, time.time()))
-            for s in viewers:
-                s.send_frame(frame)
+        for i in range(0, len(data), CONSOLE_CHUNK):
+            self.rpc.broadcast(
+                event("console-output", {"data": data[i : i + CONSOLE_CHUNK]}, time.time()), viewers
+            )
 
     def _need_console(self, method: str) -> ConsoleLike:
         if self.console is None:
@@ -320,17 +151,17 @@ class ControlServer:
             )
         return self.console
 
-    async def _console_attach(self, session: Session, call: Call) -> dict[str, Any]:
+    async def _console_attach(self, session: ControlSession, call: Call) -> dict[str, Any]:
         self._need_console(call.method)
         session.console = True
         # No await between here and the answer: the replay reaches the client before any newer output.
         return {"replay": bytes(self._scrollback) if call.params["replay"] else b""}
 
-    async def _console_detach(self, session: Session, call: Call) -> dict[str, Any]:
+    async def _console_detach(self, session: ControlSession, call: Call) -> dict[str, Any]:
         session.console = False
         return {}
 
-    async def _console_input(self, session: Session, call: Call) -> dict[str, Any]:
+    async def _console_input(self, session: ControlSession, call: Call) -> dict[str, Any]:
         data: bytes = call.params["data"]
         self._need_console(call.method).inject(data)
         return {"queued": len(data)}

@@ -12,7 +12,7 @@ What Linux does with it (ACPICA hwxfsleep.c/hwesleep.c): to power off it clears 
 ignored and the machine keeps running; WAK_STS always reads 1, so a guest asking for S1/S3 resumes at once
 instead of spinning forever.  ``reboot=a`` writes ``ACPI_RESET_VALUE`` to the reset register.
 
-Threads: handled inline on vCPU threads while ``power_button`` comes from the reactor, so the pending GED
+Threads: served on vCPU threads (``on_vcpu``) while ``power_button`` comes from the reactor, so the pending GED
 events sit behind a lock.  Callbacks and the GED interrupt are called after the lock is released;
 ``on_poweroff`` and ``on_reset`` may be called more than once and must be idempotent.
 """
@@ -31,6 +31,7 @@ from evmm.arch.x86.layout import (
     ACPI_RESET_VALUE,
     ACPI_S5_SLP_TYP,
 )
+from evmm.devices.bus import EVERYTHING_ON_VCPU, read_bytewise, write_bytewise
 from evmm.devices.irq import Interrupt
 
 SLP_TYP_SHIFT = 2
@@ -41,6 +42,8 @@ WAK_STS = 0x80
 
 class AcpiPm:
     """Sleep control/status, reset and GED event registers."""
+
+    on_vcpu = EVERYTHING_ON_VCPU  # power-off and reset must work while the reactor is busy
 
     def __init__(self, ged: Interrupt, on_poweroff: Callable[[], None], on_reset: Callable[[], None]) -> None:
         self._ged = ged
@@ -62,14 +65,10 @@ class AcpiPm:
         self._ged.trigger()
 
     def read(self, offset: int, size: int) -> int:
-        value = 0
-        for i in range(size):
-            value |= self._read_byte(offset + i) << (8 * i)
-        return value
+        return read_bytewise(self._read_byte, offset, size)
 
     def write(self, offset: int, size: int, value: int) -> None:
-        for i in range(size):
-            self._write_byte(offset + i, (value >> (8 * i)) & 0xFF)
+        write_bytewise(self._write_byte, offset, size, value)
 
     def _read_byte(self, reg: int) -> int:
         with self._lock:

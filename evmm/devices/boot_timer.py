@@ -11,11 +11,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from evmm.devices.bus import EVERYTHING_ON_VCPU
+
 BOOT_MARKER = 123  # Firecracker's MAGIC_VALUE_SIGNAL_GUEST_BOOT_COMPLETE
 
 
 class BootTimer:
     """Calls ``on_boot_marker()`` once, on the first marker write, with no lock held."""
+
+    on_vcpu = EVERYTHING_ON_VCPU  # timed on the vCPU thread, not after the reactor gets round to it
 
     def __init__(self, on_boot_marker: Callable[[], None]) -> None:
         self._on_boot_marker = on_boot_marker

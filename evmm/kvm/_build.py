@@ -229,16 +229,10 @@ int evmm_ioctl_val(int fd, unsigned long request, unsigned long arg);
 /* A full memory barrier (mfence on x86): orders a store before a later load, which x86 alone does not. */
 void evmm_full_barrier(void);
 
-/* The 16550A's fast path (evmm/kvm/uart_fast.py): an opaque state shared by vCPU threads and the model. */
-typedef struct evmm_uart evmm_uart;
-evmm_uart *evmm_uart_new(uint16_t base, int wake_fd, uint32_t capacity);
-void evmm_uart_free(evmm_uart *u);
-void evmm_uart_set(evmm_uart *u, int thr_fast, int lsr_fast, uint8_t lsr);
-void evmm_uart_put(evmm_uart *u, const uint8_t *data, size_t n);
-size_t evmm_uart_take(evmm_uart *u, uint8_t *out, size_t max);
-uint64_t evmm_uart_dropped(evmm_uart *u);
-int evmm_uart_try(evmm_uart *u, int is_out, uint16_t port, uint8_t *data);
-int evmm_run_fast(int fd, struct kvm_run *run, evmm_uart *u, uint64_t *fast_exits);
+/* Exit hooks (evmm/kvm/hook.py): C code answering some guest accesses between two KVM_RUNs. */
+typedef int (*evmm_access_fn)(void *ctx, int is_write, uint64_t offset, uint32_t size, uint8_t *data);
+typedef struct { int pio; uint64_t base; uint64_t length; evmm_access_fn fn; void *ctx; } evmm_exit_hook;
+int evmm_run_hooked(int fd, struct kvm_run *run, const evmm_exit_hook *hooks, uint32_t n, uint64_t *answered);
 """
 
 SOURCE = r"""
@@ -277,148 +271,58 @@ void evmm_full_barrier(void)
 }
 
 /*
- * The 16550A fast path.  Linux's serial console writes a byte as "read LSR until THRE, write THR": two
- * port-I/O exits per byte, each costing the Python model a few microseconds natively and ~150 us inside the
- * KVM test host (QEMU TCG), which made a verbose boot several times slower than QEMU's.  This loop answers
- * exactly those two accesses in C, without the GIL, when the model (evmm/devices/legacy/serial.py) has said
- * they have no effect beyond what is done here:
- *   - a THR write when thr_fast: DLAB clear, no loopback, and the interrupt line cannot change (THRE
- *     interrupts disabled, or a THRE interrupt already pending).  The byte joins the output ring.  Writing
- *     THR clears a pending THRE and the byte leaves at once, so THRE is pending again (16550A datasheet,
- *     Table IV): the model's state is the same after as before, or differs only in a THRE-pending flag
- *     that THRE interrupts being disabled make unobservable (enabling them sets it anyway).
- *   - an LSR read when lsr_fast: no error bits for the read to clear, so the answer is the model's lsr.
- * Every other exit goes back to Python as before.  One mutex orders this against the model's updates.
+ * Exit hooks: C code that answers some guest accesses on the vCPU thread, without the GIL and without
+ * returning to Python.  A hook claims a range of port-I/O or MMIO space, as a device on a bus does, and sees
+ * each access in it as the buses show one to a device: write or read, offset into its range, width, and the
+ * bytes (a write's value, or where a read's answer goes).  It returns 1 when it answered (KVM_RUN is entered
+ * again at once) and 0 to leave the access to Python.  It runs in the middle of a guest instruction, so it
+ * must not block.  String port I/O (rep ins/outs) always goes to Python.  What uses it: the 16550A's console
+ * fast path (evmm/devices/legacy/serial_fast.c); evmm/kvm knows only this signature.
  */
-#include <pthread.h>
-#include <stdlib.h>
-#include <string.h>
-#include <unistd.h>
+typedef int (*evmm_access_fn)(void *ctx, int is_write, uint64_t offset, uint32_t size, uint8_t *data);
+typedef struct { int pio; uint64_t base; uint64_t length; evmm_access_fn fn; void *ctx; } evmm_exit_hook;
 
-#define EVMM_UART_THR 0
-#define EVMM_UART_LSR 5
-
-typedef struct evmm_uart evmm_uart;
-struct evmm_uart {
-    pthread_mutex_t lock;
-    uint16_t base;
-    int wake_fd;            /* eventfd written when the ring goes from empty to non-empty; -1: none */
-    int thr_fast, lsr_fast;
-    uint8_t lsr;
-    uint32_t capacity, head, len;
-    uint64_t dropped;
-    uint8_t *ring;
-};
-
-evmm_uart *evmm_uart_new(uint16_t base, int wake_fd, uint32_t capacity)
+static int evmm_hook_answers(struct kvm_run *run, const evmm_exit_hook *hooks, uint32_t n)
 {
-    evmm_uart *u = calloc(1, sizeof(*u));
-    if (u == NULL)
-        return NULL;
-    u->ring = malloc(capacity);
-    if (u->ring == NULL) {
-        free(u);
-        return NULL;
+    int pio, is_write;
+    uint64_t addr;
+    uint32_t size;
+    uint8_t *data;
+    if (run->exit_reason == KVM_EXIT_IO) {
+        if (run->io.count != 1)
+            return 0;
+        pio = 1;
+        is_write = run->io.direction == KVM_EXIT_IO_OUT;
+        addr = run->io.port;
+        size = run->io.size;
+        data = (uint8_t *)run + run->io.data_offset;
+    } else if (run->exit_reason == KVM_EXIT_MMIO) {
+        pio = 0;
+        is_write = run->mmio.is_write;
+        addr = run->mmio.phys_addr;
+        size = run->mmio.len;
+        data = run->mmio.data;
+    } else {
+        return 0;
     }
-    pthread_mutex_init(&u->lock, NULL);
-    u->base = base;
-    u->wake_fd = wake_fd;
-    u->capacity = capacity;
-    return u;
-}
-
-void evmm_uart_free(evmm_uart *u)
-{
-    if (u == NULL)
-        return;
-    pthread_mutex_destroy(&u->lock);
-    free(u->ring);
-    free(u);
-}
-
-void evmm_uart_set(evmm_uart *u, int thr_fast, int lsr_fast, uint8_t lsr)
-{
-    pthread_mutex_lock(&u->lock);
-    u->thr_fast = thr_fast;
-    u->lsr_fast = lsr_fast;
-    u->lsr = lsr;
-    pthread_mutex_unlock(&u->lock);
-}
-
-static void evmm_uart_put_locked(evmm_uart *u, const uint8_t *data, size_t n)
-{
-    int was_empty = u->len == 0;
-    for (size_t i = 0; i < n; i++) {
-        if (u->len == u->capacity) {   /* nobody is taking: a stalled reader must not stall the guest */
-            u->dropped += n - i;
-            break;
-        }
-        u->ring[(u->head + u->len) % u->capacity] = data[i];
-        u->len++;
+    for (uint32_t i = 0; i < n; i++) {
+        const evmm_exit_hook *h = &hooks[i];
+        if (h->pio == pio && addr >= h->base && addr - h->base < h->length)
+            return h->fn(h->ctx, is_write, addr - h->base, size, data);
     }
-    if (was_empty && u->len && u->wake_fd >= 0) {
-        uint64_t one = 1;
-        ssize_t w = write(u->wake_fd, &one, sizeof(one));
-        (void)w;  /* EAGAIN: the counter is already non-zero, the reader is awake anyway */
-    }
+    return 0;
 }
 
-void evmm_uart_put(evmm_uart *u, const uint8_t *data, size_t n)
-{
-    pthread_mutex_lock(&u->lock);
-    evmm_uart_put_locked(u, data, n);
-    pthread_mutex_unlock(&u->lock);
-}
-
-size_t evmm_uart_take(evmm_uart *u, uint8_t *out, size_t max)
-{
-    pthread_mutex_lock(&u->lock);
-    size_t n = u->len < max ? u->len : max;
-    for (size_t i = 0; i < n; i++)
-        out[i] = u->ring[(u->head + i) % u->capacity];
-    u->head = (u->head + n) % u->capacity;
-    u->len -= n;
-    pthread_mutex_unlock(&u->lock);
-    return n;
-}
-
-uint64_t evmm_uart_dropped(evmm_uart *u)
-{
-    pthread_mutex_lock(&u->lock);
-    uint64_t d = u->dropped;
-    pthread_mutex_unlock(&u->lock);
-    return d;
-}
-
-/* One port-I/O access of one byte: 1 if taken here (an IN's answer is in *data), 0 if it is Python's. */
-int evmm_uart_try(evmm_uart *u, int is_out, uint16_t port, uint8_t *data)
-{
-    int taken = 0;
-    pthread_mutex_lock(&u->lock);
-    if (is_out && port == u->base + EVMM_UART_THR && u->thr_fast) {
-        evmm_uart_put_locked(u, data, 1);
-        taken = 1;
-    } else if (!is_out && port == u->base + EVMM_UART_LSR && u->lsr_fast) {
-        *data = u->lsr;
-        taken = 1;
-    }
-    pthread_mutex_unlock(&u->lock);
-    return taken;
-}
-
-/* KVM_RUN until an exit the fast path does not take; returns that KVM_RUN's result or -errno. */
-int evmm_run_fast(int fd, struct kvm_run *run, evmm_uart *u, uint64_t *fast_exits)
+/* KVM_RUN until an exit no hook answers; returns that KVM_RUN's result or -errno. */
+int evmm_run_hooked(int fd, struct kvm_run *run, const evmm_exit_hook *hooks, uint32_t n, uint64_t *answered)
 {
     for (;;) {
         int r = ioctl(fd, KVM_RUN, 0);
         if (r < 0)
             return -errno;
-        if (u == NULL || run->exit_reason != KVM_EXIT_IO || run->io.size != 1 || run->io.count != 1)
+        if (!evmm_hook_answers(run, hooks, n))
             return r;
-        uint8_t *data = (uint8_t *)run + run->io.data_offset;
-        if (!evmm_uart_try(u, run->io.direction == KVM_EXIT_IO_OUT, run->io.port, data))
-            return r;
-        (*fast_exits)++;
+        (*answered)++;
     }
 }"""
 

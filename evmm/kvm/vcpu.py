@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+from collections.abc import Sequence
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,7 @@ from evmm.kvm._ffi import check, ffi, ioctl, ioctl_val, lib
 from evmm.kvm.types import SEGMENT_NAMES, CpuidEntry, DTable, Fpu, Regs, Segment, Sregs
 
 if TYPE_CHECKING:
-    from evmm.kvm.uart_fast import UartFastPath
+    from evmm.kvm.hook import ExitHook
     from evmm.kvm.vm import Vm
 
 _REG_NAMES = tuple(f.name for f in fields(Regs))
@@ -51,24 +52,32 @@ class Vcpu:
         self._system_event: Any = ffi.cast("evmm_exit_system_event *", union)
         self._fail_entry: Any = ffi.cast("evmm_exit_fail_entry *", union)
         self._pending_in: tuple[int, int] = (0, 0)
-        self._fast: UartFastPath | None = None
-        self._fast_handle: Any = ffi.NULL
-        self._fast_count: Any = ffi.new("uint64_t *")
+        self._hooks: tuple[ExitHook, ...] = ()  # their owners stay alive while run() may call into them
+        self._hook_table: Any = None
+        self._hooked: Any = ffi.new("uint64_t *")
 
-    def attach_fast_path(self, fast: UartFastPath | None) -> None:
-        """Let ``run`` answer the UART's hottest exits in C (see evmm/kvm/uart_fast.py); None turns it off."""
-        self._fast = fast
-        self._fast_handle = fast.handle if fast is not None else ffi.NULL
+    def set_exit_hooks(self, hooks: Sequence[ExitHook]) -> None:
+        """Let ``run`` answer the accesses these hooks take in C (evmm/kvm/hook.py); () turns them off.
+
+        Only while the vCPU is not running: ``run`` reads the table without a lock."""
+        table = ffi.new("evmm_exit_hook[]", len(hooks)) if hooks else None
+        for i, h in enumerate(hooks):
+            assert table is not None
+            e = table[i]
+            e.pio, e.base, e.length = int(h.pio), h.base, h.length
+            e.fn = ffi.cast("evmm_access_fn", h.c_function)
+            e.ctx = ffi.cast("void *", h.c_context)
+        self._hooks, self._hook_table = tuple(hooks), table
 
     @property
-    def fast_exits(self) -> int:
-        """Exits the fast path answered without returning to Python."""
-        return int(self._fast_count[0])
+    def hooked_exits(self) -> int:
+        """Exits the exit hooks answered without returning to Python."""
+        return int(self._hooked[0])
 
     def close(self) -> None:
         if self.fd >= 0:
             del self._run, self._io, self._mmio, self._internal, self._system_event, self._fail_entry
-            self.attach_fast_path(None)
+            self.set_exit_hooks(())
             ffi.release(self._handle)
             self._page.close()
             os.close(self.fd)
@@ -77,8 +86,8 @@ class Vcpu:
     # ---- running -------------------------------------------------------------------------------------------
 
     def run(self) -> exits.VmExit:
-        if self._fast is not None:
-            ret = lib.evmm_run_fast(self.fd, self._run, self._fast_handle, self._fast_count)
+        if self._hook_table is not None:
+            ret = lib.evmm_run_hooked(self.fd, self._run, self._hook_table, len(self._hooks), self._hooked)
         else:
             ret = lib.evmm_ioctl_val(self.fd, _KVM_RUN, 0)
         if ret < 0:

@@ -1,9 +1,9 @@
 """A vCPU thread: ``KVM_RUN`` in a loop, one dispatch on the exit, an explicit Running/Paused/Stopped state.
 
-Port I/O and MMIO exits go to the device on the bus.  Devices mapped ``inline`` (the UART, the ACPI power block:
-they lock their own state) are called right here, as are the few registers of a ``split`` device that are safe
-here (virtio-mmio's interrupt status and acknowledge); every other device is called on the reactor thread through
-the ``ExitChannel``, and the vCPU waits for the answer before re-entering the guest, because the guest's next
+Port I/O and MMIO exits go to the device on the bus (``Bus.read``/``write``), which serves each register on
+the thread its device declared (``OnVcpu``): the few a device guards itself (the UART, the ACPI power block,
+virtio-mmio's interrupt status and acknowledge) right here, every other one on the reactor thread through the
+``ExitChannel``, the vCPU waiting for the answer before re-entering the guest, because the guest's next
 instruction may depend on it.  The GIL is released while KVM_RUN runs, so vCPU threads and the reactor
 overlap.
 """
@@ -17,14 +17,17 @@ import signal
 import threading
 import traceback
 from collections.abc import Callable
-from typing import cast
+from typing import TYPE_CHECKING, Any
 
 from evmm import exitcodes
-from evmm.devices.bus import Bus, Mapping, SplitDevice
+from evmm.devices.bus import Bus
 from evmm.errors import EvmmError
-from evmm.kvm import Vcpu, exits
+from evmm.kvm import exits
 from evmm.loop.channel import ChannelClosed, ExitChannel
 from evmm.record import record
+
+if TYPE_CHECKING:
+    from evmm.kvm import Vcpu
 
 # The signal that knocks a vCPU thread out of KVM_RUN (with immediate_exit closing the race where it arrives
 # just before the ioctl).  Its Python handler does nothing; the main thread installs it before vCPUs start.
@@ -57,19 +60,6 @@ class StopRequest:
 StopFn = Callable[[int, str], None]
 
 
-def _split(data: bytes, size: int) -> list[int]:
-    return [int.from_bytes(data[i : i + size], "little") for i in range(0, len(data), size)]
-
-
-def _write_values(m: Mapping, offset: int, size: int, values: list[int]) -> None:
-    for v in values:
-        m.device.write(offset, size, v)
-
-
-def _read_values(m: Mapping, offset: int, size: int, count: int) -> bytes:
-    return b"".join(m.device.read(offset, size).to_bytes(size, "little") for _ in range(count))
-
-
 class VcpuThread:
     def __init__(
         self,
@@ -92,7 +82,7 @@ class VcpuThread:
         self._want_stop = False
         self.state = VcpuState.CREATED
         self.exit_count = 0  # exits to userspace
-        self.reactor_calls = 0  # of which handed to the reactor (the rest ran inline on this thread)
+        self.reactor_calls = 0  # of which served on the reactor (the rest on this thread)
         self._thread = threading.Thread(target=self._main, name=f"vcpu{self.index}", daemon=True)
 
     # ---- control, from any thread ------------------------------------------------------------------------
@@ -180,6 +170,7 @@ class VcpuThread:
     def _loop(self) -> None:
         vcpu = self.vcpu
         io_in, io_out, mmio_r, mmio_w = exits.IoIn, exits.IoOut, exits.MmioRead, exits.MmioWrite
+        pio, mmio, on_reactor = self._pio, self._mmio, self._on_reactor
         if not self._park_if_asked():
             return
         while True:
@@ -188,16 +179,22 @@ class VcpuThread:
             t = type(ex)
             if t is io_out:
                 assert isinstance(ex, io_out)
-                self._pio_out(ex.port, ex.size, ex.data)
+                if ex.count == 1:
+                    pio.write(ex.port, ex.size, int.from_bytes(ex.data, "little"), on_reactor)
+                else:
+                    pio.write_string(ex.port, ex.size, ex.data, on_reactor)
             elif t is io_in:
                 assert isinstance(ex, io_in)
-                vcpu.complete_io_in(self._pio_in(ex.port, ex.size, ex.count))
+                if ex.count == 1:
+                    vcpu.complete_io_in(pio.read(ex.port, ex.size, on_reactor).to_bytes(ex.size, "little"))
+                else:
+                    vcpu.complete_io_in(pio.read_string(ex.port, ex.size, ex.count, on_reactor))
             elif t is mmio_w:
                 assert isinstance(ex, mmio_w)
-                self._mmio_write(ex.addr, ex.size, ex.data)
+                mmio.write(ex.addr, ex.size, int.from_bytes(ex.data, "little"), on_reactor)
             elif t is mmio_r:
                 assert isinstance(ex, mmio_r)
-                vcpu.complete_mmio_read(self._mmio_read(ex.addr, ex.size))
+                vcpu.complete_mmio_read(mmio.read(ex.addr, ex.size, on_reactor).to_bytes(ex.size, "little"))
             elif t is exits.Interrupted:
                 if not self._park_if_asked():
                     return
@@ -226,49 +223,7 @@ class VcpuThread:
 
     # ---- dispatch ------------------------------------------------------------------------------------------
 
-    def _pio_out(self, port: int, size: int, data: bytes) -> None:
-        m = self._pio.find(port)
-        if m is None:
-            return
-        values = _split(data, size) if len(data) != size else [int.from_bytes(data, "little")]
-        if m.inline:
-            _write_values(m, port - m.base, size, values)
-        else:
-            self.reactor_calls += 1
-            self._channel.call(_write_values, m, port - m.base, size, values)
-
-    def _pio_in(self, port: int, size: int, count: int) -> bytes:
-        m = self._pio.find(port)
-        if m is None:
-            return b"\xff" * (size * count)  # nothing decodes the port: the bus floats high
-        if m.inline:
-            return _read_values(m, port - m.base, size, count)
+    def _on_reactor(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """What the buses call for a register the reactor serves: the exit channel, counted."""
         self.reactor_calls += 1
-        result: bytes = self._channel.call(_read_values, m, port - m.base, size, count)
-        return result
-
-    def _mmio_write(self, addr: int, size: int, data: bytes) -> None:
-        m = self._mmio.find(addr)
-        if m is None:
-            return
-        value = int.from_bytes(data, "little")
-        if m.inline:
-            m.device.write(addr - m.base, size, value)
-        elif m.split and cast(SplitDevice, m.device).write_inline(addr - m.base, size, value):
-            return
-        else:
-            self.reactor_calls += 1
-            self._channel.call(m.device.write, addr - m.base, size, value)
-
-    def _mmio_read(self, addr: int, size: int) -> bytes:
-        m = self._mmio.find(addr)
-        if m is None:
-            return b"\xff" * size
-        if m.inline:
-            value = m.device.read(addr - m.base, size)
-        elif m.split and (fast := cast(SplitDevice, m.device).read_inline(addr - m.base, size)) is not None:
-            value = fast
-        else:
-            self.reactor_calls += 1
-            value = self._channel.call(m.device.read, addr - m.base, size)
-        return int(value).to_bytes(size, "little")
+        return self._channel.call(fn, *args)

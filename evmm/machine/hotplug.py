@@ -13,9 +13,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from evmm.config.devspec import DriveSpec, NetSpec
 from evmm.devices.virtio.device import VirtioDevice
 from evmm.errors import ConfigError
-from evmm.machine.devspec import DriveSpec, NetSpec
 from evmm.record import record
 
 

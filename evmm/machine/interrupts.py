@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import TYPE_CHECKING
 
-from evmm.kvm import Vm
+if TYPE_CHECKING:
+    from evmm.kvm import Vm
 
 
 class KvmIrqLine:

@@ -5,25 +5,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from evmm.config.devspec import DriveSpec, NetSpec
 from evmm.devices.bus import Bus
-from evmm.devices.virtio.console import VirtioConsole
 from evmm.errors import ConfigError, EvmmError, KvmError
-from evmm.kvm import Kvm, Vcpu, Vm
 from evmm.log import log
 from evmm.loop.channel import ExitChannel
 from evmm.loop.vcpu_thread import StopRequest, VcpuState, VcpuThread
 from evmm.machine.config import MachineConfig
-from evmm.machine.devspec import DriveSpec, NetSpec
-from evmm.machine.hotplug import HotplugSlot
+from evmm.machine.devices import Devices
+from evmm.machine.lifecycle import Lifecycle
 from evmm.memory import GuestMemory
 from evmm.record import record
+
+if TYPE_CHECKING:
+    from evmm.devices.virtio.console import VirtioConsole
+    from evmm.kvm import Kvm, Vcpu, Vm
+    from evmm.machine.hotplug import HotplugSlot
 
 JOIN_TIMEOUT = 5.0
 
@@ -77,9 +80,9 @@ class MachineParts:
     pio: Bus
     mmio: Bus
     cmdline: str = ""
-    devices: dict[str, object] = field(default_factory=dict)
+    devices: Devices = field(default_factory=Devices)
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)  # what devices were given to stop the machine
     closers: list[Callable[[], None]] = field(default_factory=list)
-    slots: list[HotplugSlot] = field(default_factory=list)
 
 
 class Machine:
@@ -87,12 +90,11 @@ class Machine:
         self.parts = parts
         self.config = parts.config
         self.loop = loop
-        self._stop_lock = threading.Lock()
-        self.stop_request: StopRequest | None = None
+        self.devices = parts.devices
+        self._lifecycle = parts.lifecycle
         self._stopped: asyncio.Future[StopRequest] = loop.create_future()
         self._state_waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self.started_at = 0.0
-        self.boot_marker_at: float | None = None
         self.paused = False
         self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self._channels = [ExitChannel(loop, f"vcpu{v.index}") for v in parts.vcpus]
@@ -100,6 +102,7 @@ class Machine:
             VcpuThread(v, parts.pio, parts.mmio, ch, self.stop, self._vcpu_state_threadsafe)
             for v, ch in zip(parts.vcpus, self._channels, strict=True)
         ]
+        self._lifecycle.attach(self._stopping, self._booted)
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
@@ -132,36 +135,41 @@ class Machine:
 
     def stop(self, code: int, message: str) -> None:
         """Stop the machine; callable from any thread, and the first reason wins."""
-        with self._stop_lock:
-            if self.stop_request is not None:
-                return
-            self.stop_request = StopRequest(code, message)
+        self._lifecycle.stop(code, message)
+
+    @property
+    def stop_request(self) -> StopRequest | None:
+        return self._lifecycle.stop_request
+
+    def _stopping(self, request: StopRequest) -> None:
+        """The lifecycle's first stop request, on the thread that made it."""
         for t in self.threads:
             t.request_stop()
         try:
-            self.loop.call_soon_threadsafe(self._on_stop)
+            self.loop.call_soon_threadsafe(self._on_stop, request)
         except RuntimeError:  # the loop is already closed: nothing left to wake
             pass
 
-    def _on_stop(self) -> None:
+    def _on_stop(self, request: StopRequest) -> None:
         for ch in self._channels:
             ch.close()
-        if not self._stopped.done() and self.stop_request is not None:
+        if not self._stopped.done():
             self.emit("state-changed", {"state": "stopped"})
-            self.emit("shutdown", {"code": self.stop_request.code, "reason": self.stop_request.message})
-            self._stopped.set_result(self.stop_request)
+            self.emit("shutdown", {"code": request.code, "reason": request.message})
+            self._stopped.set_result(request)
 
-    def record_boot_marker(self) -> None:
+    def _booted(self, at: float) -> None:
         """The guest's init wrote the boot-timer register (any thread); log it and tell subscribers."""
-        if self.boot_marker_at is not None:
-            return
-        self.boot_marker_at = time.monotonic()
-        ms = (self.boot_marker_at - self.started_at) * 1000
+        ms = (at - self.started_at) * 1000
         log.debug("guest boot marker after %.1f ms", ms)
         try:
             self.loop.call_soon_threadsafe(self.emit, "boot-marker", {"ms": round(ms, 1)})
         except RuntimeError:
             pass
+
+    @property
+    def boot_marker_at(self) -> float | None:
+        return self._lifecycle.boot_marker_at
 
     @property
     def boot_time_ms(self) -> float | None:
@@ -177,24 +185,19 @@ class Machine:
 
     def power_button(self) -> None:
         """Press the ACPI power button (a GED event, as QEMU microvm's system_powerdown does)."""
-        pm = self.parts.devices.get("acpi_pm")
+        pm = self.devices.acpi_pm
         if pm is None:
             raise EvmmError("this machine has no ACPI power button")
-        pm.power_button()  # type: ignore[attr-defined]
+        pm.power_button()
 
     def ctrl_alt_del(self) -> bool:
         """Send Ctrl-Alt-Del through the i8042, as Firecracker's SendCtrlAltDel does."""
-        kbd = self.parts.devices.get("i8042")
-        return bool(kbd.ctrl_alt_del()) if kbd is not None else False  # type: ignore[attr-defined]
+        kbd = self.devices.i8042
+        return kbd.ctrl_alt_del() if kbd is not None else False
 
     def virtio_console(self) -> VirtioConsole | None:
         """The ``--virtio-console`` device, if the VM has one."""
-        transports = self.parts.devices.get("virtio")
-        for t in transports if isinstance(transports, list) else []:
-            device = getattr(t, "device", None)
-            if isinstance(device, VirtioConsole):
-                return device
-        return None
+        return self.devices.virtio_console
 
     def describe(self) -> dict[str, Any]:
         """Configuration and live state, for query-vm."""
@@ -212,8 +215,8 @@ class Machine:
                 {
                     "index": t.index,
                     "state": t.state.value,
-                    "exits": t.exit_count + t.vcpu.fast_exits,
-                    "fast_exits": t.vcpu.fast_exits,
+                    "exits": t.exit_count + t.vcpu.hooked_exits,
+                    "fast_exits": t.vcpu.hooked_exits,  # answered in C by an exit hook (the UART's)
                     "registers": _registers(t, self.paused),
                 }
                 for t in self.threads
@@ -225,27 +228,32 @@ class Machine:
     # ---- hot-replace (reactor) ---------------------------------------------------------------------------
 
     def hotplug_slots(self) -> list[dict[str, Any]]:
-        return [slot.describe() for slot in self.parts.slots]
+        return [slot.describe() for slot in self.devices.slots]
 
     def _slot(self, slot_id: str) -> HotplugSlot:
-        for slot in self.parts.slots:
+        for slot in self.devices.slots:
             if slot.id == slot_id:
                 return slot
-        known = ", ".join(s.id for s in self.parts.slots) or "none: start evmm run with --hotplug blk=N"
+        known = ", ".join(s.id for s in self.devices.slots) or "none: start evmm run with --hotplug blk=N"
         raise ConfigError(f"no hot-replace slot {slot_id!r} (slots: {known})")
 
     def replace_device(self, slot_id: str, spec: DriveSpec | NetSpec) -> dict[str, Any]:
         """Fill (or refill) a slot's backend while the guest runs; raises EvmmError with one line."""
         slot = self._slot(slot_id)
         slot.fill(spec)
-        self.emit("device-changed", {"slot": slot.id, "action": "replaced", "backend": slot.backend})
+        self._device_changed(slot, "replaced")
         return slot.describe()
 
     def remove_device(self, slot_id: str) -> dict[str, Any]:
         slot = self._slot(slot_id)
         slot.empty()
-        self.emit("device-changed", {"slot": slot.id, "action": "removed", "backend": None})
+        self._device_changed(slot, "removed")
         return slot.describe()
+
+    def _device_changed(self, slot: HotplugSlot, action: str) -> None:
+        self.emit(
+            "device-changed", {"slot": slot.id, "kind": slot.kind, "action": action, "backend": slot.backend}
+        )
 
     def device_list(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -268,21 +276,26 @@ class Machine:
     # ---- pause / resume (reactor) ----------------------------------------------------------------------
 
     async def pause(self) -> None:
-        """Return once every vCPU is out of KVM_RUN and parked."""
+        """Return once every vCPU is out of KVM_RUN and parked, and announce it (``state-changed``)."""
         self.paused = True
         for t in self.threads:
             t.request_pause()
         await self._wait_for(
             lambda: all(t.state in (VcpuState.PAUSED, VcpuState.STOPPED) for t in self.threads)
         )
+        if self.state == "paused":  # not once stopped: the stop announces itself
+            self.emit("state-changed", {"state": "paused"})
 
     async def resume(self) -> None:
+        """Return once every vCPU runs again, and announce it (``state-changed``)."""
         self.paused = False
         for t in self.threads:
             t.resume()
         await self._wait_for(
             lambda: all(t.state in (VcpuState.RUNNING, VcpuState.STOPPED) for t in self.threads)
         )
+        if self.state == "running":
+            self.emit("state-changed", {"state": "running"})
 
     async def _wait_for(self, cond: Callable[[], bool]) -> None:
         if cond():
@@ -313,11 +326,11 @@ class Machine:
         stuck = [f"vcpu{t.index}" for t in self.threads if not t.join(JOIN_TIMEOUT)]
         for t in self.threads:
             log.debug(
-                "vcpu%d: %d exits to userspace: %d answered by the UART fast path in C, %d handled on the "
-                "reactor, the rest inline",
+                "vcpu%d: %d exits to userspace: %d answered in C by the UART's exit hook, %d served on the "
+                "reactor, the rest on the vCPU thread",
                 t.index,
-                t.exit_count + t.vcpu.fast_exits,
-                t.vcpu.fast_exits,
+                t.exit_count + t.vcpu.hooked_exits,
+                t.vcpu.hooked_exits,
                 t.reactor_calls,
             )
         if self.boot_time_ms is not None:

@@ -2,7 +2,8 @@
 
 The only place that wires parts together: KVM objects, guest memory, buses, devices and their interrupt lines,
 firmware tables and the boot state.  Devices get what they need (an interrupt line, a callback); none of them
-reaches back into the machine.
+reaches back into the machine: those that stop it get the ``Lifecycle`` made before them, which the machine
+attaches to once built.  What the machine itself acts on it gets as typed handles (``Devices``).
 """
 
 from __future__ import annotations
@@ -24,18 +25,20 @@ from evmm.devices.legacy.debug_port import DebugPort
 from evmm.devices.legacy.i8042 import I8042
 from evmm.devices.legacy.rtc import Rtc
 from evmm.devices.legacy.serial import Serial
+from evmm.devices.legacy.serial_fast import UartFastPath
 from evmm.devices.virtio.device import VirtioDevice
 from evmm.devices.virtio.mmio import VirtioMmio
 from evmm.devices.vmgenid import GENERATION_ID_SIZE, VmGenId
 from evmm.errors import ConfigError, KvmError
 from evmm.kvm import Kvm, Vm
-from evmm.kvm.uart_fast import UartFastPath
 from evmm.log import log
 from evmm.loop.console import ConsoleIO
 from evmm.machine.cmdline import merge_cmdline
 from evmm.machine.config import MachineConfig, check_cpus
+from evmm.machine.devices import Devices
 from evmm.machine.hotplug import HotplugSlot, make_empty_blk, make_empty_net
 from evmm.machine.interrupts import IrqfdInterrupt, KvmIrqLine, KvmNotifyRegistrar
+from evmm.machine.lifecycle import Lifecycle
 from evmm.machine.machine import Machine, MachineParts
 from evmm.memory import GuestMemory
 from evmm.record import record
@@ -45,8 +48,6 @@ RTC_BASE = 0x70
 I8042_DATA = 0x60
 I8042_COMMAND = 0x64
 POST_PORT = 0x80
-
-StopFn = Callable[[int, str], None]
 
 
 def default_cmdline(tsc_khz: int, console: str) -> list[str]:
@@ -104,6 +105,18 @@ class _Build:
         self.kvm.close()
 
 
+@record(frozen=True)
+class _Legacy:
+    """The board's ISA and ACPI devices, as the builder wires them further."""
+
+    serial: Serial
+    serial_fast: UartFastPath
+    i8042: I8042
+    acpi_pm: AcpiPm
+    rtc: Rtc
+    boot_timer: BootTimer
+
+
 def _legacy_devices(
     b: _Build,
     vm: Vm,
@@ -111,53 +124,45 @@ def _legacy_devices(
     mmio: Bus,
     loop: asyncio.AbstractEventLoop,
     console: ConsoleIO | None,
-    stop: StopFn,
-    boot_marker: Callable[[], None],
-) -> dict[str, object]:
+    lifecycle: Lifecycle,
+) -> _Legacy:
     # The UART's output ring lives with its C fast path (LSR reads and THR writes answered on the vCPU
     # thread); the console drains it.  Without a console nobody drains it: output is dropped once it fills.
     fast = UartFastPath(COM1_BASE, console.wake_fd if console is not None else -1)
     if console is not None:
         console.add_source(fast.take)
     serial = Serial(KvmIrqLine(vm, layout.IRQ_COM1), fast.put, fast=fast)
-    # Inline: console output costs several exits per byte; the UART locks its own state.
-    pio.insert(COM1_BASE, 8, serial, "com1", inline=True)
+    pio.insert(COM1_BASE, 8, serial, "com1")
 
     rtc = Rtc(KvmIrqLine(vm, layout.IRQ_RTC))
     pio.insert(RTC_BASE, 2, rtc, "rtc")
     rtc.set_timer_callback(_reactor_timer(loop, rtc.poll))
 
     i8042 = I8042(
-        KvmIrqLine(vm, layout.IRQ_KEYBOARD), lambda: stop(exitcodes.EXIT_GUEST_RESET, "guest reset")
+        KvmIrqLine(vm, layout.IRQ_KEYBOARD), lambda: lifecycle.stop(exitcodes.EXIT_GUEST_RESET, "guest reset")
     )
     pio.insert(I8042_DATA, 1, i8042.data_port, "i8042-data")
     pio.insert(I8042_COMMAND, 1, i8042.command_port, "i8042-command")
-    pio.insert(POST_PORT, 1, DebugPort(), "post", inline=True)
+    pio.insert(POST_PORT, 1, DebugPort(), "post")
 
     ged_irq = IrqfdInterrupt(vm, layout.IRQ_ACPI_GED)
     b.closers.append(ged_irq.close)
     acpi_pm = AcpiPm(
         ged=ged_irq,
-        on_poweroff=lambda: stop(exitcodes.EXIT_GUEST_POWEROFF, "guest powered off"),
-        on_reset=lambda: stop(exitcodes.EXIT_GUEST_RESET, "guest reset"),
+        on_poweroff=lambda: lifecycle.stop(exitcodes.EXIT_GUEST_POWEROFF, "guest powered off"),
+        on_reset=lambda: lifecycle.stop(exitcodes.EXIT_GUEST_RESET, "guest reset"),
     )
-    mmio.insert(layout.ACPI_PM_BASE, layout.ACPI_PM_SIZE, acpi_pm, "acpi-pm", inline=True)
-    boot_timer = BootTimer(boot_marker)
-    mmio.insert(layout.BOOT_TIMER_BASE, 0x1000, boot_timer, "boot-timer", inline=True)
-    return {
-        "serial": serial,
-        "serial_fast": fast,
-        "rtc": rtc,
-        "i8042": i8042,
-        "acpi_pm": acpi_pm,
-        "boot_timer": boot_timer,
-    }
+    mmio.insert(layout.ACPI_PM_BASE, layout.ACPI_PM_SIZE, acpi_pm, "acpi-pm")
+    boot_timer = BootTimer(lifecycle.boot_marker)
+    mmio.insert(layout.BOOT_TIMER_BASE, 0x1000, boot_timer, "boot-timer")
+    return _Legacy(serial, fast, i8042, acpi_pm, rtc, boot_timer)
 
 
 def _make_virtio_devices(
     config: MachineConfig, stdio: tuple[int, int] | None
 ) -> list[tuple[str, VirtioDevice]]:
-    """Backends in slot order: disks, NICs, vsock, console, rng (imported only when asked for)."""
+    """Backends in slot order: disks, NICs, vsock, console, rng, shared directories (imported only when asked
+    for)."""
     devices: list[tuple[str, VirtioDevice]] = []
     if config.drives:
         from evmm.devices.virtio.blk import make_blk
@@ -181,6 +186,11 @@ def _make_virtio_devices(
         from evmm.devices.virtio.rng import VirtioRng
 
         devices.append(("rng", VirtioRng(config.rng.rate)))
+    if config.fss:
+        from evmm.devices.virtio.fs import make_fs
+
+        for fs in config.fss:
+            devices.append((f"fs-{fs.tag}", make_fs(fs, len(config.fss))))
     return devices
 
 
@@ -216,7 +226,7 @@ def _virtio_transports(
         b.closers.append(irq.close)
         t = VirtioMmio(device, memory, irq, loop, base, notify=notify, on_error=log.warning)
         b.closers.append(t.close)
-        mmio.insert(base, layout.VIRTIO_MMIO_SIZE, t, f"virtio-{name}", split=True)
+        mmio.insert(base, layout.VIRTIO_MMIO_SIZE, t, f"virtio-{name}")
         transports.append(t)
     return transports
 
@@ -229,9 +239,8 @@ def _virtio_cmdline_words(transports: list[VirtioMmio]) -> list[str]:
     ]
 
 
-def _vmgenid(memory: GuestMemory, acpi_pm: object) -> VmGenId:
+def _vmgenid(memory: GuestMemory, acpi_pm: AcpiPm) -> VmGenId:
     """The VM generation ID's device, notified through the GED's event register."""
-    assert isinstance(acpi_pm, AcpiPm)
     return VmGenId(memory, layout.VMGENID_ADDR, lambda: acpi_pm.raise_events(layout.ACPI_GED_EVENT_VMGENID))
 
 
@@ -251,16 +260,7 @@ def build_microvm(
     holds the kernel, the tables and everything since, and the vCPUs and devices get their saved state next.
     """
     b = _Build(Kvm(kvm_path))
-    machine_ref: list[Machine] = []
-
-    def stop(code: int, message: str) -> None:
-        if machine_ref:
-            machine_ref[0].stop(code, message)
-
-    def boot_marker() -> None:
-        if machine_ref:
-            machine_ref[0].record_boot_marker()
-
+    lifecycle = Lifecycle()
     try:
         kvm = b.kvm
         kvm.require()
@@ -283,15 +283,13 @@ def build_microvm(
             vm.set_user_memory_region(slot, region.gpa, region.buffer)
 
         pio, mmio = Bus("pio"), Bus("mmio")
-        devices = _legacy_devices(b, vm, pio, mmio, loop, console, stop, boot_marker)
-        vmgenid = devices["vmgenid"] = _vmgenid(memory, devices["acpi_pm"])
+        legacy = _legacy_devices(b, vm, pio, mmio, loop, console, lifecycle)
+        vmgenid = _vmgenid(memory, legacy.acpi_pm)
         slots = _make_hotplug_slots(config)
         virtio = _make_virtio_devices(config, stdio) + [(slot.id, slot.device) for slot in slots]
         transports = _virtio_transports(b, vm, memory, mmio, loop, virtio)
 
         vcpus = [vm.create_vcpu(i) for i in range(config.cpus)]
-        fast = devices["serial_fast"]
-        assert isinstance(fast, UartFastPath)
         cmdline = config.cmdline
         if boot:
             acpi_devices = tuple(
@@ -318,9 +316,24 @@ def build_microvm(
                 setup_vcpu(v, supported, config.cpus)
             setup_boot_vcpu(vcpus[0], plan)
         for v in vcpus:
-            v.attach_fast_path(fast)
+            v.set_exit_hooks([legacy.serial_fast])
 
-        devices["virtio"] = transports
+        hvc = None
+        if config.console is not None:
+            from evmm.devices.virtio.console import VirtioConsole
+
+            hvc = next(d for _, d in virtio if isinstance(d, VirtioConsole))
+        devices = Devices(
+            acpi_pm=legacy.acpi_pm,
+            i8042=legacy.i8042,
+            virtio_console=hvc,
+            slots=slots,
+            serial=legacy.serial,
+            rtc=legacy.rtc,
+            boot_timer=legacy.boot_timer,
+            vmgenid=vmgenid,
+            transports=transports,
+        )
         parts = MachineParts(
             config=config,
             kvm=kvm,
@@ -331,15 +344,12 @@ def build_microvm(
             mmio=mmio,
             cmdline=cmdline,
             devices=devices,
+            lifecycle=lifecycle,
             closers=b.closers,
-            slots=slots,
         )
         machine = Machine(parts, loop)
-        machine_ref.append(machine)
         if console is not None:
-            serial = devices["serial"]
-            assert isinstance(serial, Serial)
-            console.attach_input(serial)
+            console.attach_input(legacy.serial)
         return machine
     except BaseException:
         b.abort()

@@ -13,8 +13,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from evmm.config.devspec import ConsoleSpec, DriveSpec, NetSpec, RngSpec, VsockSpec
 from evmm.machine.config import MachineConfig
-from evmm.machine.devspec import ConsoleSpec, DriveSpec, NetSpec, RngSpec, VsockSpec
 from evmm.record import record
 from evmm.snapshot.format import Fields, SnapshotError
 

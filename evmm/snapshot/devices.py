@@ -16,19 +16,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from evmm.devices.acpi_pm import AcpiPm
+from evmm.config.devspec import DriveSpec, NetSpec
 from evmm.devices.acpi_pm_persist import restore as restore_acpi_pm
 from evmm.devices.acpi_pm_persist import restore_boot_timer, save_boot_timer
 from evmm.devices.acpi_pm_persist import save as save_acpi_pm
-from evmm.devices.boot_timer import BootTimer
 from evmm.devices.legacy import i8042_persist, rtc_persist, serial_persist
-from evmm.devices.legacy.i8042 import I8042
-from evmm.devices.legacy.rtc import Rtc
-from evmm.devices.legacy.serial import Serial
 from evmm.devices.virtio import mmio_persist
 from evmm.devices.virtio.device import VirtioDevice
 from evmm.devices.virtio.mmio import VirtioMmio
-from evmm.machine.devspec import DriveSpec, NetSpec
 from evmm.machine.hotplug import HotplugSlot
 from evmm.machine.machine import Machine
 from evmm.snapshot.format import Fields, SnapshotError
@@ -58,30 +53,24 @@ def virtio_persist(device: VirtioDevice) -> ModuleType:
     return importlib.import_module(module)
 
 
-def _legacy(machine: Machine) -> dict[str, tuple[object, Saver, Restorer]]:
-    d = machine.parts.devices
-    table: dict[str, tuple[type, Saver, Restorer]] = {
-        "serial": (Serial, serial_persist.save, serial_persist.restore),
-        "rtc": (Rtc, rtc_persist.save, rtc_persist.restore),
-        "i8042": (I8042, i8042_persist.save, i8042_persist.restore),
-        "acpi_pm": (AcpiPm, save_acpi_pm, restore_acpi_pm),
-        "boot_timer": (BootTimer, save_boot_timer, restore_boot_timer),
+def _legacy(machine: Machine) -> dict[str, tuple[Any, Saver, Restorer]]:
+    d = machine.devices
+    table: dict[str, tuple[object, Saver, Restorer]] = {
+        "serial": (d.serial, serial_persist.save, serial_persist.restore),
+        "rtc": (d.rtc, rtc_persist.save, rtc_persist.restore),
+        "i8042": (d.i8042, i8042_persist.save, i8042_persist.restore),
+        "acpi_pm": (d.acpi_pm, save_acpi_pm, restore_acpi_pm),
+        "boot_timer": (d.boot_timer, save_boot_timer, restore_boot_timer),
     }
-    out: dict[str, tuple[object, Saver, Restorer]] = {}
-    for key, (kind, save, restore) in table.items():
-        device = d.get(key)
-        if isinstance(device, kind):
-            out[key] = (device, save, restore)
-    return out
+    return {key: entry for key, entry in table.items() if entry[0] is not None}
 
 
 def transports(machine: Machine) -> list[VirtioMmio]:
-    found = machine.parts.devices.get("virtio")
-    return [t for t in found if isinstance(t, VirtioMmio)] if isinstance(found, list) else []
+    return machine.devices.transports
 
 
 def _slot_of(machine: Machine, device: VirtioDevice) -> HotplugSlot | None:
-    return next((s for s in machine.parts.slots if s.device is device), None)
+    return next((s for s in machine.devices.slots if s.device is device), None)
 
 
 # ---- save ------------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 from evmm.arch.x86 import layout
-from evmm.devices.vmgenid import VmGenId
 from evmm.kvm import Kvm
 from evmm.kvm import state as kvm_state
 from evmm.kvm.state import VcpuState, VmState
@@ -129,8 +128,8 @@ def restore_machine(
             kvm_state.restore_vcpu(vcpu, state, advance_ns=advance)
         stopped = [v.kvmclock_ctrl() for v in parts.vcpus]
         restore_devices(machine, snap.devices, f"{snap.where}: devices")
-        vmgenid = parts.devices.get("vmgenid")
-        if options.new_generation and isinstance(vmgenid, VmGenId):
+        vmgenid = parts.devices.vmgenid
+        if options.new_generation and vmgenid is not None:
             vmgenid.new_generation()
     except BaseException:
         machine.close()

@@ -52,7 +52,7 @@ def drive_ids(machine: Machine) -> list[str]:
 
 
 def _macs(machine: Machine) -> list[str]:
-    slotted = {id(s.device) for s in machine.parts.slots}
+    slotted = {id(s.device) for s in machine.devices.slots}
     nics = [t.device for t in devices.transports(machine) if type(t.device).__name__ == "VirtioNet"]
     return [":".join(f"{b:02x}" for b in nic.mac) for nic in nics if id(nic) not in slotted]  # type: ignore[attr-defined]
 

@@ -18,11 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from evmm.config.devspec import DriveSpec, NetSpec, parse_drive, parse_net, parse_virtio_console, parse_vsock
 from evmm.control.commands import Call, Command, CommandError, Commands, Param
 from evmm.errors import EvmmError
 from evmm.loop.console import ConsoleIO
 from evmm.loop.vcpu_thread import StopRequest
-from evmm.machine.devspec import DriveSpec, NetSpec, parse_drive, parse_net, parse_virtio_console, parse_vsock
 from evmm.machine.machine import Machine
 from evmm.rpc.protocol import ErrorCode
 

@@ -1,6 +1,8 @@
-"""Recording interrupt fakes: what a device signalled, in order, without KVM."""
+"""Recording interrupt fakes: what a device signalled, in order, without KVM or a transport."""
 
 from __future__ import annotations
+
+import os
 
 
 class RecordingIrqLine:
@@ -28,3 +30,29 @@ class RecordingInterrupt:
 
     def trigger(self) -> None:
         self.count += 1
+
+
+class RecordingVirtioInterrupt:
+    """A virtio device's ``VirtioInterrupt`` with no transport behind it: every trigger's source in order
+    (a queue index, or CONFIG_CHANGE), every needs-reset reason, and the notifier eventfds handed out."""
+
+    def __init__(self) -> None:
+        self.triggers: list[int] = []
+        self.resets: list[str] = []
+        self.notifiers: dict[int, int] = {}
+
+    def trigger(self, source: int) -> None:
+        self.triggers.append(source)
+
+    def notifier(self, queue: int) -> int:
+        if queue not in self.notifiers:
+            self.notifiers[queue] = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        return self.notifiers[queue]
+
+    def needs_reset(self, reason: str) -> None:
+        self.resets.append(reason)
+
+    def close(self) -> None:
+        for fd in self.notifiers.values():
+            os.close(fd)
+        self.notifiers.clear()

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from evmm.config.devspec import DriveSpec, NetSpec
 from evmm.errors import EvmmError
-from evmm.machine.devspec import DriveSpec, NetSpec
 
 Listener = Callable[[str, dict[str, Any]], None]
 
@@ -22,13 +22,11 @@ class FakeMachine:
         park_delay: float = 0.0,
         acpi: bool = True,
         i8042: bool = True,
-        emits_pause_events: bool = False,
         slots: tuple[str, ...] = ("hp-blk0", "hp-blk1", "hp-net0"),
     ) -> None:
         self.park_delay = park_delay
         self.acpi = acpi
         self.i8042 = i8042
-        self.emits_pause_events = emits_pause_events  # as Machine.pause may one day
         self.paused = False
         self.started = True
         self.stop_request: tuple[int, str] | None = None
@@ -56,13 +54,13 @@ class FakeMachine:
         self.pause_calls += 1
         self.paused = True
         await asyncio.sleep(self.park_delay)  # vCPUs leaving KVM_RUN
-        if self.emits_pause_events:
+        if self.state == "paused":  # as Machine.pause: the machine announces its own state
             self.emit("state-changed", {"state": "paused"})
 
     async def resume(self) -> None:
         self.paused = False
         await asyncio.sleep(self.park_delay)
-        if self.emits_pause_events:
+        if self.state == "running":
             self.emit("state-changed", {"state": "running"})
 
     def stop(self, code: int, message: str) -> None:
@@ -112,7 +110,7 @@ class FakeMachine:
         for listener in list(self.listeners):
             listener(event, data)
 
-    # ---- hot-replace, as the lead's Machine will have it -------------------------------------------------
+    # ---- hot-replace, as Machine has it -------------------------------------------------------------------
 
     def hotplug_slots(self) -> list[dict[str, Any]]:
         return [dict(s) for s in self.slots.values()]
@@ -133,6 +131,7 @@ class FakeMachine:
             slot["backend"] = f"tap {spec.tap}"
         slot["occupied"] = True
         self.specs[slot_id] = spec
+        self._device_changed(slot, "replaced")
 
     def remove_device(self, slot_id: str) -> None:
         slot = self.slots[slot_id]
@@ -140,6 +139,11 @@ class FakeMachine:
             raise EvmmError(f"{slot_id} is already empty")
         slot.update(occupied=False, backend=None)
         self.specs.pop(slot_id, None)
+        self._device_changed(slot, "removed")
+
+    def _device_changed(self, slot: dict[str, Any], action: str) -> None:
+        data = {"slot": slot["id"], "kind": slot["kind"], "action": action, "backend": slot["backend"]}
+        self.emit("device-changed", data)  # as Machine does
 
 
 class FakeMachineWithoutHotplug:

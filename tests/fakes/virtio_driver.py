@@ -1,5 +1,6 @@
 """The driver side of virtio, for testing devices without a guest: rings in a fake guest memory, and a driver
-that brings a device up through the virtio-mmio registers exactly as Linux's virtio_mmio.c does.
+that brings a device up through the virtio-mmio registers exactly as Linux's virtio_mmio.c does, or hands it
+its queues and a recording interrupt directly, with no transport at all (``DirectDriver``).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from dataclasses import dataclass
 
 from evmm.devices.virtio import mmio as regs
 from evmm.devices.virtio.chain import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
-from evmm.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, VirtioDevice
+from evmm.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, Activation, VirtioDevice
+from evmm.devices.virtio.kicks import Kicks
 from evmm.devices.virtio.mmio import NotifyRegistrar, VirtioMmio
+from evmm.devices.virtio.queue import QueueConfig, Virtqueue
 from evmm.memory import GuestMemory
-from tests.fakes.irq import RecordingInterrupt
+from tests.fakes.irq import RecordingInterrupt, RecordingVirtioInterrupt
 
 MEM_SIZE = 16 << 20
 RING_BASE = 0x10000
@@ -229,6 +232,13 @@ class MmioDriver:
     def kick(self, index: int) -> None:
         self.w(regs.QUEUE_NOTIFY, index)
 
+    @property
+    def ctx(self) -> Activation:
+        """What the device was given at DRIVER_OK (its interrupt, its queues)."""
+        ctx = self.transport.device.ctx
+        assert ctx is not None, "the device is not activated"
+        return ctx
+
     def config(self, offset: int, size: int) -> int:
         return self.transport.read(regs.CONFIG + offset, size)
 
@@ -236,3 +246,53 @@ class MmioDriver:
         status = self.r(regs.INTERRUPT_STATUS)
         self.w(regs.INTERRUPT_ACK, status)
         return status
+
+
+class DirectDriver:
+    """Activates a device with no transport: the queues, a ``RecordingVirtioInterrupt`` and notifications
+    delivered by ``kick`` straight to ``queue_notify``.  What a device gets here is all any transport gives."""
+
+    def __init__(
+        self,
+        device: VirtioDevice,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        features: int | None = None,
+        queue_size: int = 256,
+        mem: GuestMemory | None = None,
+    ) -> None:
+        self.device = device
+        self.mem = mem or new_memory()
+        self.interrupt = RecordingVirtioInterrupt()
+        self.alloc = Allocator()
+        self.features = (device.features() if features is None else features) | VIRTIO_F_VERSION_1
+        event_idx = bool(self.features & VIRTIO_F_EVENT_IDX)
+        self.queues: list[DriverQueue] = []
+        rings: list[Virtqueue | None] = []
+        base = RING_BASE
+        for i, max_size in enumerate(device.queue_sizes):
+            q = DriverQueue(self.mem, base, min(queue_size, max_size), self.alloc)
+            base = (q.end + 4095) & ~4095
+            self.queues.append(q)
+            cfg = QueueConfig(size=q.size, desc_addr=q.desc, avail_addr=q.avail, used_addr=q.used, ready=True)
+            rings.append(Virtqueue(i, cfg, self.mem, event_idx=event_idx))
+        self.kicks = Kicks(loop, len(rings), device.queue_notify)
+        device.activate(
+            Activation(
+                mem=self.mem,
+                queues=tuple(rings),
+                interrupt=self.interrupt,
+                kicks=self.kicks,
+                reactor=loop,
+                features=self.features,
+            )
+        )
+
+    def kick(self, index: int) -> None:
+        if not self.kicks.notified(index):
+            self.device.queue_notify(index)
+
+    def close(self) -> None:
+        self.device.reset()
+        self.kicks.close()
+        self.interrupt.close()

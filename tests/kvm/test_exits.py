@@ -7,14 +7,20 @@ import struct
 import threading
 import time
 
+from cffi import FFI
+
 from evmm import exitcodes
+from evmm.devices.bus import EVERYTHING_ON_VCPU, ON_REACTOR, OnVcpu
 from tests.kvm.tiny import CODE_ADDR, FINISH_PORT, tiny_guest
+
+_ffi = FFI()  # ABI mode: for a callback that stands in for a hook's C function
 
 
 class Recorder:
     """A device that records accesses with the thread they ran on and answers reads with fixed values."""
 
-    def __init__(self, answers: dict[int, int] | None = None) -> None:
+    def __init__(self, answers: dict[int, int] | None = None, on_vcpu: OnVcpu = ON_REACTOR) -> None:
+        self.on_vcpu = on_vcpu
         self.writes: list[tuple[int, int, int]] = []
         self.reads: list[tuple[int, int]] = []
         self.threads: set[str] = set()
@@ -71,45 +77,84 @@ def test_pio_and_mmio_reach_reactor_devices_and_answers_reach_the_guest() -> Non
         assert mmio_dev.reads == [(0x20, 2)]
         assert struct.unpack("<H", t.memory.read(0x502, 2))[0] == 0xBEEF
         assert [w[2] for w in string_dev.writes] == list(b"hello")
-        # Non-inline devices run on the reactor (this, the main thread), never on the vCPU thread.
+        # Devices that declare nothing run on the reactor (this, the main thread), never on the vCPU thread.
         assert pio_dev.threads == mmio_dev.threads == {threading.current_thread().name}
 
 
-def test_inline_devices_run_on_the_vcpu_thread() -> None:
+def test_a_device_served_on_the_vcpu_runs_on_the_vcpu_thread() -> None:
     with tiny_guest(PROGRAM, data={0x600: b"hello"}) as t:
-        pio_dev = Recorder({1: 0x33})
-        t.pio.insert(0x40, 2, pio_dev, "test-pio", inline=True)
+        pio_dev = Recorder({1: 0x33}, EVERYTHING_ON_VCPU)
+        t.pio.insert(0x40, 2, pio_dev, "test-pio")
         assert t.run().code == 7
         assert t.memory.read(0x500, 1) == b"\x33"
         assert pio_dev.threads == {"vcpu0"}
 
 
 class SplitRecorder(Recorder):
-    """A split device: reads of 0x20 are answered inline, everything else goes to the reactor."""
+    """Reads of 0x20 are served on the vCPU thread, everything else on the reactor (as virtio-mmio's ISR)."""
 
     def __init__(self) -> None:
-        super().__init__({0x10: 0xAAAA})
-        self.inline_threads: set[str] = set()
+        super().__init__({0x10: 0xAAAA, 0x20: 0xC0DE}, OnVcpu(reads=frozenset({0x20})))
+        self.by_thread: list[tuple[str, str, int]] = []
 
-    def read_inline(self, offset: int, size: int) -> int | None:
-        self.inline_threads.add(threading.current_thread().name)
-        return 0xC0DE if offset == 0x20 else None
+    def read(self, offset: int, size: int) -> int:
+        self.by_thread.append((threading.current_thread().name, "r", offset))
+        return super().read(offset, size)
 
-    def write_inline(self, offset: int, size: int, value: int) -> bool:
-        self.inline_threads.add(threading.current_thread().name)
-        return False
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.by_thread.append((threading.current_thread().name, "w", offset))
+        super().write(offset, size, value)
 
 
-def test_a_split_device_answers_its_inline_registers_on_the_vcpu_thread_and_the_rest_on_the_reactor() -> None:
+def test_a_device_serves_the_registers_it_declares_on_the_vcpu_thread_and_the_rest_on_the_reactor() -> None:
     with tiny_guest(PROGRAM, data={0x600: b"hello"}) as t:
         dev = SplitRecorder()
-        t.mmio.insert(0x20000, 0x100, dev, "test-split", split=True)
+        t.mmio.insert(0x20000, 0x100, dev, "test-split")
         assert t.run().code == 7
         assert struct.unpack("<H", t.memory.read(0x502, 2))[0] == 0xC0DE
-        assert dev.reads == []  # the read at 0x20 never reached the reactor
-        assert dev.writes == [(0x10, 2, 0x1234)]  # write_inline declined it
-        assert dev.inline_threads == {"vcpu0"}
-        assert dev.threads == {threading.current_thread().name}
+        reactor = threading.current_thread().name
+        assert dev.by_thread == [(reactor, "w", 0x10), ("vcpu0", "r", 0x20)]
+
+
+class CallbackHook:
+    """An exit hook whose "C function" is a cffi callback into Python: the generic hook on a real KVM_RUN."""
+
+    pio = False
+
+    def __init__(self, base: int, length: int, answer: int) -> None:
+        self.base, self.length = base, length
+        self.seen: list[tuple[int, int, int]] = []
+
+        def access(ctx: object, is_write: int, offset: int, size: int, data: object) -> int:
+            self.seen.append((is_write, offset, size))
+            if is_write:
+                return 0  # left to Python
+            _ffi.memmove(data, answer.to_bytes(size, "little"), size)
+            return 1
+
+        self._fn = _ffi.callback("int(void *, int, uint64_t, uint32_t, uint8_t *)", access)
+
+    @property
+    def c_function(self) -> int:
+        return int(_ffi.cast("uintptr_t", self._fn))
+
+    @property
+    def c_context(self) -> int:
+        return 0
+
+
+def test_an_exit_hook_answers_the_accesses_it_takes_and_leaves_the_rest_to_python() -> None:
+    with tiny_guest(PROGRAM, data={0x600: b"hello"}) as t:
+        dev = Recorder()
+        t.mmio.insert(0x20000, 0x100, dev, "test-mmio")
+        hook = CallbackHook(0x20020, 4, 0xF00D)
+        vcpu = t.machine.parts.vcpus[0]
+        vcpu.set_exit_hooks([hook])
+        assert t.run().code == 7
+        assert struct.unpack("<H", t.memory.read(0x502, 2))[0] == 0xF00D  # the hook's answer
+        assert hook.seen == [(0, 0, 2)]  # only the read inside its range, as an offset
+        assert dev.reads == [] and dev.writes == [(0x10, 2, 0x1234)]  # the write outside it reached Python
+        assert vcpu.hooked_exits == 1
 
 
 def test_unclaimed_ports_and_mmio_read_all_ones() -> None:

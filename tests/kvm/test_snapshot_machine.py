@@ -16,8 +16,6 @@ from pathlib import Path
 import uvloop
 
 from evmm.arch.x86 import layout
-from evmm.devices.acpi_pm import AcpiPm
-from evmm.devices.vmgenid import VmGenId
 from evmm.loop.vcpu_thread import KICK_SIGNAL
 from evmm.machine.config import MachineConfig
 from evmm.machine.machine import Machine
@@ -62,8 +60,8 @@ def test_a_machine_saved_to_files_and_restored_counts_on(tmp_path: Path) -> None
     loop = uvloop.new_event_loop()
     machine = build_microvm(config, loop, None, boot=False)
     start_counting(machine)
-    generation = machine.parts.devices["vmgenid"]
-    assert isinstance(generation, VmGenId)
+    generation = machine.devices.vmgenid
+    assert generation is not None
     generation.write(b"generation one!!")
 
     async def save() -> tuple[int, dict[str, object]]:
@@ -109,8 +107,8 @@ def test_a_machine_saved_to_files_and_restored_counts_on(tmp_path: Path) -> None
         assert u32(restored, LAST) == u32(restored, COUNT) > saved + 1000  # ESI came back with the vCPU
         after = restored.parts.memory.read(layout.VMGENID_ADDR, 16)
         assert after != b"generation one!!" and len(after) == 16  # a new generation ID on restore ...
-        pm = restored.parts.devices["acpi_pm"]
-        assert isinstance(pm, AcpiPm)
+        pm = restored.devices.acpi_pm
+        assert pm is not None
         assert (
             pm.read(layout.ACPI_PM_GED_EVENT, 1) == layout.ACPI_GED_EVENT_VMGENID
         )  # ... and its notification

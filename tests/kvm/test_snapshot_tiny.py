@@ -53,9 +53,7 @@ def with_pit(code: bytes) -> Iterator[Tiny]:
     """tiny's guest with an in-kernel PIT (part of every saved VM) and the program's own finish port."""
     with tiny_guest(code) as t:
         t.machine.parts.vm.create_pit2()
-        done = Finish()
-        done.machine = t.machine
-        t.pio.insert(DONE_PORT, 1, done, "done", inline=True)
+        t.pio.insert(DONE_PORT, 1, Finish(t.machine.parts.lifecycle), "done")
         yield t
 
 

@@ -8,7 +8,7 @@ and DLAB, where the model must see the accesses itself again.
 from __future__ import annotations
 
 from evmm.devices.legacy.serial import Serial
-from evmm.kvm.uart_fast import UartFastPath
+from evmm.devices.legacy.serial_fast import UartFastPath
 from tests.fakes.irq import RecordingIrqLine
 from tests.kvm.tiny import FINISH_PORT, tiny_guest
 
@@ -39,11 +39,11 @@ def run(code: bytes) -> tuple[bytes, int, int, RecordingIrqLine, Serial]:
     irq = RecordingIrqLine()
     serial = Serial(irq, fast.put, fast=fast)
     with tiny_guest(code, data={MSG_ADDR: MESSAGE}) as t:
-        t.pio.insert(COM1, 8, serial, "com1", inline=True)
+        t.pio.insert(COM1, 8, serial, "com1")
         vcpu = t.machine.parts.vcpus[0]
-        vcpu.attach_fast_path(fast)
+        vcpu.set_exit_hooks([fast])
         assert t.run().code == 0
-        return fast.take(), vcpu.fast_exits, t.machine.threads[0].exit_count, irq, serial
+        return fast.take(), vcpu.hooked_exits, t.machine.threads[0].exit_count, irq, serial
 
 
 def test_console_bytes_arrive_in_order_and_the_exits_stay_in_c() -> None:

@@ -13,14 +13,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import uvloop
-
-from evmm.devices.bus import Bus
+from evmm.devices.bus import EVERYTHING_ON_VCPU, Bus
 from evmm.kvm import Kvm
 from evmm.loop.vcpu_thread import KICK_SIGNAL, StopRequest
 from evmm.machine.config import MachineConfig
+from evmm.machine.lifecycle import Lifecycle
 from evmm.machine.machine import Machine, MachineParts
 from evmm.memory import GuestMemory
+from tests.loops import watched_loop
 
 RAM_SIZE = 0x10000
 CODE_ADDR = 0x1000
@@ -43,15 +43,16 @@ class Tiny:
 class Finish:
     """Writing the finish port ends the VM with the value written as the exit code."""
 
-    def __init__(self) -> None:
-        self.machine: Machine | None = None
+    on_vcpu = EVERYTHING_ON_VCPU  # Machine.stop is safe from any thread
+
+    def __init__(self, lifecycle: Lifecycle) -> None:
+        self._lifecycle = lifecycle
 
     def read(self, offset: int, size: int) -> int:
         return 0
 
     def write(self, offset: int, size: int, value: int) -> None:
-        assert self.machine is not None
-        self.machine.stop(value, "finish port")
+        self._lifecycle.stop(value, "finish port")
 
 
 @contextmanager
@@ -75,9 +76,10 @@ def tiny_guest(code: bytes, *, irqchip: bool = True, data: dict[int, bytes] | No
     regs.rip, regs.rflags, regs.rsp = CODE_ADDR, 0x2, 0xF000
     vcpu.set_regs(regs)
     pio, mmio = Bus("pio"), Bus("mmio")
-    finish = Finish()
-    pio.insert(FINISH_PORT, 1, finish, "finish", inline=True)
-    loop = uvloop.new_event_loop()
+    lifecycle = Lifecycle()
+    finish = Finish(lifecycle)
+    pio.insert(FINISH_PORT, 1, finish, "finish")
+    loop, loop_errors = watched_loop("uvloop")
     parts = MachineParts(
         config=MachineConfig(kernel=Path("/dev/null")),
         kvm=kvm,
@@ -86,9 +88,9 @@ def tiny_guest(code: bytes, *, irqchip: bool = True, data: dict[int, bytes] | No
         vcpus=[vcpu],
         pio=pio,
         mmio=mmio,
+        lifecycle=lifecycle,
     )
     machine = Machine(parts, loop)
-    finish.machine = machine
     try:
         yield Tiny(machine, memory, pio, mmio, loop)
     finally:
@@ -96,3 +98,4 @@ def tiny_guest(code: bytes, *, irqchip: bool = True, data: dict[int, bytes] | No
         loop.run_until_complete(asyncio.sleep(0))
         machine.close()
         loop.close()
+    loop_errors.check()

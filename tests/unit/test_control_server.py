@@ -29,6 +29,7 @@ from evmm.control.prompt import CommandsTarget, EscapeMenu, Status, render
 from evmm.control.server import ControlServer
 from evmm.errors import EvmmError
 from evmm.exitcodes import EXIT_GUEST_POWEROFF, EXIT_GUEST_RESET
+from evmm.rpc import server as rpc_server
 from evmm.rpc.protocol import Decoder, encode_frame, request
 from tests.fakes.machine import FakeConsole, FakeMachine, FakeMachineWithoutHotplug
 
@@ -117,18 +118,6 @@ async def test_pause_answers_after_parking_and_resume(sock: Path, machine: FakeM
         assert await c.next_event(0.1) is None
 
 
-async def test_state_events_are_not_doubled_when_the_machine_emits_them(
-    sock: Path, machine: FakeMachine
-) -> None:
-    machine.emits_pause_events = True
-    async with Client(sock) as c:
-        await c.subscribe()
-        await c.call("pause")
-        await c.call("resume")
-        events = [await c.next_event(2), await c.next_event(2), await c.next_event(0.1)]
-        assert [e.data["state"] if e else None for e in events] == ["paused", "running", None]
-
-
 async def test_quit_and_reset_stop_the_machine_naming_the_client(sockdir: Path) -> None:
     for method, code in (("quit", EXIT_GUEST_POWEROFF), ("reset", EXIT_GUEST_RESET)):
         machine = FakeMachine()
@@ -172,6 +161,7 @@ async def test_shutdown_presses_the_power_button_or_sends_ctrl_alt_del(
         ("frobnicate", {}, ErrorCode.METHOD_NOT_FOUND, "unknown method 'frobnicate'"),
         ("pause", {"now": True}, ErrorCode.INVALID_PARAMS, "unknown parameter 'now'"),
         ("device-remove", {}, ErrorCode.INVALID_PARAMS, "parameter 'slot' is required"),
+        ("device-remove", {"slot": None}, ErrorCode.INVALID_PARAMS, "parameter 'slot' is required"),
         ("device-remove", {"slot": 3}, ErrorCode.INVALID_PARAMS, "slot is a integer, not a string"),
         ("console-resize", {"rows": 0, "cols": 80}, ErrorCode.INVALID_PARAMS, "rows=0 is out of range"),
         ("console-resize", {"rows": True, "cols": 80}, ErrorCode.INVALID_PARAMS, "rows is a boolean"),
@@ -369,7 +359,7 @@ async def test_half_a_frame_then_gone(sock: Path) -> None:
 
 
 async def test_too_many_clients(sock: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server_mod, "MAX_CLIENTS", 2)
+    monkeypatch.setattr(rpc_server, "MAX_CLIENTS", 2)
     a, b = await Client(sock).connect(), await Client(sock).connect()
     await a.call("query-status")
     await b.call("query-status")
@@ -384,7 +374,7 @@ async def test_too_many_clients(sock: Path, monkeypatch: pytest.MonkeyPatch) -> 
 async def test_a_client_that_never_reads_is_dropped(
     sock: Path, console: FakeConsole, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(server_mod, "MAX_QUEUED", 1 << 16)
+    monkeypatch.setattr(rpc_server, "MAX_QUEUED", 1 << 16)
     sleeper = await Raw.open(sock)
     await sleeper.send(encode_frame(request(1, "console-attach")))
     reader_ok = await Client(sock).connect()
@@ -788,9 +778,6 @@ async def test_closing_while_a_request_is_in_flight_reports_no_error(sockdir: Pa
     # The VMM's exit path with a client mid-request (a pause waiting for vCPUs to park): close() cancels its
     # session.  Nothing may reach the loop's exception handler, which prints a traceback on the guest's
     # console (CPython 3.11's asyncio.streams turns a cancelled connection handler into one).
-    loop = asyncio.get_running_loop()
-    reported: list[dict[str, Any]] = []
-    loop.set_exception_handler(lambda _loop, context: reported.append(context))
     path = sockdir / "api.sock"
     close = await start_control(FakeMachine(park_delay=30), None, api_sock=path, qmp=None)
     raw = await Raw.open(path)
@@ -798,5 +785,6 @@ async def test_closing_while_a_request_is_in_flight_reports_no_error(sockdir: Pa
     await asyncio.sleep(0.1)  # the server is inside the pause, waiting for the vCPUs
     await close()
     assert await raw.recv() is None  # dropped, at EOF, without an answer
-    await asyncio.sleep(0.05)  # done callbacks run
-    assert reported == []
+    await asyncio.sleep(
+        0.05
+    )  # done callbacks run: tests/conftest.py fails the test if one reached the handler

@@ -10,8 +10,7 @@ import pytest
 from evmm.loop.channel import ChannelClosed, ExitChannel
 
 
-def test_call_runs_on_the_reactor_and_returns_its_result() -> None:
-    loop = asyncio.new_event_loop()
+def test_call_runs_on_the_reactor_and_returns_its_result(loop: asyncio.AbstractEventLoop) -> None:
     ch = ExitChannel(loop, "vcpu0")
     results: list[object] = []
 
@@ -29,11 +28,9 @@ def test_call_runs_on_the_reactor_and_returns_its_result() -> None:
     t.join()
     assert results == [(threading.current_thread().name, 5), ZeroDivisionError]
     ch.close()
-    loop.close()
 
 
-def test_close_releases_a_vcpu_waiting_for_an_answer() -> None:
-    loop = asyncio.new_event_loop()
+def test_close_releases_a_vcpu_waiting_for_an_answer(loop: asyncio.AbstractEventLoop) -> None:
     ch = ExitChannel(loop, "vcpu0")
     outcome: list[str] = []
     posted = threading.Event()
@@ -56,4 +53,3 @@ def test_close_releases_a_vcpu_waiting_for_an_answer() -> None:
     assert outcome == ["released"]
     with pytest.raises(ChannelClosed):
         ch.call(lambda: None)
-    loop.close()

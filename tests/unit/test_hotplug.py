@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from evmm.config.devspec import DriveSpec, NetSpec
 from evmm.devices.virtio.blk import VirtioBlk
 from evmm.devices.virtio.net import VirtioNet
 from evmm.errors import ConfigError
-from evmm.machine.devspec import DriveSpec, NetSpec
 from evmm.machine.hotplug import HotplugSlot, make_empty_blk, make_empty_net
 
 

@@ -129,3 +129,24 @@ def test_init_is_compiled_on_first_use_only() -> None:
     real = Lazy.__dict__["__init__"]
     assert real is not lazy and real.__code__.co_varnames[:2] == ("self", "a")
     assert Lazy(2).a == 2 and Lazy.__dict__["__init__"] is real
+
+
+def test_on_an_interpreter_it_was_not_written_for_a_record_is_a_plain_dataclass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import evmm.record
+
+    # Here (CPython 3.11 to 3.13) the records above are evmm's own: __dataclass_params__ is dataclass-only.
+    assert evmm.record._NATIVE and not hasattr(Point, "__dataclass_params__")
+    monkeypatch.setattr(evmm.record, "_NATIVE", False)
+
+    @record(frozen=True, slots=True)
+    class Plain:
+        a: int
+        b: str = "b"
+
+    params = Plain.__dataclass_params__  # type: ignore[attr-defined]
+    assert params.frozen and Plain.__slots__ == ("a", "b")
+    assert Plain(1) == Plain(1, "b") and repr(Plain(1)).endswith("Plain(a=1, b='b')")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Plain(1).a = 2  # type: ignore[misc]

@@ -11,10 +11,10 @@ import msgpack  # type: ignore[import-untyped]
 import pytest
 
 from evmm.cli.clone_cmd import ClonePlan, clone_mac, restore_params, tap_name
+from evmm.config.devspec import ConsoleSpec, DriveSpec, NetSpec, RngSpec, VsockSpec
 from evmm.control.commands import CommandError, Commands
 from evmm.errors import EvmmError
 from evmm.machine.config import MachineConfig
-from evmm.machine.devspec import ConsoleSpec, DriveSpec, NetSpec, RngSpec, VsockSpec
 from evmm.snapshot import served
 from evmm.snapshot.config import Overrides, apply_overrides, config_from_map, config_to_map
 from evmm.snapshot.format import SnapshotError

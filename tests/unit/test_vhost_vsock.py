@@ -8,31 +8,25 @@ import asyncio
 import ctypes
 import errno
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from evmm.config.devspec import VsockSpec, parse_vsock
 from evmm.devices.virtio import mmio as regs
 from evmm.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1
 from evmm.devices.virtio.vsock import VhostVsock, make_vsock
 from evmm.devices.virtio.vsock.device import VIRTIO_VSOCK_F_STREAM
 from evmm.errors import ConfigError
-from evmm.kvm.vhost import MemTable, VhostError, VhostVsockFd
-from evmm.machine.devspec import VsockSpec, parse_vsock
 from evmm.memory import GuestMemory
+from evmm.vhost.backend import MemTable, VhostError
+from evmm.vhost.vsock import VhostVsockFd
 from tests.fakes.vhost import VIRTIO_VSOCK_F_SEQPACKET, FakeNotifyRegistrar, FakeVhostVsock
 from tests.fakes.virtio_driver import MEM_SIZE, MmioDriver
 
 CID = 42
 RX, TX, EVENT = 0, 1, 2
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    lp = asyncio.new_event_loop()
-    yield lp
-    lp.close()
 
 
 def vhost_device(fake: FakeVhostVsock, cid: int = CID) -> VhostVsock:

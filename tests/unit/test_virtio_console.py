@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from evmm.config.devspec import ConsoleSpec
 from evmm.devices.virtio.console import (
     VIRTIO_CONSOLE_F_EMERG_WRITE,
     VIRTIO_CONSOLE_F_SIZE,
@@ -23,7 +24,6 @@ from evmm.devices.virtio.console import (
 )
 from evmm.devices.virtio.console_backend import DETACHED_KEEP, FdBackend, PtyBackend, SocketBackend
 from evmm.errors import ConfigError
-from evmm.machine.devspec import ConsoleSpec
 from tests.fakes.virtio_driver import MmioDriver
 
 RX, TX = 0, 1
@@ -35,13 +35,6 @@ def _close_clients() -> Iterator[None]:
     yield
     while _opened:
         _opened.pop().close()
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    lp = asyncio.new_event_loop()
-    yield lp
-    lp.close()
 
 
 def pump(loop: asyncio.AbstractEventLoop, until: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -315,7 +308,13 @@ def test_input_from_a_regular_file(tmp_path: Path, loop: asyncio.AbstractEventLo
     with script.open("rb") as f:
         dev = VirtioConsole(FdBackend(f.fileno(), out_w))  # epoll refuses regular files
         g = Guest(dev, loop)
-        pump(loop, lambda: bool(g.read()) or bytes(g.input) == b"uname -a\npoweroff\n")
+
+        def whole() -> bool:
+            g.read()
+            return bytes(g.input) == b"uname -a\npoweroff\n"
+
+        pump(loop, whole)  # raises if the whole file does not arrive
+        assert bytes(g.input) == b"uname -a\npoweroff\n"
         dev.reset()
         dev.close()
     os.close(out_r)

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable
+from typing import Any
 
-import pytest
-
+from evmm.devices.bus import Bus
 from evmm.devices.virtio import mmio as regs
-from evmm.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, VIRTIO_ID_RNG
+from evmm.devices.virtio.device import CONFIG_CHANGE, VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, VIRTIO_ID_RNG
 from evmm.devices.virtio.rng import VirtioRng
 from tests.fakes.virtio_driver import MmioDriver
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    lp = asyncio.new_event_loop()
-    yield lp
-    lp.close()
 
 
 def test_identity_registers(loop: asyncio.AbstractEventLoop) -> None:
@@ -90,26 +83,84 @@ def test_interrupt_status_and_ack(loop: asyncio.AbstractEventLoop) -> None:
     assert d.irq.count == 1
     assert d.ack_interrupt() == regs.INT_VRING
     assert d.r(regs.INTERRUPT_STATUS) == 0
-    d.transport.signal_config()
+    d.ctx.interrupt.trigger(CONFIG_CHANGE)
     assert d.r(regs.CONFIG_GENERATION) == 1
     assert d.r(regs.INTERRUPT_STATUS) == regs.INT_CONFIG
+    assert d.irq.count == 2
 
 
-def test_only_interrupt_status_and_ack_are_inline(loop: asyncio.AbstractEventLoop) -> None:
+def test_a_device_interrupt_sets_its_bit_and_triggers_the_irq_once_each(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    d = MmioDriver(VirtioRng(), loop=loop)
+    d.bring_up()
+    interrupt = d.ctx.interrupt
+    interrupt.trigger(0)
+    assert (d.r(regs.INTERRUPT_STATUS), d.irq.count, d.r(regs.CONFIG_GENERATION)) == (regs.INT_VRING, 1, 0)
+    interrupt.trigger(CONFIG_CHANGE)
+    assert d.r(regs.INTERRUPT_STATUS) == regs.INT_VRING | regs.INT_CONFIG
+    assert (d.irq.count, d.r(regs.CONFIG_GENERATION)) == (2, 1)
+
+
+def test_the_interrupt_of_a_reset_device_is_dead(loop: asyncio.AbstractEventLoop) -> None:
+    # A completion that arrives after the driver reset the device (a worker thread finishing late) must not
+    # interrupt the driver, nor mark the new incarnation of the device broken.
+    d = MmioDriver(VirtioRng(), loop=loop)
+    d.bring_up()
+    stale = d.ctx.interrupt
+    d.w(regs.STATUS, 0)
+    d.bring_up()
+    before = d.irq.count
+    stale.trigger(0)
+    stale.trigger(CONFIG_CHANGE)
+    stale.needs_reset("too late")
+    assert d.irq.count == before
+    assert d.r(regs.INTERRUPT_STATUS) == 0
+    assert not d.r(regs.STATUS) & regs.DEVICE_NEEDS_RESET
+
+
+def test_a_device_that_needs_a_reset_says_so_once(loop: asyncio.AbstractEventLoop) -> None:
+    errors: list[str] = []
+    d = MmioDriver(VirtioRng(), loop=loop)
+    d.transport._on_error = errors.append
+    d.bring_up()
+    d.ctx.interrupt.needs_reset("the ring is broken")
+    d.ctx.interrupt.needs_reset("and again")
+    assert d.r(regs.STATUS) & regs.DEVICE_NEEDS_RESET
+    assert d.r(regs.INTERRUPT_STATUS) == regs.INT_CONFIG  # §2.1.2: with a config change notification
+    assert d.irq.count == 1
+    assert errors == ["virtio-rng at 0xd0000000: the ring is broken; the device needs a reset"]
+    d.queues[0].add([], [16])
+    d.kick(0)  # a device that needs a reset serves nothing
+    assert d.queues[0].get_used() == []
+
+
+def test_only_interrupt_status_and_ack_are_served_on_the_vcpu_thread(loop: asyncio.AbstractEventLoop) -> None:
     d = MmioDriver(VirtioRng(), loop=loop)
     d.bring_up()
     t = d.transport
-    t.signal_config()
-    assert t.read_inline(regs.INTERRUPT_STATUS, 4) == regs.INT_CONFIG
+    bus = Bus("mmio")
+    bus.insert(0x1000, 0x200, t, "virtio-rng")
+    hops: list[int] = []
+
+    def on_reactor(fn: Callable[..., Any], *args: Any) -> Any:
+        hops.append(args[0])  # the offset
+        return fn(*args)
+
+    d.ctx.interrupt.trigger(CONFIG_CHANGE)
+    assert bus.read(0x1000 + regs.INTERRUPT_STATUS, 4, on_reactor) == regs.INT_CONFIG
+    assert bus.read(0x1000 + regs.INTERRUPT_STATUS, 2, on_reactor) == 0  # §4.2.2.2: 32-bit only
+    bus.write(0x1000 + regs.INTERRUPT_ACK, 2, regs.INT_CONFIG, on_reactor)  # ignored
+    assert hops == []
     for offset in (regs.MAGIC_VALUE, regs.STATUS, regs.QUEUE_READY, regs.CONFIG_GENERATION):
-        assert t.read_inline(offset, 4) is None
-    assert t.read_inline(regs.INTERRUPT_STATUS, 2) is None
-    assert not t.write_inline(regs.STATUS, 4, 0)
-    assert not t.write_inline(regs.QUEUE_NOTIFY, 4, 0)
-    assert d.r(regs.STATUS) != 0  # the declined write changed nothing
-    assert not t.write_inline(regs.INTERRUPT_ACK, 2, regs.INT_CONFIG)
-    assert t.write_inline(regs.INTERRUPT_ACK, 4, regs.INT_CONFIG)
-    assert t.read_inline(regs.INTERRUPT_STATUS, 4) == 0
+        bus.read(0x1000 + offset, 4, on_reactor)
+    assert hops == [regs.MAGIC_VALUE, regs.STATUS, regs.QUEUE_READY, regs.CONFIG_GENERATION]
+    hops.clear()
+    assert bus.read(0x1000 + regs.INTERRUPT_STATUS, 4, on_reactor) == regs.INT_CONFIG
+    bus.write(0x1000 + regs.INTERRUPT_ACK, 4, regs.INT_CONFIG, on_reactor)
+    assert bus.read(0x1000 + regs.INTERRUPT_STATUS, 4, on_reactor) == 0
+    bus.write(0x1000 + regs.QUEUE_NOTIFY, 4, 0, on_reactor)
+    assert hops == [regs.QUEUE_NOTIFY]
 
 
 def test_narrow_and_unaligned_register_accesses_are_ignored(loop: asyncio.AbstractEventLoop) -> None:

@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-import uvloop
 
+from evmm.config.devspec import NetSpec
 from evmm.devices.virtio import mmio as regs
 from evmm.devices.virtio.chain import VIRTQ_DESC_F_NEXT
 from evmm.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1
@@ -24,7 +24,6 @@ from evmm.devices.virtio.net.device import TX_BUDGET, VirtioNet
 from evmm.devices.virtio.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN
 from evmm.devices.virtio.queue import Virtqueue
 from evmm.errors import ConfigError
-from evmm.machine.devspec import NetSpec
 from tests.fakes.virtio_driver import MmioDriver, Used
 
 MAC = bytes.fromhex("525400123456")
@@ -73,11 +72,8 @@ class FakeTap:
             return None
 
 
-@pytest.fixture(params=["asyncio", "uvloop"])
-def loop(request: pytest.FixtureRequest) -> Iterator[asyncio.AbstractEventLoop]:
-    lp = asyncio.new_event_loop() if request.param == "asyncio" else uvloop.new_event_loop()
-    yield lp
-    lp.close()
+# The device runs on either loop evmm may use (the `loop` fixture, tests/conftest.py).
+LOOP_KINDS = ("asyncio", "uvloop")
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ import time
 from collections.abc import Iterator
 
 import pytest
-import uvloop
 
 from evmm.devices.virtio.net import header as h
 from evmm.devices.virtio.net.device import VirtioNet
@@ -31,6 +30,8 @@ from tests.unit.test_virtio_net import HOST_MAC, MAC, FakeTap
 RX, TX = 0, 1
 FRAMES = 600
 DEADLINE = 60.0
+
+LOOP_KINDS = ("uvloop",)  # evmm's reactor (the `loop` fixture, tests/conftest.py)
 
 
 @pytest.fixture
@@ -88,8 +89,9 @@ class LinuxLikeRx:
         assert not self._need, f"{self._need} buffers of a merged frame were not published with its first"
 
 
-def test_rx_and_tx_while_the_driver_polls_concurrently(interleaved: None) -> None:
-    loop = uvloop.new_event_loop()
+def test_rx_and_tx_while_the_driver_polls_concurrently(
+    interleaved: None, loop: asyncio.AbstractEventLoop
+) -> None:
     tap = FakeTap()
     notify = FakeNotifyRegistrar()
     dev = VirtioNet(tap, MAC, queue_size=256)
@@ -133,16 +135,14 @@ def test_rx_and_tx_while_the_driver_polls_concurrently(interleaved: None) -> Non
         loop.call_soon_threadsafe(loop.stop)
         reactor.join(10)
         d.transport.close()
-        loop.close()
         tap.host.close()
     assert rx.frames == sent_rx
     assert got_tx == sent_tx
     assert dev.stats.rx_drops == 0 and dev.stats.tx_drops == 0
 
 
-def test_the_partial_publish_check_can_fail() -> None:
+def test_the_partial_publish_check_can_fail(loop: asyncio.AbstractEventLoop) -> None:
     """The concurrent test's merged-frame check catches an index published part-way through a frame."""
-    loop = asyncio.new_event_loop()
     tap = FakeTap()
     try:
         dev = VirtioNet(tap, MAC, queue_size=256)
@@ -160,6 +160,5 @@ def test_the_partial_publish_check_can_fail() -> None:
         with pytest.raises(AssertionError, match="not published with its first"):
             rx.poll()
     finally:
-        loop.close()
         tap.host.close()
         tap.dev_end.close()

@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvloop
 
+from evmm.config.devspec import NetSpec
 from evmm.devices.virtio.net import VirtioNet, make_net
 from evmm.devices.virtio.net import header as h
 from evmm.devices.virtio.net.tap import (
@@ -34,7 +34,6 @@ from evmm.devices.virtio.net.tap import (
     wrap_tap_fd,
 )
 from evmm.errors import ConfigError
-from evmm.machine.devspec import NetSpec
 from evmm.netns import inet_checksum, inside, ip, unavailable
 from evmm.netns import netns as evmm_netns
 from tests.fakes.virtio_driver import MmioDriver, Used
@@ -238,11 +237,7 @@ class Guest:
         raise AssertionError(f"no frame with {match.hex()} at {offset} within {timeout} s")
 
 
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    lp = uvloop.new_event_loop()
-    yield lp
-    lp.close()
+LOOP_KINDS = ("uvloop",)  # evmm's reactor (the `loop` fixture, tests/conftest.py)
 
 
 def _guest_on_a_tap(ns: str, loop: asyncio.AbstractEventLoop, **kw: bool) -> Guest:

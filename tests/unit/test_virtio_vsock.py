@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from evmm.config.devspec import VsockSpec
 from evmm.devices.virtio.chain import VIRTQ_DESC_F_NEXT
 from evmm.devices.virtio.device import VIRTIO_F_VERSION_1
 from evmm.devices.virtio.vsock import VirtioVsock, make_vsock
@@ -22,7 +23,6 @@ from evmm.devices.virtio.vsock.device import VIRTIO_VSOCK_F_STREAM
 from evmm.devices.virtio.vsock.muxer import FIRST_LOCAL_PORT
 from evmm.devices.virtio.vsock.packet import HOST_CID, SHUTDOWN_BOTH, SHUTDOWN_SEND, TYPE_STREAM, Header, Op
 from evmm.errors import ConfigError
-from evmm.machine.devspec import VsockSpec
 from tests.fakes.vsock_guest import GuestConn, GuestVsock
 
 CID = 3
@@ -39,13 +39,6 @@ def _close_test_sockets() -> Iterator[None]:
     yield
     while _opened:
         _opened.pop().close()
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    lp = asyncio.new_event_loop()
-    yield lp
-    lp.close()
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ state.  Boot code only runs before the first KVM_RUN.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from evmm.arch.x86 import cpu, layout
 from evmm.arch.x86.bootparams import ZeroPageParams, build_zero_page
@@ -16,9 +17,12 @@ from evmm.arch.x86.loader import EntryKind, load_kernel, parse_kernel, place_ini
 from evmm.arch.x86.msrs import boot_msrs
 from evmm.arch.x86.pvh import PvhParams, build_start_info
 from evmm.errors import BootError
-from evmm.kvm import CpuidEntry, Vcpu
+from evmm.kvm import CpuidEntry
 from evmm.memory import GuestMemory
 from evmm.record import record
+
+if TYPE_CHECKING:
+    from evmm.kvm import Vcpu
 
 
 @record(frozen=True)

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import threading
 
+from evmm.devices.bus import EVERYTHING_ON_VCPU
+
 
 class DebugPort:
     """A write-only sink at port 0x80 that counts writes and remembers the last code."""
 
+    on_vcpu = EVERYTHING_ON_VCPU  # Linux's I/O delay: never worth a trip to the reactor
+
     def __init__(self) -> None:
-        self._lock = threading.Lock()  # may be mapped inline, on several vCPU threads
+        self._lock = threading.Lock()  # served on every vCPU thread
         self._writes = 0
         self._last: int | None = None
 

@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
+from evmm.devices.bus import read_bytewise, write_bytewise
 from evmm.devices.irq import IrqLine
 
 INDEX_PORT = 0  # offset of 0x70
@@ -129,14 +130,10 @@ class Rtc:
     # -- the guest side -------------------------------------------------------------------------------------
 
     def read(self, offset: int, size: int) -> int:
-        value = 0
-        for i in range(size):
-            value |= self._read_byte(offset + i) << (8 * i)
-        return value
+        return read_bytewise(self._read_byte, offset, size)
 
     def write(self, offset: int, size: int, value: int) -> None:
-        for i in range(size):
-            self._write_byte(offset + i, (value >> (8 * i)) & 0xFF)
+        write_bytewise(self._write_byte, offset, size, value)
         self._report_deadline()
 
     def _read_byte(self, offset: int) -> int:

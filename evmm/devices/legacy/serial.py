@@ -29,14 +29,14 @@ data: as "received data available" at or above the FCR trigger level and as "cha
 since no further character will arrive to fill the FIFO (the 4-character timeout is taken as elapsed).
 
 Fast path: the two accesses Linux's console makes per byte (read LSR, write THR) may be answered in C on the
-vCPU thread (evmm/kvm/uart_fast.py) when they change nothing the model must compute: ``_sync_fast`` tells C,
-after every change of state, whether a THR write now leaves the interrupt line alone (DLAB clear, no
+vCPU thread (serial_fast.py and serial_fast.c) when they change nothing the model must compute: ``_sync_fast``
+tells C, after every change of state, whether a THR write now leaves the interrupt line alone (DLAB clear, no
 loopback, THRE interrupts off or already pending) and what an LSR read returns when it has no errors to
 clear.  A THR write taken in C leaves the model's state as it was: THRE pending if THRE interrupts are on
 (the byte leaves at once), and with them off the THRE-pending flag is unobservable (enabling them sets it).
-Without a fast path the model handles every access itself, as before.
+Without a fast path the model handles every access itself.
 
-Threads: the UART is handled inline on vCPU threads while ``receive`` runs on the reactor.  All register
+Threads: the UART is served on vCPU threads (``on_vcpu``) while ``receive`` runs on the reactor.  All register
 state is guarded by one lock.  Nothing calls out while holding it: ``output``, the rx-space callback and
 ``irq.set_level`` run after it is released.  To keep level changes in order when two threads race, each
 change of the computed level gets a generation number under the state lock, and a second small lock applies
@@ -52,6 +52,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
+from evmm.devices.bus import EVERYTHING_ON_VCPU, read_bytewise, write_bytewise
 from evmm.devices.irq import IrqLine
 
 REGISTER_COUNT = 8  # ports base+0 .. base+7
@@ -116,13 +117,15 @@ _RESET_DIVISOR = 0x0C  # 9600 baud from the 1.8432 MHz clock; the divisor has no
 
 
 class FastPath(Protocol):
-    """What the model tells the C fast path (evmm.kvm.uart_fast.UartFastPath) and hears back from it."""
+    """What the model tells the C fast path (serial_fast.UartFastPath)."""
 
     def set(self, thr_fast: bool, lsr_fast: bool, lsr: int) -> None: ...
 
 
 class Serial:
     """The UART at one 8-port range (COM1: 0x3F8, IRQ 4)."""
+
+    on_vcpu = EVERYTHING_ON_VCPU  # console output costs several exits per byte; one lock guards the state
 
     def __init__(self, irq: IrqLine, output: Callable[[bytes], None], fast: FastPath | None = None) -> None:
         self._irq = irq
@@ -181,14 +184,10 @@ class Serial:
     def read(self, offset: int, size: int) -> int:
         # An 8-bit ISA device: a wider access is split into byte cycles, and bytes past the last register
         # float high.
-        value = 0
-        for i in range(size):
-            value |= self._read_byte(offset + i) << (8 * i)
-        return value
+        return read_bytewise(self._read_byte, offset, size)
 
     def write(self, offset: int, size: int, value: int) -> None:
-        for i in range(size):
-            self._write_byte(offset + i, (value >> (8 * i)) & 0xFF)
+        write_bytewise(self._write_byte, offset, size, value)
 
     def _read_byte(self, reg: int) -> int:
         if not 0 <= reg < REGISTER_COUNT:

@@ -12,16 +12,20 @@ read at all until the driver posts more and kicks (backpressure instead of loss)
 
 from __future__ import annotations
 
-import logging
 import struct
 
+from evmm.config.devspec import ConsoleSpec
 from evmm.devices.virtio.chain import DescriptorChain
 from evmm.devices.virtio.console_backend import ConsoleBackend, FdBackend, PtyBackend, SocketBackend
-from evmm.devices.virtio.device import COMMON_FEATURES, VIRTIO_ID_CONSOLE, DeviceContext, VirtioDevice
+from evmm.devices.virtio.device import (
+    COMMON_FEATURES,
+    CONFIG_CHANGE,
+    VIRTIO_ID_CONSOLE,
+    Activation,
+    VirtioDevice,
+)
 from evmm.errors import ConfigError
-from evmm.machine.devspec import ConsoleSpec
-
-log = logging.getLogger("evmm")
+from evmm.log import log
 
 RECEIVEQ, TRANSMITQ = 0, 1
 QUEUE_SIZE = 256
@@ -67,7 +71,7 @@ class VirtioConsole(VirtioDevice):
             return
         self.cols, self.rows = cols, rows
         if self.ctx is not None and self.ctx.features & VIRTIO_CONSOLE_F_SIZE:
-            self.ctx.signal_config()
+            self.ctx.interrupt.trigger(CONFIG_CHANGE)
 
     def follow_endpoint_size(self) -> None:
         """The endpoint's terminal may have changed size (SIGWINCH): pass it on, so the guest's hvc0 (and
@@ -76,7 +80,7 @@ class VirtioConsole(VirtioDevice):
         if size is not None:
             self.set_size(*size)
 
-    def activate(self, ctx: DeviceContext) -> None:
+    def activate(self, ctx: Activation) -> None:
         super().activate(ctx)
         self.backend.start(ctx.reactor, self._fill_rx)
         self.backend.want_input(True)
@@ -108,7 +112,7 @@ class VirtioConsole(VirtioDevice):
             q.add_used(chain.head, 0)
             done = True
         if done:
-            ctx.signal_used(TRANSMITQ)
+            ctx.signal_used(q)
 
     def _fill_rx(self) -> None:
         ctx = self.ctx
@@ -137,7 +141,7 @@ class VirtioConsole(VirtioDevice):
             q.add_used(chain.head, n)
             used = True
         if used:
-            ctx.signal_used(RECEIVEQ)
+            ctx.signal_used(q)
 
     def reset(self) -> None:
         self.backend.want_input(False)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import socket
 import tty
@@ -26,8 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from evmm.devices.virtio.hostsock import listen_unix, peer_closed
-
-log = logging.getLogger("evmm")
+from evmm.log import log
 
 MAX_PENDING = 1 << 20  # output bytes held for a slow reader
 DETACHED_KEEP = 64 * 1024  # output kept for the next socket client while nobody is attached

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from evmm.devices.virtio.console import VirtioConsole
+from evmm.devices.virtio.device import CONFIG_CHANGE
 from evmm.snapshot.format import Fields
 
 VERSION = 1
@@ -25,4 +26,4 @@ def restore(console: VirtioConsole, data: object, where: str) -> None:
 def after_restore(console: VirtioConsole) -> None:
     # The size the guest knew may not be the new endpoint's: a config interrupt makes it read it (§5.3.6).
     if console.ctx is not None:
-        console.ctx.signal_config()
+        console.ctx.interrupt.trigger(CONFIG_CHANGE)

@@ -2,7 +2,9 @@
 
 Runs on the reactor: register accesses arrive through the vCPU exit channel, queue kicks through ioeventfds
 (one per queue, KVM matching the queue index written to QueueNotify, so a kick never exits to userspace), and
-interrupts leave through an irqfd.  A device may hand a queue to a backend outside evmm (vhost): the queue's
+interrupts leave through an irqfd.  Two registers are served on the vCPU thread instead (``on_vcpu``):
+InterruptStatus and InterruptAck, which Linux's interrupt handler (vm_interrupt) reads and writes on every
+interrupt; they touch nothing but the interrupt status, under its own lock.  A device may hand a queue to a backend outside evmm (vhost): the queue's
 ioeventfd becomes the backend's kick, and the backend's call eventfd is read here and becomes an interrupt.
 """
 
@@ -14,8 +16,16 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
+from evmm.devices.bus import OnVcpu
 from evmm.devices.irq import Interrupt
-from evmm.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, DeviceContext, VirtioDevice
+from evmm.devices.virtio.device import (
+    CONFIG_CHANGE,
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_VERSION_1,
+    Activation,
+    VirtioDevice,
+)
+from evmm.devices.virtio.kicks import Kicks
 from evmm.devices.virtio.queue import QueueBroken, QueueConfig, Virtqueue, check_queue_config
 from evmm.log import log
 from evmm.memory import GuestMemory
@@ -74,7 +84,35 @@ class NotifyRegistrar(Protocol):
     def remove(self, addr: int, datamatch: int, fd: int) -> None: ...
 
 
+class _Interrupt:
+    """The ``VirtioInterrupt`` of one activation: InterruptStatus bits and the irqfd, until the device's reset."""
+
+    def __init__(self, transport: VirtioMmio) -> None:
+        self._transport: VirtioMmio | None = transport
+
+    def trigger(self, source: int) -> None:
+        t = self._transport
+        if t is not None:
+            t._interrupt_driver(INT_CONFIG if source == CONFIG_CHANGE else INT_VRING)
+
+    def notifier(self, queue: int) -> int:
+        t = self._transport
+        if t is None:
+            raise QueueBroken("the device was reset")
+        return t._call_fd(queue)
+
+    def needs_reset(self, reason: str) -> None:
+        t = self._transport
+        if t is not None:
+            t._needs_reset(reason)
+
+    def revoke(self) -> None:
+        self._transport = None
+
+
 class VirtioMmio:
+    on_vcpu = OnVcpu(reads=frozenset({INTERRUPT_STATUS}), writes=frozenset({INTERRUPT_ACK}))
+
     def __init__(
         self,
         device: VirtioDevice,
@@ -88,23 +126,20 @@ class VirtioMmio:
         self.device = device
         self.base = base
         self._mem = mem
-        self._interrupt = interrupt
+        self._irq = interrupt
         self._reactor = reactor
         self._notify = notify
         self._on_error = on_error
-        self._kick_fds: list[int] = []
-        self._handed_kicks: dict[int, int] = {}  # queue -> kick eventfd a device handed to its backend
+        self._active_interrupt: _Interrupt | None = None  # the device's, while it is activated
         self._call_fds: dict[int, int] = {}  # queue -> eventfd a backend writes to interrupt the driver
-        # InterruptStatus is read and acknowledged on vCPU threads (read_inline/write_inline) while the reactor
-        # sets bits: every read-modify-write of it holds this lock, so no bit set by one is lost to the other.
-        # (CPython 3.11 happens not to switch threads inside ``x |= y``; the language does not promise it.)
+        # InterruptStatus is read and acknowledged on vCPU threads (on_vcpu) while the reactor sets bits: every
+        # read-modify-write of it holds this lock, so no bit set by one is lost to the other.  (CPython 3.11
+        # happens not to switch threads inside ``x |= y``; the language does not promise it.)
         self._isr_lock = threading.Lock()
         self._reset_state()
-        if notify is not None:
-            for i in range(len(device.queue_sizes)):
-                fd = notify.add(base + QUEUE_NOTIFY, i)
-                self._kick_fds.append(fd)
-                reactor.add_reader(fd, self._on_kick_fd, i, fd)
+        count = len(device.queue_sizes)
+        eventfds = [notify.add(base + QUEUE_NOTIFY, i) for i in range(count)] if notify is not None else []
+        self._kicks = Kicks(reactor, count, self.kick, eventfds)
 
     def _reset_state(self) -> None:
         for q in getattr(self, "active", []):
@@ -121,14 +156,6 @@ class VirtioMmio:
             self.interrupt_status = 0
         self.config_generation = 0
 
-    def replace_device(self, device: VirtioDevice) -> None:
-        """Swap the backend of a slot (hot-replace): the driver sees a reset-and-config-change."""
-        if len(device.queue_sizes) != len(self.device.queue_sizes):
-            raise ValueError("a replacement device must have the same number of queues")
-        self.device.reset()
-        self._take_back_queues()
-        self.device = device
-
     def describe(self) -> dict[str, object]:
         """Transport and queue state for query-vm (on the reactor, which owns all of it)."""
         queues = [None if q is None else q.status() for q in self.active]
@@ -143,23 +170,7 @@ class VirtioMmio:
             }
         }
 
-    # ---- SplitDevice: the registers of Linux's interrupt handler, on the vCPU thread -------------------------
-
-    def read_inline(self, offset: int, size: int) -> int | None:
-        """InterruptStatus without a trip to the reactor: Linux's vm_interrupt reads it on every interrupt.
-
-        A bit the reactor sets just after this read comes with its own interrupt (it triggers the irqfd after
-        setting the bit), so the driver never misses one."""
-        if offset == INTERRUPT_STATUS and size == 4:
-            return self.interrupt_status
-        return None
-
-    def write_inline(self, offset: int, size: int, value: int) -> bool:
-        """InterruptAck, the other half of every interrupt (§4.2.2)."""
-        if offset == INTERRUPT_ACK and size == 4:
-            self._clear_interrupt(value)
-            return True
-        return False
+    # ---- interrupt status: read and acknowledged on vCPU threads, set on the reactor ----------------------
 
     def _set_interrupt(self, bits: int) -> None:
         with self._isr_lock:
@@ -172,6 +183,11 @@ class VirtioMmio:
     # ---- BusDevice ---------------------------------------------------------------------------------------
 
     def read(self, offset: int, size: int) -> int:
+        if offset == INTERRUPT_STATUS:
+            # On the vCPU thread (on_vcpu): nothing but the status word, which a reader sees whole.  A bit the
+            # reactor sets just after this read comes with its own interrupt (it triggers the irqfd after
+            # setting the bit), so the driver never misses one.
+            return self.interrupt_status if size == 4 else 0  # §4.2.2.2: 32-bit accesses only
         if offset >= CONFIG:
             return self._read_config(offset - CONFIG, size)
         if size != 4 or offset % 4:
@@ -196,8 +212,6 @@ class VirtioMmio:
             return dev.queue_sizes[self.queue_sel] if q is not None else 0
         if offset == QUEUE_READY:
             return int(q.ready) if q is not None else 0
-        if offset == INTERRUPT_STATUS:
-            return self.interrupt_status
         if offset == STATUS:
             return self.status
         if offset == CONFIG_GENERATION:
@@ -207,6 +221,10 @@ class VirtioMmio:
         return 0
 
     def write(self, offset: int, size: int, value: int) -> None:
+        if offset == INTERRUPT_ACK:
+            if size == 4:  # on the vCPU thread (on_vcpu), under the status lock
+                self._clear_interrupt(value)
+            return
         if offset >= CONFIG:
             self.device.write_config(offset - CONFIG, value.to_bytes(size, "little"))
             return
@@ -226,8 +244,6 @@ class VirtioMmio:
             self.queue_sel = value
         elif offset == QUEUE_NOTIFY:
             self.kick(value)
-        elif offset == INTERRUPT_ACK:
-            self._clear_interrupt(value)
         elif offset == STATUS:
             self._write_status(value)
         elif q is not None and not self.status & DRIVER_OK:
@@ -261,8 +277,7 @@ class VirtioMmio:
     def _write_status(self, value: int) -> None:
         log.debug("%s at %#x: status %#x -> %#x", self.device.name, self.base, self.status, value)
         if value == 0:
-            self.device.reset()
-            self._take_back_queues()
+            self._release_device()
             self._reset_state()
             return
         if value & FEATURES_OK and not self.status & FEATURES_OK:
@@ -285,7 +300,7 @@ class VirtioMmio:
                 continue
             why = check_queue_config(cfg, self.device.queue_sizes[i], self._mem)
             if why is not None:
-                self.set_needs_reset(f"queue {i}: {why}")
+                self._needs_reset(f"queue {i}: {why}")
                 return
             queue = Virtqueue(i, cfg, self._mem, event_idx=event_idx)
             if prepare is not None:
@@ -298,16 +313,14 @@ class VirtioMmio:
             self.driver_features,
             [(q.index, q.size) for q in self.active if q is not None],
         )
-        ctx = DeviceContext(
+        self._active_interrupt = _Interrupt(self)
+        ctx = Activation(
             mem=self._mem,
-            queues=list(self.active),
+            queues=tuple(self.active),
+            interrupt=self._active_interrupt,
+            kicks=self._kicks,
             reactor=self._reactor,
             features=self.driver_features,
-            signal_used=self.signal_used,
-            signal_config=self.signal_config,
-            needs_reset=self.set_needs_reset,
-            take_kick=self.take_kick,
-            call_fd=self.call_fd,
         )
         self.device.activate(ctx)
         # A driver may queue buffers and kick before DRIVER_OK (Linux's virtio-rng requests entropy while it
@@ -318,52 +331,27 @@ class VirtioMmio:
 
     # ---- queue kicks ---------------------------------------------------------------------------------------
 
-    def _on_kick_fd(self, index: int, fd: int) -> None:
-        try:
-            os.eventfd_read(fd)
-        except BlockingIOError:
-            return
-        self.kick(index)
-
     def kick(self, index: int) -> None:
         if not self.status & DRIVER_OK or self.status & DEVICE_NEEDS_RESET:
             return
-        handed = self._handed_kicks.get(index)
-        if handed is not None:
-            # The queue is the backend's: a notification that reached us (no ioeventfd, or the driver's
-            # buffers found at activation) is passed on.
-            os.eventfd_write(handed, 1)
-            return
+        if self._kicks.notified(index):
+            return  # the queue is a backend's: it got the notification
         if 0 <= index < len(self.active) and self.active[index] is not None:
             try:
                 self.device.queue_notify(index)
             except QueueBroken as e:
-                self.set_needs_reset(str(e))
+                self._needs_reset(str(e))
 
-    # ---- queues served outside evmm (vhost) -----------------------------------------------------------------
+    # ---- interrupts: what the device's VirtioInterrupt does -------------------------------------------------
 
-    def take_kick(self, index: int) -> int:
-        """Hand queue ``index``'s notifications to a backend until reset (``DeviceContext.take_kick``).
+    def _interrupt_driver(self, bits: int) -> None:
+        if bits & INT_CONFIG:
+            self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF  # §2.5.1, §4.2.2
+        self._set_interrupt(bits)
+        self._irq.trigger()
 
-        With KVM it is the queue's ioeventfd itself, which the reactor stops reading: a kick then goes from the
-        guest's QueueNotify write to the backend with no exit and no reactor wake.  Without an ioeventfd (unit
-        tests) it is a fresh eventfd that ``kick`` writes.
-        """
-        if not 0 <= index < len(self.device.queue_sizes):
-            raise QueueBroken(f"queue {index} does not exist")
-        fd = self._handed_kicks.get(index)
-        if fd is not None:
-            return fd
-        if self._kick_fds:
-            fd = self._kick_fds[index]
-            self._reactor.remove_reader(fd)
-        else:
-            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._handed_kicks[index] = fd
-        return fd
-
-    def call_fd(self, index: int) -> int:
-        """An eventfd for a backend's used-buffer notifications of queue ``index`` (``DeviceContext.call_fd``).
+    def _call_fd(self, index: int) -> int:
+        """An eventfd for a backend's used-buffer notifications of queue ``index`` (``notifier``).
 
         It cannot be the irqfd: Linux's virtio-mmio handler (vm_interrupt) reads InterruptStatus and ignores
         the interrupt unless INT_VRING is set, and only we can set it.  So the reactor reads the eventfd, sets
@@ -388,52 +376,35 @@ class VirtioMmio:
         except BlockingIOError:
             return
         if self.status & DRIVER_OK:
-            self._set_interrupt(INT_VRING)
-            self._interrupt.trigger()
+            self._interrupt_driver(INT_VRING)
 
-    def _take_back_queues(self) -> None:
-        """After the device's reset: its backend has let go of the eventfds (§2.4: the queues are gone)."""
-        for index, fd in self._handed_kicks.items():
-            if self._kick_fds:
-                self._reactor.add_reader(fd, self._on_kick_fd, index, fd)
-            else:
-                os.close(fd)
-        self._handed_kicks.clear()
-        for fd in self._call_fds.values():
-            self._reactor.remove_reader(fd)
-            os.close(fd)
-        self._call_fds.clear()
-
-    # ---- interrupts ----------------------------------------------------------------------------------------
-
-    def signal_used(self, index: int) -> None:
-        q = self.active[index] if 0 <= index < len(self.active) else None
-        if q is None or not q.needs_interrupt():
-            return
-        self._set_interrupt(INT_VRING)
-        self._interrupt.trigger()
-
-    def signal_config(self) -> None:
-        self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
-        self._set_interrupt(INT_CONFIG)
-        self._interrupt.trigger()
-
-    def set_needs_reset(self, reason: str) -> None:
+    def _needs_reset(self, reason: str) -> None:
         if self.status & DEVICE_NEEDS_RESET:
             return
         if self._on_error is not None:
             self._on_error(f"{self.device.name} at {self.base:#x}: {reason}; the device needs a reset")
         self.status |= DEVICE_NEEDS_RESET
         if self.status & DRIVER_OK:
-            self.signal_config()
+            self._interrupt_driver(INT_CONFIG)  # §2.1.2
+
+    # ---- reset and teardown --------------------------------------------------------------------------------
+
+    def _release_device(self) -> None:
+        """Reset the device and take back what its activation handed out (§2.4: the queues are gone)."""
+        self.device.reset()
+        if self._active_interrupt is not None:
+            self._active_interrupt.revoke()
+            self._active_interrupt = None
+        self._kicks.take_back()
+        for fd in self._call_fds.values():
+            self._reactor.remove_reader(fd)
+            os.close(fd)
+        self._call_fds.clear()
 
     def close(self) -> None:
-        self.device.reset()
-        self._take_back_queues()
+        self._release_device()
         self.device.close()
         self._reset_state()
-        for i, fd in enumerate(self._kick_fds):
-            self._reactor.remove_reader(fd)
+        for i, fd in enumerate(self._kicks.close()):
             if self._notify is not None:
                 self._notify.remove(self.base + QUEUE_NOTIFY, i, fd)
-        self._kick_fds.clear()

@@ -134,7 +134,7 @@ def activate(t: VirtioMmio, f: Fields) -> None:
     t._activate(prepare)
     if t.interrupt_status:
         # The driver had not acknowledged it when the VM stopped; the new VM's irqfd never saw it.
-        t._interrupt.trigger()
+        t._irq.trigger()
 
 
 __all__ = ["activate", "restore_registers", "save"]

@@ -78,13 +78,12 @@ class Virtqueue:
         self._avail = mem.view(cfg.avail_addr, 6 + 2 * cfg.size)
         self._used = mem.view(cfg.used_addr, 6 + 8 * cfg.size)
         # The driver reads and writes the rings' 16-bit fields while we do (its vCPUs run on), so each must
-        # be one 16-bit load or store, as the driver's own are (Linux: READ_ONCE/WRITE_ONCE).  Never
-        # struct.pack_into: it zeroes the destination before writing the value (CPython's s_pack_internal),
-        # so a driver polling used->idx could see it drop to 0 for a moment, take that for a ring's worth of
-        # completions and read used elements not yet written: Linux's "virtio_net: output.0:id N is not a
-        # head!", a broken queue, and its start_xmit spinning on it for good.  An 'H' item of a cast
-        # memoryview is one aligned 16-bit move each way (CPython's memoryobject.c, a sizeof-2 memcpy); the
-        # areas' alignment was checked (§2.7: avail 2, used 4).
+        # be one 16-bit load or store, as the driver's own are (Linux: READ_ONCE/WRITE_ONCE).  An 'H' item of
+        # a cast memoryview is one aligned 16-bit move each way (CPython's memoryobject.c, a sizeof-2 memcpy;
+        # the areas' alignment was checked, §2.7: avail 2, used 4).  struct.pack_into is not: it zeroes the
+        # destination before writing the value (CPython's s_pack_internal), and a driver polling used->idx
+        # that saw 0 for a moment would take it for a ring's worth of completions and read used elements not
+        # yet written.
         self._avail16 = self._avail.cast("H")  # [0] flags, [1] idx, [2 + slot] ring, [2 + size] used_event
         self._used16 = self._used.cast("H")  # [0] flags, [1] idx, [2 + 4 * size] avail_event
         self._used_event = 2 + cfg.size

@@ -74,7 +74,7 @@ class VirtioRng(VirtioDevice):
             q.add_used(chain.head, written)
             served = True
         if served:
-            ctx.signal_used(0)
+            ctx.signal_used(q)
 
     def _retry_now(self) -> None:
         self._retry = None

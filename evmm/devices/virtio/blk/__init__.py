@@ -6,9 +6,9 @@ parsing), ``backend`` (the host file and the I/O threads) and ``device`` (the vi
 
 from __future__ import annotations
 
+from evmm.config.devspec import DriveSpec
 from evmm.devices.virtio.blk.backend import FileBackend
 from evmm.devices.virtio.blk.device import VirtioBlk
-from evmm.machine.devspec import DriveSpec
 
 
 def make_blk(spec: DriveSpec) -> VirtioBlk:

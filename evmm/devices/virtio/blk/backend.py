@@ -28,9 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from evmm.devices.virtio.blk.request import SECTOR_SHIFT
 from evmm.errors import ConfigError
-
-SECTOR_SHIFT = 9
 
 # fallocate(2) modes, from <linux/falloc.h>.
 FALLOC_FL_KEEP_SIZE = 0x01

@@ -32,7 +32,13 @@ from evmm.devices.virtio.blk.request import (
     parse_request,
 )
 from evmm.devices.virtio.chain import DescriptorChain, InvalidChain
-from evmm.devices.virtio.device import COMMON_FEATURES, VIRTIO_ID_BLOCK, DeviceContext, VirtioDevice
+from evmm.devices.virtio.device import (
+    COMMON_FEATURES,
+    CONFIG_CHANGE,
+    VIRTIO_ID_BLOCK,
+    Activation,
+    VirtioDevice,
+)
 from evmm.devices.virtio.queue import QueueBroken, Virtqueue
 from evmm.errors import GuestMemoryError
 from evmm.record import record
@@ -187,7 +193,7 @@ class VirtioBlk(VirtioDevice):
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
-    def activate(self, ctx: DeviceContext) -> None:
+    def activate(self, ctx: Activation) -> None:
         super().activate(ctx)
         self._limits = self._make_limits(ctx.features)
         ctx.reactor.add_reader(self._workers.fd, self._on_completions)
@@ -245,7 +251,7 @@ class VirtioBlk(VirtioDevice):
         ctx = self.ctx
         self._limits = self._make_limits(ctx.features if ctx is not None else 0)
         if ctx is not None:
-            ctx.signal_config()
+            ctx.interrupt.trigger(CONFIG_CHANGE)
             self._resume(ctx)  # requests held back while the old image drained
 
     # ---- requests --------------------------------------------------------------------------------------
@@ -255,13 +261,13 @@ class VirtioBlk(VirtioDevice):
         if ctx is not None and index == 0:
             self._process(ctx)
 
-    def _resume(self, ctx: DeviceContext) -> None:
+    def _resume(self, ctx: Activation) -> None:
         try:
             self._process(ctx)
         except QueueBroken as e:
-            ctx.needs_reset(str(e))
+            ctx.interrupt.needs_reset(str(e))
 
-    def _process(self, ctx: DeviceContext) -> None:
+    def _process(self, ctx: Activation) -> None:
         if self._replacement is not None:
             return  # held until the old image's requests are done
         q = ctx.queue(0)
@@ -280,9 +286,9 @@ class VirtioBlk(VirtioDevice):
             if not q.has_available():
                 break
         if answered:
-            ctx.signal_used(0)
+            ctx.signal_used(q)
 
-    def _start(self, ctx: DeviceContext, q: Virtqueue, chain: DescriptorChain) -> bool:
+    def _start(self, ctx: Activation, q: Virtqueue, chain: DescriptorChain) -> bool:
         """Begin one request; True when it was answered at once (bad request, GET_ID, a cached read)."""
         req = parse_request(chain.descriptors, ctx.mem, self._limits)
         if isinstance(req, BadRequest):
@@ -344,7 +350,7 @@ class VirtioBlk(VirtioDevice):
                     self.on_host_error(error)
             self._finish(ctx, q, job.head, job.status_addr, status, written)
         if results:
-            ctx.signal_used(0)  # one interrupt for the whole batch
+            ctx.signal_used(q)  # one interrupt for the whole batch
         if self._replacement is not None and not self._inflight:
             self._swap()
 
@@ -356,7 +362,7 @@ class VirtioBlk(VirtioDevice):
             job.views.clear()
 
     def _finish(
-        self, ctx: DeviceContext, q: Virtqueue, head: int, status_addr: int | None, status: int, written: int
+        self, ctx: Activation, q: Virtqueue, head: int, status_addr: int | None, status: int, written: int
     ) -> None:
         if status_addr is None:
             q.add_used(head, 0)  # nowhere to put a status: the driver sees a zero-length completion

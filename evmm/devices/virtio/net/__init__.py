@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 
+from evmm.config.devspec import NetSpec
 from evmm.devices.virtio.net.device import NetStats, VirtioNet
 from evmm.devices.virtio.net.tap import Tap, open_tap, wrap_tap_fd
 from evmm.errors import ConfigError
-from evmm.machine.devspec import NetSpec
 
 
 def default_mac(spec: NetSpec, index: int) -> bytes:

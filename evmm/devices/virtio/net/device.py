@@ -20,21 +20,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 import os
 import struct
 from typing import Protocol
 
 from evmm.devices.virtio.chain import DescriptorChain, InvalidChain
-from evmm.devices.virtio.device import COMMON_FEATURES, VIRTIO_ID_NET, DeviceContext, VirtioDevice
+from evmm.devices.virtio.device import COMMON_FEATURES, CONFIG_CHANGE, VIRTIO_ID_NET, Activation, VirtioDevice
 from evmm.devices.virtio.net import header as h
 from evmm.devices.virtio.net.tap import tap_offloads
 from evmm.devices.virtio.queue import QueueBroken, Virtqueue
 from evmm.errors import GuestMemoryError
+from evmm.log import log
 from evmm.memory import GuestMemory
 from evmm.record import record
-
-log = logging.getLogger("evmm")  # evmm's logger: its handler prints "evmm: ..." on stderr
 
 RX = 0
 TX = 1
@@ -170,9 +168,11 @@ class VirtioNet(VirtioDevice):
         try:
             self.tap.set_offload(tap_offloads(self._features))
         except OSError as e:
-            ctx.needs_reset(f"the new tap refused offloads {tap_offloads(self._features):#x}: {e.strerror}")
+            ctx.interrupt.needs_reset(
+                f"the new tap refused offloads {tap_offloads(self._features):#x}: {e.strerror}"
+            )
             return
-        ctx.signal_config()
+        ctx.interrupt.trigger(CONFIG_CHANGE)
         self._rx_resume()
         self._tx()
 
@@ -190,14 +190,16 @@ class VirtioNet(VirtioDevice):
         """True while the device waits for receive buffers (the tap fd is off the reactor)."""
         return self.ctx is not None and not self._reading
 
-    def activate(self, ctx: DeviceContext) -> None:
+    def activate(self, ctx: Activation) -> None:
         super().activate(ctx)
         self._reactor = ctx.reactor
         self._features = ctx.features
         try:
             self.tap.set_offload(tap_offloads(ctx.features))
         except OSError as e:
-            ctx.needs_reset(f"the tap refused offloads {tap_offloads(ctx.features):#x}: {e.strerror}")
+            ctx.interrupt.needs_reset(
+                f"the tap refused offloads {tap_offloads(ctx.features):#x}: {e.strerror}"
+            )
             return
         self._rx_resume()
 
@@ -265,7 +267,7 @@ class VirtioNet(VirtioDevice):
         """The driver broke a ring: stop touching it until it resets the device (§2.1.2)."""
         self._stop_io()
         if self.ctx is not None:
-            self.ctx.needs_reset(reason)
+            self.ctx.interrupt.needs_reset(reason)
 
     def _drop(self, reason: str) -> None:
         self.stats.rx_drops += 1
@@ -309,7 +311,7 @@ class VirtioNet(VirtioDevice):
             self._broken(str(e))
             return
         if used:
-            ctx.signal_used(RX)
+            ctx.signal_used(q)
 
     def _rx_wait(self, q: Virtqueue) -> bool:
         """Out of buffers: ask for a kick, then look once more (the driver may have added some before it saw
@@ -334,7 +336,7 @@ class VirtioNet(VirtioDevice):
             if self._read_errors < READ_ERRORS:
                 return False
             log.warning(
-                f"{self.name}: reading the tap keeps failing ({e.strerror}); retrying in {READ_RETRY:g} s"
+                "%s: reading the tap keeps failing (%s); retrying in %g s", self.name, e.strerror, READ_RETRY
             )
             self._read_errors = 0
             self._set_reader(False)
@@ -443,7 +445,7 @@ class VirtioNet(VirtioDevice):
             self._broken(str(e))
             return
         if used:
-            ctx.signal_used(TX)
+            ctx.signal_used(q)
 
     def _tx_writable(self) -> None:
         if self._reactor is not None and self._writing:

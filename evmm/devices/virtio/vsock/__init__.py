@@ -8,13 +8,13 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable
 
+from evmm.config.devspec import VsockSpec
 from evmm.devices.virtio.device import VirtioDevice
 from evmm.devices.virtio.vsock.device import VirtioVsock
 from evmm.devices.virtio.vsock.muxer import VsockMuxer
 from evmm.devices.virtio.vsock.unix import HybridListener, listen_unix
 from evmm.devices.virtio.vsock.vhost import VhostVsock, VhostVsockBackend
 from evmm.errors import ConfigError
-from evmm.machine.devspec import VsockSpec
 
 VhostOpener = Callable[[], VhostVsockBackend]
 
@@ -26,7 +26,7 @@ def make_vsock(spec: VsockSpec, *, open_vhost: VhostOpener | None = None) -> Vir
     """
     if spec.vhost:
         if open_vhost is None:
-            from evmm.kvm.vhost import VhostVsockFd
+            from evmm.vhost.vsock import VhostVsockFd
 
             open_vhost = VhostVsockFd.open
         return _make_vhost(spec, open_vhost)

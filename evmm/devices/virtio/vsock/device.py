@@ -9,18 +9,16 @@ stalls the queue; an RX buffer too small for a header is completed empty.
 
 from __future__ import annotations
 
-import logging
 import struct
 
 from evmm.devices.virtio.chain import DescriptorChain, InvalidChain
-from evmm.devices.virtio.device import COMMON_FEATURES, VIRTIO_ID_VSOCK, DeviceContext, VirtioDevice
+from evmm.devices.virtio.device import COMMON_FEATURES, VIRTIO_ID_VSOCK, Activation, VirtioDevice
 from evmm.devices.virtio.queue import Virtqueue
 from evmm.devices.virtio.vsock.event import EventQueue
 from evmm.devices.virtio.vsock.muxer import VsockMuxer
 from evmm.devices.virtio.vsock.packet import HDR_SIZE, parse_header
+from evmm.log import log
 from evmm.memory import GuestMemory
-
-log = logging.getLogger("evmm")
 
 RX_QUEUE, TX_QUEUE, EVENT_QUEUE = 0, 1, 2
 QUEUE_SIZE = 256
@@ -70,7 +68,7 @@ class VirtioVsock(VirtioDevice):
     def config(self) -> bytes:
         return struct.pack("<Q", self.guest_cid)  # struct virtio_vsock_config { le64 guest_cid; }
 
-    def activate(self, ctx: DeviceContext) -> None:
+    def activate(self, ctx: Activation) -> None:
         super().activate(ctx)
         self.muxer.start(ctx.reactor, self._wake_rx)
 
@@ -113,7 +111,7 @@ class VirtioVsock(VirtioDevice):
                 ctx.reactor.call_soon(self._process_tx)  # more later, after other ready handlers
                 break
         if done:
-            ctx.signal_used(TX_QUEUE)
+            ctx.signal_used(q)
             self._fill_rx()  # answers (RESPONSE, RST, credit) may be waiting
 
     def _take_packet(self, mem: GuestMemory, chain: DescriptorChain) -> None:
@@ -157,7 +155,7 @@ class VirtioVsock(VirtioDevice):
         finally:
             self._filling = False
         if used:
-            ctx.signal_used(RX_QUEUE)
+            ctx.signal_used(q)
         if self._tx_stalled and not self.muxer.tx_blocked():
             self._tx_stalled = False
             ctx.reactor.call_soon(self._process_tx)

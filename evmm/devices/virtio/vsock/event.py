@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 
 from evmm.devices.virtio.chain import DescriptorChain
-from evmm.devices.virtio.device import DeviceContext
+from evmm.devices.virtio.device import Activation
 
 VIRTIO_VSOCK_EVENT_TRANSPORT_RESET = 0  # struct virtio_vsock_event { le32 id; }
 _EVENT = struct.Struct("<I")
@@ -21,11 +21,11 @@ class EventQueue:
         self.index = index
         self.pending = False
 
-    def transport_reset(self, ctx: DeviceContext) -> None:
+    def transport_reset(self, ctx: Activation) -> None:
         self.pending = True
         self.flush(ctx)
 
-    def flush(self, ctx: DeviceContext) -> None:
+    def flush(self, ctx: Activation) -> None:
         """Deliver a pending event into the driver's next usable buffer, or ask for a kick when it has none."""
         if not self.pending:
             return
@@ -39,7 +39,7 @@ class EventQueue:
                 chain.write(ctx.mem, _EVENT.pack(VIRTIO_VSOCK_EVENT_TRANSPORT_RESET))
                 q.add_used(chain.head, _EVENT.size)
                 self.pending = False
-                ctx.signal_used(self.index)
+                ctx.signal_used(q)
                 return
             q.add_used(chain.head, 0)  # unusable buffer: give it back and try the next
 

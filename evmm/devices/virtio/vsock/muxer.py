@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import socket
 from collections import deque
 from collections.abc import Callable
@@ -28,8 +27,7 @@ from pathlib import Path
 from evmm.devices.virtio.vsock.connection import Connection, State
 from evmm.devices.virtio.vsock.packet import HOST_CID, MAX_PAYLOAD, Header, Op, check_tx, reply_header
 from evmm.devices.virtio.vsock.unix import HybridListener, connect_port, peer_closed
-
-log = logging.getLogger("evmm")
+from evmm.log import log
 
 MAX_CONNECTIONS = 1024
 MAX_LOOSE = 256  # RSTs waiting for RX buffers before the device stops taking TX packets

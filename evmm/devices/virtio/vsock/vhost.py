@@ -17,12 +17,11 @@ The ioctls, in order:
 
 from __future__ import annotations
 
-import logging
 import struct
 from collections.abc import Sequence
 from typing import Protocol
 
-from evmm.devices.virtio.device import COMMON_FEATURES, VIRTIO_ID_VSOCK, DeviceContext, VirtioDevice
+from evmm.devices.virtio.device import COMMON_FEATURES, VIRTIO_ID_VSOCK, Activation, VirtioDevice
 from evmm.devices.virtio.queue import QueueBroken
 from evmm.devices.virtio.vsock.device import (
     EVENT_QUEUE,
@@ -32,9 +31,8 @@ from evmm.devices.virtio.vsock.device import (
     VIRTIO_VSOCK_F_STREAM,
 )
 from evmm.devices.virtio.vsock.event import EventQueue
+from evmm.log import log
 from evmm.memory import MemoryRegion
-
-log = logging.getLogger("evmm")
 
 VIRTIO_VSOCK_F_SEQPACKET = 1 << 1  # §5.10.3
 # What evmm may pass on from vhost's features: the ring features its transport and Virtqueue implement, and
@@ -46,7 +44,7 @@ VHOST_QUEUES = (RX_QUEUE, TX_QUEUE)
 
 
 class VhostVsockBackend(Protocol):
-    """An open /dev/vhost-vsock (evmm.kvm.vhost.VhostVsockFd; tests pass a recording fake).
+    """An open /dev/vhost-vsock (evmm.vhost.vsock.VhostVsockFd; tests pass a recording fake).
 
     Ring addresses are guest-physical: the backend translates them through the memory table it was given.
     Every method raises ``OSError`` (with the errno) when the kernel refuses.
@@ -86,16 +84,16 @@ class VhostVsock(VirtioDevice):
     def config(self) -> bytes:
         return struct.pack("<Q", self.guest_cid)  # struct virtio_vsock_config { le64 guest_cid; }
 
-    def activate(self, ctx: DeviceContext) -> None:
+    def activate(self, ctx: Activation) -> None:
         super().activate(ctx)
         try:
             self._start(ctx)
         except (OSError, QueueBroken) as e:
             # The guest then sees DEVICE_NEEDS_RESET; the VMM and the other devices go on.
             self._stop()
-            ctx.needs_reset((e.strerror if isinstance(e, OSError) else None) or str(e))
+            ctx.interrupt.needs_reset((e.strerror if isinstance(e, OSError) else None) or str(e))
 
-    def _start(self, ctx: DeviceContext) -> None:
+    def _start(self, ctx: Activation) -> None:
         b = self.backend
         b.set_features(ctx.features)  # the transport checked they are a subset of what we offered
         b.set_mem_table(ctx.mem.regions)
@@ -107,8 +105,8 @@ class VhostVsock(VirtioDevice):
             b.set_vring_base(i, q.next_avail)
             # Kick and call before RUNNING: buffers the driver posted before DRIVER_OK are found by the
             # transport's look at every queue after activate, which now kicks the kernel.
-            b.set_vring_kick(i, ctx.take_kick(i))
-            b.set_vring_call(i, ctx.call_fd(i))
+            b.set_vring_kick(i, ctx.kicks.take(i))
+            b.set_vring_call(i, ctx.interrupt.notifier(i))
         b.set_running(True)
         self._running = True
 

@@ -1,9 +1,9 @@
-"""cffi builder for evmm's vhost bindings (API mode), beside ``_build.py``'s KVM ones.
+"""cffi builder for evmm's vhost bindings (API mode).
 
 Compiled at install time against the host's ``<linux/vhost.h>`` (Debian: linux-libc-dev), so ioctl numbers and
 the layouts of the structs they carry come from the real header: ``...`` asks the C compiler for the true
-values and offsets.  A module of its own, not part of ``_kvm_ffi``: vhost is a different device with its own
-ioctls, and a VMM that never asks for vhost never loads it.  Only ``evmm/kvm/vhost.py`` imports the result.
+values and offsets.  A module of its own, not part of evmm/kvm's: vhost is host-kernel plumbing with its own
+ioctls, not KVM, and a VMM that never asks for vhost never loads it.  Only ``evmm/vhost/`` imports the result.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ int evmm_vhost_ioctl_val(int fd, unsigned long request, unsigned long arg)
 """
 
 ffibuilder.cdef(CDEF)
-ffibuilder.set_source("evmm.kvm._vhost_ffi", SOURCE)
+ffibuilder.set_source("evmm.vhost._vhost_ffi", SOURCE)
 
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)

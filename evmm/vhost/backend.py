@@ -1,9 +1,10 @@
-"""``/dev/vhost-vsock``: the kernel's virtio-vsock data path, driven through the ioctls of <linux/vhost.h>.
+"""A vhost device fd: the ioctls of <linux/vhost.h> every vhost device shares (drivers/vhost/vhost.c).
 
-The kernel serves the RX and TX virtqueues itself (drivers/vhost/vsock.c): it reads the rings from guest RAM
-through the memory table, is kicked by an eventfd and signals used buffers on another.  This wrapper takes and
-returns plain ints, never cdata; every failure is a ``VhostError`` (an ``OSError``) carrying the errno, so the
-caller can tell "no such device" from "CID in use" and say so in its own words.
+The kernel serves virtqueues itself: it reads the rings from guest RAM through the memory table, is kicked by
+an eventfd and signals used buffers on another.  ``VhostFd`` sets that up for one device fd; a device's own
+ioctls live in a subclass (``evmm.vhost.vsock``).  Plain ints in and out, never cdata; every failure is a
+``VhostError`` (an ``OSError``) carrying the errno, so the caller can tell "no such device" from "CID in use"
+and say so in its own words.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from evmm.errors import EvmmError
 from evmm.record import record
 
 try:
-    from evmm.kvm._vhost_ffi import ffi, lib
+    from evmm.vhost._vhost_ffi import ffi, lib
 except ImportError as e:  # pragma: no cover - only on an install from before the vhost bindings
     raise EvmmError(
         "evmm's vhost bindings are not compiled: reinstall with `pip install -e .` (needs gcc and linux-libc-dev)"
@@ -25,8 +26,6 @@ except ImportError as e:  # pragma: no cover - only on an install from before th
 
 if TYPE_CHECKING:
     from evmm.memory import MemoryRegion
-
-VHOST_VSOCK_PATH = "/dev/vhost-vsock"
 
 
 class VhostError(OSError):
@@ -78,15 +77,16 @@ class MemTable:
         self._handles.clear()
 
 
-class VhostVsockFd:
-    """An open ``/dev/vhost-vsock`` owned by this process (VHOST_SET_OWNER: its worker uses our memory)."""
+class VhostFd:
+    """An open vhost device owned by this process (VHOST_SET_OWNER: its worker uses our memory)."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self._table: MemTable | None = None
 
     @classmethod
-    def open(cls, path: str = VHOST_VSOCK_PATH) -> VhostVsockFd:
+    def open(cls, path: str) -> Self:
+        """Open ``path`` and make this process its owner, or raise a ``VhostError`` naming the path."""
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
@@ -172,12 +172,6 @@ class VhostVsockFd:
         """The eventfd the kernel writes when it used buffers and the driver wants to know; None unbinds."""
         self._vring_file(lib.VHOST_SET_VRING_CALL, index, fd, "VHOST_SET_VRING_CALL")
 
-    def set_guest_cid(self, cid: int) -> None:
-        self._ioctl(lib.VHOST_VSOCK_SET_GUEST_CID, ffi.new("uint64_t *", cid), "VHOST_VSOCK_SET_GUEST_CID")
-
-    def set_running(self, running: bool) -> None:
-        self._ioctl(lib.VHOST_VSOCK_SET_RUNNING, ffi.new("int *", int(running)), "VHOST_VSOCK_SET_RUNNING")
-
     def close(self) -> None:
         """Release the device: the kernel stops its rings, frees the CID and resets the guest's connections."""
         if self.fd >= 0:
@@ -188,4 +182,4 @@ class VhostVsockFd:
             self._table = None
 
 
-__all__ = ["VHOST_VSOCK_PATH", "MemTable", "VhostError", "VhostVsockFd"]
+__all__ = ["MemTable", "VhostError", "VhostFd"]
