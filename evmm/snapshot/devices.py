@@ -46,10 +46,22 @@ PERSIST_MODULES = {
 }
 
 
+# Devices a snapshot refuses, and why.  virtio-fs: the guest holds FUSE node IDs and file handles (FUSE's
+# include/uapi/linux/fuse.h: nodeid, fh) that stand for open O_PATH and file descriptors of this process; a
+# new process cannot open the same files again by number, and by name they may have moved or gone, so
+# carrying the table over would hand the guest files that are not the ones it had.
+REFUSED = {
+    "VirtioFs": "its FUSE state (the guest's inode and file handle numbers, each an open host file) cannot be "
+    "carried to another process; snapshot a VM without --fs",
+}
+
+
 def virtio_persist(device: VirtioDevice) -> ModuleType:
-    module = PERSIST_MODULES.get(type(device).__name__)
+    kind = type(device).__name__
+    module = PERSIST_MODULES.get(kind)
     if module is None:
-        raise SnapshotError(f"a {device.name} device cannot be snapshotted yet")
+        why = REFUSED.get(kind, "it has no snapshot support")
+        raise SnapshotError(f"a {device.name} device cannot be snapshotted: {why}")
     return importlib.import_module(module)
 
 
@@ -71,6 +83,15 @@ def transports(machine: Machine) -> list[VirtioMmio]:
 
 def _slot_of(machine: Machine, device: VirtioDevice) -> HotplugSlot | None:
     return next((s for s in machine.devices.slots if s.device is device), None)
+
+
+def check(machine: Machine, where: str) -> None:
+    """Refuse, before anything is written, a machine with a device that cannot be snapshotted."""
+    for i, t in enumerate(transports(machine)):
+        try:
+            virtio_persist(t.device)
+        except SnapshotError as e:
+            raise SnapshotError(f"{where}: virtio slot {i}: {e}") from None
 
 
 # ---- save ------------------------------------------------------------------------------------------------
@@ -159,6 +180,8 @@ def restore_devices(machine: Machine, data: object, where: str) -> None:
 
 __all__ = [
     "PERSIST_MODULES",
+    "REFUSED",
+    "check",
     "freeze",
     "quiesce",
     "restore_devices",

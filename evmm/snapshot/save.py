@@ -71,6 +71,7 @@ async def save_snapshot(machine: Machine, directory: Path, *, copy_disks: bool =
     where = f"snapshot {directory}"
     if machine.state != "paused":
         raise SnapshotError(f"{where}: the VM is {machine.state}; pause it first")
+    devices.check(machine, where)
     start = time.monotonic()
     _prepare(directory)
     parts = machine.parts

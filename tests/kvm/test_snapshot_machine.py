@@ -13,13 +13,16 @@ import signal
 import struct
 from pathlib import Path
 
+import pytest
 import uvloop
 
 from evmm.arch.x86 import layout
+from evmm.config.devspec import FsSpec
 from evmm.loop.vcpu_thread import KICK_SIGNAL
 from evmm.machine.config import MachineConfig
 from evmm.machine.machine import Machine
 from evmm.machine.microvm import build_microvm
+from evmm.snapshot.format import SnapshotError
 from evmm.snapshot.restore import load_snapshot, restore_machine
 from evmm.snapshot.save import save_snapshot
 from tests.kvm.test_snapshot_tiny import COUNT, LAST, STOP
@@ -116,3 +119,36 @@ def test_a_machine_saved_to_files_and_restored_counts_on(tmp_path: Path) -> None
         restored.close()
         loop.close()
     assert (snap / "memory").stat().st_blocks * 512 < 2 << 20  # the restored VM never wrote the file
+
+
+def test_a_machine_with_a_shared_directory_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+    share = tmp_path / "share"
+    share.mkdir()
+    config = MachineConfig(kernel=Path("/dev/null"), memory=32 << 20, fss=(FsSpec(share, "share"),))
+    snap = tmp_path / "snap"
+    loop = uvloop.new_event_loop()
+    machine = build_microvm(config, loop, None, boot=False)
+    start_counting(machine)
+
+    async def save() -> None:
+        runner = asyncio.ensure_future(machine.run())
+        await until(lambda: u32(machine, COUNT) > 10)
+        await machine.pause()
+        try:
+            with pytest.raises(SnapshotError) as e:
+                await save_snapshot(machine, snap)
+        finally:
+            machine.stop(0, "done")
+            await runner
+        message = str(e.value)
+        assert "\n" not in message
+        assert message.startswith(f"snapshot {snap}: virtio slot 0: a virtio-fs device cannot be snapshotted")
+        assert "snapshot a VM without --fs" in message
+
+    try:
+        loop.run_until_complete(save())
+    finally:
+        machine.close()
+        loop.close()
+    assert not snap.exists()

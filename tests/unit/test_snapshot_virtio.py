@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +32,6 @@ from tests.fakes.virtio_driver import MEM_SIZE, MmioDriver
 from tests.unit.test_virtio_net import FakeTap
 
 MAC = bytes.fromhex("525400123456")
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    lp = asyncio.new_event_loop()
-    yield lp
-    lp.close()
 
 
 def through_msgpack(state: dict[str, Any]) -> Any:
