@@ -1,4 +1,4 @@
-"""Guest RAM: anonymous host mappings and bounds-checked guest-physical access.
+"""Guest RAM: anonymous mappings or a snapshot's memory file (MAP_PRIVATE), and bounds-checked access.
 
 Nothing here knows KVM.  The machine builder hands each region's buffer to KVM as a memory slot; devices get the
 ``GuestMemory`` object and every guest-supplied address goes through ``_locate``, so a hostile guest can name any
@@ -7,9 +7,11 @@ address it likes and still only ever reach its own RAM.
 
 from __future__ import annotations
 
+import io
 import mmap
 import struct
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Literal
 
 from evmm.errors import ConfigError, GuestMemoryError
@@ -46,11 +48,13 @@ class MemoryRegion:
 class GuestMemory:
     """Guest RAM made of non-overlapping regions (below the 32-bit MMIO hole, and above 4 GiB)."""
 
-    def __init__(self, regions: Iterable[MemoryRegion]) -> None:
+    def __init__(self, regions: Iterable[MemoryRegion], backing: io.FileIO | None = None) -> None:
         self._regions = tuple(sorted(regions, key=lambda r: r.gpa))
         for a, b in zip(self._regions, self._regions[1:], strict=False):
             if a.end > b.gpa:
                 raise ConfigError(f"guest memory regions overlap at {b.gpa:#x}")
+        # The file the regions were mapped from (``from_file``), regions one after another; None: anonymous.
+        self.backing = backing
 
     @classmethod
     def anonymous(cls, layout: Iterable[tuple[int, int]]) -> GuestMemory:
@@ -74,6 +78,38 @@ class GuestMemory:
                 raise ConfigError(f"cannot map {size >> 20} MiB of guest memory: {e.strerror}") from None
             regions.append(MemoryRegion(gpa, size, buf))
         return cls(regions)
+
+    @classmethod
+    def from_file(cls, path: Path, layout: Iterable[tuple[int, int]]) -> GuestMemory:
+        """Map the regions of ``layout`` from ``path``, one after another, MAP_PRIVATE (a restored snapshot).
+
+        Pages are read from the file only when first touched, and writes go to private copies: the file is
+        never written, and any number of VMs may map it at once.  Raises ``OSError``.
+        """
+        f = io.FileIO(path, "r")
+        regions = []
+        offset = 0
+        try:
+            for gpa, size in layout:
+                buf = mmap.mmap(
+                    f.fileno(),
+                    size,
+                    flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0x4000),
+                    prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                    offset=offset,
+                )
+                regions.append(MemoryRegion(gpa, size, buf))
+                offset += size
+        except BaseException:
+            for r in regions:
+                r.buffer.close()
+            f.close()
+            raise
+        return cls(regions, backing=f)
+
+    def file_offset(self, index: int) -> int:
+        """Where region ``index`` starts in a memory file that holds the regions one after another."""
+        return sum(r.size for r in self._regions[:index])
 
     @property
     def regions(self) -> tuple[MemoryRegion, ...]:
@@ -159,6 +195,8 @@ class GuestMemory:
         _full_barrier()
 
     def close(self) -> None:
+        if self.backing is not None:
+            self.backing.close()
         for r in self._regions:
             try:
                 r.buffer.close()

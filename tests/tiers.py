@@ -382,12 +382,14 @@ class TierPlugin:
         reported, or reports nothing for ``STALL_ENV`` seconds, is killed; ``Boots`` decides what runs next.
         With ``SHARDS_ENV`` > 1 the tests are dealt out to that many test hosts running side by side.
         """
+        from evmm.assets.generic import build_generic_guest
         from evmm.assets.guest import build_default_guest
         from evmm.testhost.assets import build_testhost_assets
 
         # A fresh machine needs no extra step: build what the tier needs (a no-op when cached).
         build_default_guest()
         build_testhost_assets()
+        build_generic_guest()  # the snapshot clone test's guest: Debian's generic kernel has VMGenID
         results = Path(tempfile.mkdtemp(prefix="evmm-linux-tier-"))
         stall = float(os.environ.get(STALL_ENV, DEFAULT_STALL))
         started = time.monotonic()

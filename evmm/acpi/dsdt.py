@@ -34,6 +34,7 @@ from evmm.acpi.aml import (
     RegionSpace,
     ResourceDescriptor,
     ResourceTemplate,
+    Return,
     Scope,
     Store,
     String,
@@ -45,6 +46,7 @@ from evmm.acpi.aml import (
 from evmm.arch.x86.layout import (
     ACPI_GED_EVENT_PCI_HOTPLUG,
     ACPI_GED_EVENT_POWER_BUTTON,
+    ACPI_GED_EVENT_VMGENID,
     ACPI_PM_BASE,
     ACPI_PM_GED_EVENT,
     ACPI_S5_SLP_TYP,
@@ -71,6 +73,7 @@ I8042_COMMAND_PORT = 0x64
 # The value OSPM passes to Notify on a power button: "button pressed" (ACPI 6.5 §5.6.6, device object notification values).
 NOTIFY_BUTTON_PRESSED = 0x80
 POWER_BUTTON_PATH = "\\_SB.PWRB"
+VMGENID_PATH = "\\_SB.VGEN"
 
 
 @record(frozen=True)
@@ -120,12 +123,13 @@ def _event(bit: int, *handler: AmlObject) -> If:
     return If(LEqual(And(Local(0), bit), bit), handler)
 
 
-def _ged(pci_hotplug: str | None) -> Device:
+def _ged(pci_hotplug: str | None, vmgenid: bool) -> Device:
     """The Generic Event Device (ACPI 6.5 §5.6.9): its interrupt makes OSPM run _EVT(gsi).
 
     _EVT reads the event selector (reading clears it in the device model) and turns the power button bit
-    into Notify(PWRB, 0x80), which Linux's button driver reports as KEY_POWER, and the PCI hotplug bit into
-    a call of the method ``pci_hotplug`` names (the standard board's slot notifications).
+    into Notify(PWRB, 0x80), which Linux's button driver reports as KEY_POWER, the PCI hotplug bit into
+    a call of the method ``pci_hotplug`` names (the standard board's slot notifications), and the VM
+    generation bit into Notify(VGEN, 0x80), on which Linux's vmgenid driver reads the new ID.
     """
     selector = NameRef("ESEL")
     events: list[AmlObject] = [
@@ -133,6 +137,8 @@ def _ged(pci_hotplug: str | None) -> Device:
     ]
     if pci_hotplug is not None:
         events.append(_event(ACPI_GED_EVENT_PCI_HOTPLUG, NameRef(pci_hotplug)))
+    if vmgenid:
+        events.append(_event(ACPI_GED_EVENT_VMGENID, Notify(NameRef(VMGENID_PATH), NOTIFY_BUTTON_PRESSED)))
     evt = Method("_EVT", arg_count=1, serialized=True, body=(Store(selector, Local(0)), *events))
     return Device(
         "GED",
@@ -156,6 +162,18 @@ def _power_button() -> Device:
     return Device("PWRB", (Name("_HID", String("PNP0C0C")), Name("_UID", 0)))
 
 
+def _vmgenid(addr: int) -> Device:
+    """The VM Generation ID device (Microsoft's "Virtual Machine Generation ID" spec; ACPI 6.5 §5.6.9 for
+    its notification through the GED): ADDR returns the guest-physical address of the 16-byte ID as a
+    package of two 32-bit halves.  _CID is the spec's "VM_Gen_Counter"; Linux's vmgenid driver
+    (drivers/virt/vmgenid.c) matches the _HID "VMGENCTR", and on a notify mixes the new ID into its RNG."""
+    addr_method = Method("ADDR", 0, (Return(Package((addr & 0xFFFFFFFF, addr >> 32))),))
+    name = String("VM_Gen_Counter")
+    return Device(
+        "VGEN", (Name("_HID", String("VMGENCTR")), Name("_CID", name), Name("_DDN", name), addr_method)
+    )
+
+
 def build_dsdt(
     *,
     virtio_devices: Sequence[VirtioMmioDevice],
@@ -166,11 +184,12 @@ def build_dsdt(
     ged: bool,
     extra: Sequence[AmlObject] = (),
     pci_hotplug: str | None = None,
+    vmgenid_addr: int | None = None,
 ) -> bytes:
     """The DSDT with a blank 36-byte header, which ``tables`` fills in and checksums.
 
     ``extra``: more devices for \\_SB (the standard board's PCI0); ``pci_hotplug``: the method the GED calls
-    on a PCI hotplug event.
+    on a PCI hotplug event; ``vmgenid_addr``: where the VM generation ID is (its notification needs the GED).
     """
     devices: list[AmlObject] = []
     if com1:
@@ -184,7 +203,9 @@ def build_dsdt(
     devices.extend(_virtio(i, dev) for i, dev in enumerate(virtio_devices))
     devices.extend(extra)
     if ged:
-        devices += [_ged(pci_hotplug), _power_button()]
+        devices += [_ged(pci_hotplug, vmgenid_addr is not None), _power_button()]
+        if vmgenid_addr is not None:
+            devices.append(_vmgenid(vmgenid_addr))
     terms: list[AmlObject] = [
         # \_S5 tells OSPM that S5 (soft off) exists and which SLP_TYP to write for it (ACPI 6.5 §7.4.2);
         # the second element is SLP_TYPb, which a hardware-reduced platform ignores.

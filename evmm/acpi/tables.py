@@ -59,6 +59,7 @@ class AcpiConfig:
     i8042: bool = True
     ged: bool = True
     pci: PciHostAcpi | None = None  # the standard board: PCI0 in the DSDT, and an MCFG
+    vmgenid_addr: int | None = None  # a VMGenID device pointing there (needs the GED to be notified)
 
 
 @record(frozen=True)
@@ -150,6 +151,7 @@ def build_acpi_tables(config: AcpiConfig, base: int = ACPI_TABLES_ADDR) -> AcpiT
         ged=config.ged,
         extra=pci_host_devices(config.pci) if config.pci is not None else (),
         pci_hotplug=PCNT_PATH if config.pci is not None and config.pci.hotplug_base is not None else None,
+        vmgenid_addr=config.vmgenid_addr,
     )
     madt_table = madt.build_madt(config.num_cpus)
     more = [] if config.pci is None else [(mcfg.SIGNATURE, mcfg.REVISION, mcfg.build_mcfg([config.pci.ecam]))]

@@ -26,6 +26,7 @@ ROW_TITLES = {
     "control": "5. control latency",
     "density": "6. density",
     "fs": "7. shared directory (virtio-fs vs virtio-9p)",
+    "restore": "8. snapshot and restore",
 }
 
 

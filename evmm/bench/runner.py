@@ -32,6 +32,7 @@ from evmm.bench.fs import FsRow
 from evmm.bench.net import NetRow
 from evmm.bench.overhead import MemoryRow
 from evmm.bench.profile import Profiler
+from evmm.bench.restore import RestoreRow
 from evmm.bench.results import Results
 from evmm.bench.seccomp import SeccompRow
 from evmm.bench.vmm import EVMM
@@ -46,6 +47,7 @@ ROWS: dict[str, Callable[[], Row]] = {
     "density": DensityRow,
     "fs": FsRow,
     "seccomp": SeccompRow,
+    "restore": RestoreRow,
 }
 PROFILED = ("boot", "blk", "net", "control")
 RESULTS = "results.json"

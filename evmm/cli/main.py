@@ -21,6 +21,8 @@ COMMANDS = {
     "ctl": "evmm.cli.ctl_cmd",
     "console": "evmm.cli.console_cmd",
     "bench": "evmm.cli.bench_cmd",
+    "serve": "evmm.cli.serve_cmd",
+    "clone": "evmm.cli.clone_cmd",
 }
 
 

@@ -8,7 +8,9 @@ import faulthandler
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from evmm import exitcodes
 from evmm.config.devspec import (
@@ -25,6 +27,11 @@ from evmm.errors import ConfigError, EvmmError
 from evmm.hostkvm import probe
 from evmm.machine.config import MachineConfig, check_cpus, check_file, check_memory, parse_size
 
+if TYPE_CHECKING:
+    from evmm.loop.console import ConsoleIO
+    from evmm.machine.machine import Machine
+    from evmm.snapshot.config import Overrides
+
 TESTHOST_HINT = "evmm testhost run -- evmm run ..."
 
 
@@ -40,10 +47,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--kernel", type=Path, help="kernel image (default: the guest built by `evmm assets`)")
     p.add_argument("--initrd", type=Path, help="initramfs (default: evmm's, with the default kernel)")
     p.add_argument("--append", default="", metavar="STR", help="kernel command line (added to the defaults)")
+    p.add_argument("--memory", metavar="SIZE", help="guest RAM, e.g. 256M or 2G (default 256M)")
+    p.add_argument("--cpus", metavar="N", help="number of vCPUs (default 1)")
     p.add_argument(
-        "--memory", default="256M", metavar="SIZE", help="guest RAM, e.g. 256M or 2G (default 256M)"
+        "--restore",
+        type=Path,
+        metavar="DIR",
+        help="resume the VM saved in snapshot DIR instead of booting (--drive, --net, --vsock and "
+        "--virtio-console give its host resources again; docs/snapshot.md)",
     )
-    p.add_argument("--cpus", default="1", metavar="N", help="number of vCPUs (default 1)")
     p.add_argument(
         "--machine",
         choices=("microvm", "standard"),
@@ -137,8 +149,8 @@ def _fss(texts: list[str]) -> tuple[FsSpec, ...]:
 
 
 def config_from_args(args: argparse.Namespace) -> MachineConfig:
-    memory = check_memory(parse_size(args.memory))
-    cpus = _cpus(args.cpus)
+    memory = check_memory(parse_size(args.memory or "256M"))
+    cpus = _cpus(args.cpus or "1")
     kernel: Path | None = args.kernel
     initrd: Path | None = args.initrd
     if kernel is None:
@@ -189,6 +201,8 @@ def preflight(config: MachineConfig) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.seccomp not in ("kill", "log", "off"):  # argparse checks a given value, not the default
         raise ConfigError(f"EVMM_SECCOMP={args.seccomp!r}: not kill, log or off")
+    if args.restore is not None:
+        return _restore(args)
     config = config_from_args(args)
     host = probe()
     if not host.present or (not host.can_boot_linux and not args.allow_slow_kvm):
@@ -207,6 +221,62 @@ def run(args: argparse.Namespace) -> int:
     )
 
 
+def _restore(args: argparse.Namespace) -> int:
+    """``evmm run --restore DIR``: the snapshot's machine, its host resources given again where asked."""
+    from evmm.snapshot.restore import load_snapshot, restore_machine
+
+    fixed = [
+        name
+        for name, value in (
+            ("--kernel", args.kernel),
+            ("--initrd", args.initrd),
+            ("--append", args.append or None),
+            ("--memory", args.memory),
+            ("--cpus", args.cpus),
+            ("--hotplug", args.hotplug),
+            ("--rng", args.rng),
+            ("--virtio-mmio-cmdline", args.virtio_mmio_cmdline),
+        )
+        if value is not None
+    ]
+    if fixed:
+        raise ConfigError(f"{fixed[0]} cannot change a snapshot's machine (--restore {args.restore})")
+    snap = load_snapshot(args.restore, overrides_from_args(args))
+    host = probe()
+    if not host.present:
+        raise EvmmError(host.reason)
+    if not host.can_boot_linux and not args.allow_slow_kvm:
+        raise EvmmError(f"{host.reason}; restore it in the KVM test host instead: {TESTHOST_HINT}")
+    if args.qmp is not None:
+        from evmm.control import parse_qmp_spec
+
+        parse_qmp_spec(args.qmp)
+    return run_machine(
+        snap.config,
+        verbose=args.verbose,
+        api_sock=args.api_sock,
+        qmp=args.qmp,
+        seccomp=args.seccomp,
+        build=lambda config, loop, console, stdio: restore_machine(snap, loop, console, stdio=stdio),
+    )
+
+
+def overrides_from_args(args: argparse.Namespace) -> Overrides:
+    from evmm.snapshot.config import Overrides
+
+    return Overrides(
+        drives=tuple(parse_drive(d) for d in args.drive) or None,
+        nets=tuple(parse_net(n) for n in args.net) or None,
+        vsock=parse_vsock(args.vsock) if args.vsock is not None else None,
+        console=parse_virtio_console(args.virtio_console) if args.virtio_console is not None else None,
+    )
+
+
+Builder = Callable[
+    [MachineConfig, asyncio.AbstractEventLoop, "ConsoleIO | None", "tuple[int, int] | None"], "Machine"
+]
+
+
 def run_machine(
     config: MachineConfig,
     *,
@@ -214,8 +284,10 @@ def run_machine(
     api_sock: Path | None = None,
     qmp: str | None = None,
     seccomp: str = "kill",
+    build: Builder | None = None,
 ) -> int:
-    """Build the machine, serve its console and control channels, run it until it stops; the exit code."""
+    """Build the machine (``build``: restore it instead), serve its console and control channels, run it
+    until it stops; the exit code."""
     import uvloop
 
     from evmm.confine import seccomp as confine
@@ -226,11 +298,20 @@ def run_machine(
     from evmm.loop.console import ConsoleIO
     from evmm.loop.terminal import RawTerminal
     from evmm.loop.vcpu_thread import KICK_SIGNAL
-    from evmm.machine.machine import Machine
     from evmm.machine.microvm import build_microvm
     from evmm.machine.standard import build_standard
+    from evmm.snapshot import commands as snapshot_commands
 
-    build = build_standard if config.board == "standard" else build_microvm
+    if build is None:
+
+        def build(
+            config: MachineConfig,
+            loop: asyncio.AbstractEventLoop,
+            console: ConsoleIO | None,
+            stdio: tuple[int, int] | None,
+        ) -> Machine:
+            board = build_standard if config.board == "standard" else build_microvm
+            return board(config, loop, console, stdio=stdio)
 
     # The kick signal must have a handler (any) so that it interrupts KVM_RUN instead of killing the process.
     signal.signal(KICK_SIGNAL, lambda signum, frame: None)
@@ -257,14 +338,15 @@ def run_machine(
             if hvc_stdio:
                 # The virtio console owns the terminal; the UART's output is dropped.
                 stdio = (in_fd if in_fd is not None else os.open(os.devnull, os.O_RDONLY), out_fd)
-                machine = build(config, loop, None, stdio=stdio)
+                machine = build(config, loop, None, stdio)
             else:
                 console = ConsoleIO(
                     loop, out_fd, in_fd, interactive=term.active, on_escape=lambda key: menu[0].on_escape(key)
                 )
-                machine = build(config, loop, console)
+                machine = build(config, loop, console, None)
             m = machine
             commands = Commands(m)
+            snapshot_commands.register(commands, lambda: m)
             if config.board == "standard":
                 from evmm.control.pci_commands import register_pci_commands
 

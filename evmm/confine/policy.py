@@ -184,6 +184,29 @@ def _rules(pid: int, hot: tuple[str | Rule, ...], prctl: tuple[int, ...], *rest:
     return out
 
 
+# KVM state a snapshot reads (evmm/kvm/state.py).
+_SNAPSHOT_READS = (
+    "KVM_CHECK_EXTENSION",
+    "KVM_GET_MSR_INDEX_LIST",
+    "KVM_GET_MSRS",
+    "KVM_GET_TSC_KHZ",
+    "KVM_GET_CPUID2",
+    "KVM_GET_MP_STATE",
+    "KVM_GET_FPU",
+    "KVM_GET_XSAVE",
+    "KVM_GET_XCRS",
+    "KVM_GET_DEBUGREGS",
+    "KVM_GET_LAPIC",
+    "KVM_GET_VCPU_EVENTS",
+    "KVM_GET_IRQCHIP",
+    "KVM_GET_PIT2",
+    "KVM_GET_CLOCK",
+)
+# Writing a snapshot's files: a state file and a sparse memory file written beside and renamed into place,
+# disks copied extent by extent (evmm/snapshot/format.py, memfile.py, disks.py).
+_SNAPSHOT_FILES = ("mkdir", "ftruncate", "rename", "mincore", "copy_file_range")
+
+
 def main_rules(pid: int, features: Features) -> list[Rule]:
     ioctls = _kvm_ioctls(
         "KVM_IRQ_LINE",
@@ -194,6 +217,9 @@ def main_rules(pid: int, features: Features) -> list[Rule]:
         "KVM_GET_SREGS",
     )
     ioctls += (FIOCLEX, FIONCLEX, FIONBIO, FIONREAD, *_TERMINAL)
+    # A snapshot of the paused VM (evmm/snapshot/save.py, on the reactor): what KVM has of each vCPU and of
+    # the VM, read only; restoring it happens in a new process, before its filter goes on.
+    ioctls += _kvm_ioctls(*_SNAPSHOT_READS)
     if features.pci:
         # A guest's MSI-X table or MSI capability write (served on the reactor) reroutes a vector: the whole
         # GSI table is set again (evmm.machine.msi).
@@ -270,6 +296,7 @@ def main_rules(pid: int, features: Features) -> list[Rule]:
         "rseq",
         # A worker stacks its own filter on this one.
         Rule("seccomp", ArgIn(0, (SECCOMP_SET_MODE_FILTER,))),
+        *_SNAPSHOT_FILES,
         *(_FS if features.fs else ()),
     )
 

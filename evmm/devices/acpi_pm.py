@@ -59,7 +59,7 @@ class AcpiPm:
         self.ged_event(ACPI_GED_EVENT_POWER_BUTTON)
 
     def ged_event(self, bits: int) -> None:
-        """Flag GED events (``ACPI_GED_EVENT_*``: the power button, a PCI hotplug) and interrupt the guest."""
+        """Flag GED events (``ACPI_GED_EVENT_*``: the power button, a PCI hotplug, a new VM generation) and interrupt the guest."""
         with self._lock:
             self._ged_events |= bits
         self._ged.trigger()

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from evmm.errors import KvmError
 from evmm.kvm import exits
-from evmm.kvm._ffi import ffi, ioctl, ioctl_val, lib
+from evmm.kvm._ffi import check, ffi, ioctl, ioctl_val, lib
 from evmm.kvm.types import SEGMENT_NAMES, CpuidEntry, DTable, Fpu, Regs, Segment, Sregs
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ _EXIT_IO_OUT = lib.KVM_EXIT_IO_OUT
 _KVM_RUN = lib.KVM_RUN
 _EINTR = -errno.EINTR
 _EAGAIN = -errno.EAGAIN
+_CPUID_ENTRIES = 256
 
 
 class Vcpu:
@@ -243,6 +244,68 @@ class Vcpu:
     def get_tsc_khz(self) -> int:
         return ioctl_val(self.fd, lib.KVM_GET_TSC_KHZ, 0, "KVM_GET_TSC_KHZ")
 
+    # ---- snapshot and restore (evmm/kvm/state.py orders these calls) ---------------------------------------
+
+    def get_cpuid(self) -> list[CpuidEntry]:
+        """The CPUID table KVM holds for this vCPU, as set and as KVM updated it (KVM_GET_CPUID2)."""
+        n = _CPUID_ENTRIES
+        while True:
+            arg = ffi.new("struct kvm_cpuid2 *", {"nent": n, "entries": n})
+            ret = lib.evmm_ioctl(self.fd, lib.KVM_GET_CPUID2, arg)
+            if ret != -errno.E2BIG or n >= 4 * _CPUID_ENTRIES:
+                break
+            n *= 2
+        check(ret, "KVM_GET_CPUID2")
+        return [
+            CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+            for e in (arg.entries[i] for i in range(arg.nent))
+        ]
+
+    def _xsave_size(self) -> int:
+        # KVM_CAP_XSAVE2 gives the size the host's XSAVE state needs (more than struct kvm_xsave's 4 KiB once
+        # AMX is enabled); 0 on kernels before 5.17, which only know the 4 KiB struct.
+        return max(self.vm.kvm.check_extension(lib.KVM_CAP_XSAVE2), int(ffi.sizeof("struct kvm_xsave")))
+
+    def get_xsave(self) -> bytes:
+        size = self._xsave_size()
+        buf = ffi.new("char[]", size)
+        big = size > ffi.sizeof("struct kvm_xsave")
+        ioctl(self.fd, lib.KVM_GET_XSAVE2 if big else lib.KVM_GET_XSAVE, buf, "KVM_GET_XSAVE")
+        return bytes(ffi.buffer(buf))
+
+    def set_xsave(self, blob: bytes) -> None:
+        size = self._xsave_size()
+        if len(blob) > size:
+            raise KvmError(f"saved vCPU XSAVE state is {len(blob)} bytes, this host's KVM takes {size}")
+        buf = ffi.new("char[]", size)
+        ffi.memmove(buf, blob, len(blob))
+        ioctl(self.fd, lib.KVM_SET_XSAVE, buf, "KVM_SET_XSAVE")
+
+    def set_vcpu_events(self, blob: bytes) -> None:
+        """Restore pending exceptions, interrupts and NMIs.  KVM_GET_VCPU_EVENTS does not flag the pending NMI
+        and the SIPI vector as valid, so KVM_SET_VCPU_EVENTS would ignore them (as QEMU does, set the flags)."""
+        s = ffi.new("struct kvm_vcpu_events *")
+        if len(blob) != ffi.sizeof(s[0]):
+            raise KvmError(
+                f"saved vCPU events are {len(blob)} bytes, this host's KVM wants {ffi.sizeof(s[0])}"
+            )
+        ffi.memmove(s, blob, len(blob))
+        s.flags |= lib.KVM_VCPUEVENT_VALID_NMI_PENDING | lib.KVM_VCPUEVENT_VALID_SIPI_VECTOR
+        ioctl(self.fd, lib.KVM_SET_VCPU_EVENTS, s, "KVM_SET_VCPU_EVENTS")
+
+    def set_tsc_khz(self, khz: int) -> None:
+        ioctl_val(self.fd, lib.KVM_SET_TSC_KHZ, khz, "KVM_SET_TSC_KHZ")
+
+    def kvmclock_ctrl(self) -> bool:
+        """Tell the guest's kvmclock it was stopped (PVCLOCK_GUEST_STOPPED), so its soft-lockup watchdog does
+        not take the time it spent as a snapshot for a hung CPU.  False when the guest has no kvmclock
+        (KVM answers EINVAL: booted with no-kvmclock, or not yet set up)."""
+        ret = lib.evmm_ioctl_val(self.fd, lib.KVM_KVMCLOCK_CTRL, 0)
+        if ret == -errno.EINVAL:
+            return False
+        check(ret, "KVM_KVMCLOCK_CTRL")
+        return True
+
     # Whole-state blobs for save/restore: opaque bytes, restored as they were saved.
     def get_state_blob(self, kind: str) -> bytes:
         ctype, get_req, _ = _BLOBS[kind]
@@ -262,7 +325,6 @@ class Vcpu:
 
 _BLOBS: dict[str, tuple[str, int, int]] = {
     "vcpu_events": ("struct kvm_vcpu_events", lib.KVM_GET_VCPU_EVENTS, lib.KVM_SET_VCPU_EVENTS),
-    "xsave": ("struct kvm_xsave", lib.KVM_GET_XSAVE, lib.KVM_SET_XSAVE),
     "xcrs": ("struct kvm_xcrs", lib.KVM_GET_XCRS, lib.KVM_SET_XCRS),
     "debugregs": ("struct kvm_debugregs", lib.KVM_GET_DEBUGREGS, lib.KVM_SET_DEBUGREGS),
 }

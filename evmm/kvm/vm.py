@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from evmm.errors import KvmError
 from evmm.kvm._ffi import check, ffi, ioctl, ioctl_val, lib
 from evmm.record import record
 
@@ -179,8 +180,37 @@ class Vm:
         data = ffi.new("struct kvm_clock_data *", {"clock": clock})
         ioctl(self.fd, lib.KVM_SET_CLOCK, data, "KVM_SET_CLOCK")
 
+    # ---- snapshot and restore: the in-kernel PIC pair, IOAPIC and PIT as opaque blobs ------------------------
+
+    def get_irqchip(self, chip: int) -> bytes:
+        s = ffi.new("struct kvm_irqchip *", {"chip_id": chip})
+        ioctl(self.fd, lib.KVM_GET_IRQCHIP, s, f"KVM_GET_IRQCHIP (chip {chip})")
+        return bytes(ffi.buffer(s))
+
+    def set_irqchip(self, blob: bytes) -> None:
+        s = ffi.new("struct kvm_irqchip *")
+        _fill(s, blob, "irqchip")
+        ioctl(self.fd, lib.KVM_SET_IRQCHIP, s, f"KVM_SET_IRQCHIP (chip {s.chip_id})")
+
+    def get_pit2(self) -> bytes:
+        s = ffi.new("struct kvm_pit_state2 *")
+        ioctl(self.fd, lib.KVM_GET_PIT2, s, "KVM_GET_PIT2")
+        return bytes(ffi.buffer(s))
+
+    def set_pit2(self, blob: bytes) -> None:
+        s = ffi.new("struct kvm_pit_state2 *")
+        _fill(s, blob, "PIT")
+        ioctl(self.fd, lib.KVM_SET_PIT2, s, "KVM_SET_PIT2")
+
     def create_vcpu(self, index: int) -> Vcpu:
         from evmm.kvm.vcpu import Vcpu
 
         fd = ioctl_val(self.fd, lib.KVM_CREATE_VCPU, index, f"KVM_CREATE_VCPU ({index})")
         return Vcpu(self, index, fd, self.kvm.vcpu_mmap_size())
+
+
+def _fill(s: Any, blob: bytes, what: str) -> None:
+    size = ffi.sizeof(s[0])
+    if len(blob) != size:
+        raise KvmError(f"saved {what} state is {len(blob)} bytes, this host's KVM wants {size}")
+    ffi.memmove(s, blob, size)

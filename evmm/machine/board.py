@@ -162,6 +162,8 @@ class Legacy:
     serial_fast: UartFastPath
     i8042: I8042
     acpi_pm: AcpiPm
+    rtc: Rtc
+    boot_timer: BootTimer
 
 
 def legacy_devices(
@@ -200,7 +202,7 @@ def legacy_devices(
         memory.add(Io("acpi-pm", layout.ACPI_PM_SIZE, acpi_pm), layout.ACPI_PM_BASE, LEGACY_PRIORITY)
         boot_timer = BootTimer(lifecycle.boot_marker)
         memory.add(Io("boot-timer", 0x1000, boot_timer), layout.BOOT_TIMER_BASE, LEGACY_PRIORITY)
-    return Legacy(serial, fast, i8042, acpi_pm)
+    return Legacy(serial, fast, i8042, acpi_pm, rtc, boot_timer)
 
 
 def make_virtio_devices(
@@ -261,11 +263,14 @@ def base(
     loop: asyncio.AbstractEventLoop,
     console: ConsoleIO | None,
     lifecycle: Lifecycle,
+    memory: GuestMemory | None,
 ) -> Base:
     vm = create_vm(b, config)
     routing = GsiRouting(vm, pc_gsi_routes())  # before the PIT, which raises IRQ 0 through it
     vm.create_pit2()
-    memory = b.memory = GuestMemory.anonymous(layout.ram_layout(config.memory))
+    if memory is None:
+        memory = GuestMemory.anonymous(layout.ram_layout(config.memory))
+    b.memory = memory
     spaces = address_spaces(vm, memory)
     return Base(vm, routing, memory, spaces, legacy_devices(b, vm, spaces, loop, console, lifecycle))
 
@@ -276,12 +281,14 @@ def build(
     console: ConsoleIO | None,
     kvm_path: str,
     body: Callable[[Build, Base, Lifecycle], Machine],
+    memory: GuestMemory | None = None,
 ) -> Machine:
-    """A board: its ``base``, then ``body`` adds the rest; whatever was made is released if anything fails."""
+    """A board: its ``base``, then ``body`` adds the rest; whatever was made is released if anything fails.
+    ``memory``: guest RAM that already holds a guest (a restored snapshot's) instead of fresh RAM."""
     b = Build(Kvm(kvm_path))
     lifecycle = Lifecycle()
     try:
-        return body(b, base(b, config, loop, console, lifecycle), lifecycle)
+        return body(b, base(b, config, loop, console, lifecycle, memory), lifecycle)
     except BaseException:
         b.abort()
         raise
@@ -333,11 +340,18 @@ def boot_vcpus(
     legacy: Legacy,
     rsdp_addr: int,
     defaults: Callable[[int], list[str]],
+    *,
+    boot: bool = True,
 ) -> tuple[list[Vcpu], str]:
     """The vCPUs, the MP table, the kernel loaded with its command line; ``defaults(tsc_khz)`` are the
-    board's command-line words.  Returns the vCPUs and the command line."""
-    memory.write(layout.MPTABLE_ADDR, build_mptable(config.cpus))
+    board's command-line words.  Returns the vCPUs and the command line.  Without ``boot`` (a restore: RAM
+    holds the booted guest, and the vCPUs get their saved state next) only the vCPUs are made."""
     vcpus = [vm.create_vcpu(i) for i in range(config.cpus)]
+    if not boot:
+        for v in vcpus:
+            v.set_exit_hooks([legacy.serial_fast])
+        return vcpus, config.cmdline
+    memory.write(layout.MPTABLE_ADDR, build_mptable(config.cpus))
     cmdline = merge_cmdline(config.cmdline, defaults(vcpus[0].get_tsc_khz()))
     plan = load_linux(memory, config.kernel, config.initrd, cmdline, rsdp_addr)
     supported = b.kvm.supported_cpuid()

@@ -10,12 +10,15 @@ attaches to once built.  What the machine itself acts on it gets as typed handle
 from __future__ import annotations
 
 import asyncio
+import os
 
 from evmm.acpi.tables import AcpiConfig, VirtioMmioDevice, build_acpi_tables
 from evmm.address_space import Io
 from evmm.arch.x86 import layout
+from evmm.devices.acpi_pm import AcpiPm
 from evmm.devices.virtio.device import VirtioDevice
 from evmm.devices.virtio.mmio import VirtioMmio
+from evmm.devices.vmgenid import GENERATION_ID_SIZE, VmGenId
 from evmm.errors import ConfigError
 from evmm.kvm import Vm
 from evmm.log import log
@@ -86,6 +89,11 @@ def _virtio_cmdline_words(transports: list[VirtioMmio]) -> list[str]:
     ]
 
 
+def _vmgenid(memory: GuestMemory, acpi_pm: AcpiPm) -> VmGenId:
+    """The VM generation ID's device, notified through the GED's event register."""
+    return VmGenId(memory, layout.VMGENID_ADDR, lambda: acpi_pm.ged_event(layout.ACPI_GED_EVENT_VMGENID))
+
+
 def build_microvm(
     config: MachineConfig,
     loop: asyncio.AbstractEventLoop,
@@ -93,19 +101,33 @@ def build_microvm(
     *,
     stdio: tuple[int, int] | None = None,
     kvm_path: str = "/dev/kvm",
+    memory: GuestMemory | None = None,
+    boot: bool = True,
 ) -> Machine:
+    """Build the machine; ``boot``: load the kernel and firmware tables and set the boot vCPU's entry state.
+
+    A restore (evmm/snapshot/restore.py) passes the snapshot's ``memory`` and ``boot=False``: RAM already
+    holds the kernel, the tables and everything since, and the vCPUs and devices get their saved state next.
+    """
+
     def body(b: Build, board: Base, lifecycle: Lifecycle) -> Machine:
         slots = _make_hotplug_slots(config)
         virtio = make_virtio_devices(config, stdio) + [(slot.id, slot.device) for slot in slots]
         with board.spaces.memory.transaction():
             transports = _virtio_transports(b, board.vm, board.memory, board.spaces, loop, virtio)
+        vmgenid = _vmgenid(board.memory, board.legacy.acpi_pm)
 
-        acpi_devices = tuple(
-            VirtioMmioDevice(t.base, layout.VIRTIO_MMIO_SIZE, layout.VIRTIO_IRQS[i])
-            for i, t in enumerate(transports)
-        )
-        tables = build_acpi_tables(AcpiConfig(num_cpus=config.cpus, virtio_devices=acpi_devices))
-        board.memory.write(layout.ACPI_TABLES_ADDR, tables.blob)
+        rsdp_addr = 0
+        if boot:
+            acpi_devices = tuple(
+                VirtioMmioDevice(t.base, layout.VIRTIO_MMIO_SIZE, layout.VIRTIO_IRQS[i])
+                for i, t in enumerate(transports)
+            )
+            acpi = AcpiConfig(num_cpus=config.cpus, virtio_devices=acpi_devices, vmgenid_addr=vmgenid.addr)
+            tables = build_acpi_tables(acpi)
+            board.memory.write(layout.ACPI_TABLES_ADDR, tables.blob)
+            vmgenid.write(os.urandom(GENERATION_ID_SIZE))
+            rsdp_addr = tables.rsdp_addr
 
         def defaults(tsc_khz: int) -> list[str]:
             words = default_cmdline(tsc_khz, console_name(config))
@@ -114,13 +136,18 @@ def build_microvm(
                 words += _virtio_cmdline_words(transports)
             return words
 
-        boot = boot_vcpus(b, board.vm, config, board.memory, board.legacy, tables.rsdp_addr, defaults)
+        started = boot_vcpus(b, board.vm, config, board.memory, board.legacy, rsdp_addr, defaults, boot=boot)
         devices = Devices(
             acpi_pm=board.legacy.acpi_pm,
             i8042=board.legacy.i8042,
             virtio_console=virtio_console(virtio),
             slots=slots,
+            serial=board.legacy.serial,
+            rtc=board.legacy.rtc,
+            boot_timer=board.legacy.boot_timer,
+            vmgenid=vmgenid,
+            transports=transports,
         )
-        return assemble(b, board, config, lifecycle, loop, console, boot, devices)
+        return assemble(b, board, config, lifecycle, loop, console, started, devices)
 
-    return build(config, loop, console, kvm_path, body)
+    return build(config, loop, console, kvm_path, body, memory)

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # How many system calls each role allows (docs/security.md, "Per-role allow-lists").  A change here is a
 # change of evmm's attack surface: measure it (evmm.confine.trace) and say why in the commit.
-ALLOWED = {"main": 65, "vcpu": 21, "io": 25}
+ALLOWED = {"main": 70, "vcpu": 21, "io": 25}
 # The main thread's extra ioctls with a tap and with vhost-vsock.
 MAIN_FEATURE_IOCTLS = {"tap": 5, "vhost": 12}
 
@@ -198,3 +198,16 @@ def test_msi_rerouting_only_on_the_standard_board() -> None:
     assert run(_prog("main"), number("ioctl"), [0, routing]) == SECCOMP_RET_TRAP
     assert run(_prog("main", Features(pci=True)), number("ioctl"), [0, routing]) == SECCOMP_RET_ALLOW
     assert run(_prog("vcpu", Features(pci=True)), number("ioctl"), [0, routing]) == SECCOMP_RET_TRAP
+
+
+def test_a_snapshot_reads_kvm_state_on_the_main_thread_only() -> None:
+    from evmm.kvm._ffi import lib
+
+    for name in ("KVM_GET_XSAVE", "KVM_GET_LAPIC", "KVM_GET_IRQCHIP", "KVM_GET_CLOCK"):
+        request = int(getattr(lib, name))
+        assert run(_prog("main"), number("ioctl"), [0, request]) == SECCOMP_RET_ALLOW
+        assert run(_prog("vcpu"), number("ioctl"), [0, request]) == SECCOMP_RET_TRAP
+    for name in ("KVM_SET_XSAVE", "KVM_SET_LAPIC", "KVM_SET_CLOCK"):  # a restore is a new process, unconfined
+        assert run(_prog("main"), number("ioctl"), [0, int(getattr(lib, name))]) == SECCOMP_RET_TRAP
+    assert run(_prog("main"), number("rename")) == SECCOMP_RET_ALLOW
+    assert run(_prog("io"), number("rename")) == SECCOMP_RET_TRAP

@@ -9,6 +9,7 @@
 0x0002_0000  kernel command line
 0x0009_fc00  EBDA: MP floating pointer + MP configuration table
 0x000e_0000  ACPI: RSDP, XSDT, FADT, MADT, DSDT (reserved in e820)
+0x000f_f000  the VM generation ID (VMGenID, reserved in e820)
 0x0010_0000  kernel (bzImage protected-mode part; ELF segments at their p_paddr)
 ...          RAM up to min(memory, MMIO32_START); initrd at the top of it
 0xc000_0000  32-bit MMIO hole: virtio-mmio slots (microvm) or the PCI window and ECAM (standard), ACPI power
@@ -38,7 +39,9 @@ EBDA_START = 0x9FC00
 MPTABLE_ADDR = EBDA_START
 LOW_RAM_END = EBDA_START  # first e820 RAM entry is [0, EBDA_START)
 ACPI_TABLES_ADDR = 0xE0000  # RSDP first; the kernel also finds it here by scanning, if it must
-ACPI_TABLES_END = 0x100000
+ACPI_TABLES_END = 0xFF000
+# The VM generation ID (16 bytes) the DSDT's VGEN device points at: reserved in e820, outside the tables.
+VMGENID_ADDR = 0xFF000
 HIMEM_START = 0x100000  # 1 MiB: where the protected-mode kernel is loaded
 
 MMIO32_START = 0xC000_0000  # 3 GiB: RAM below this, devices from here to 4 GiB
@@ -117,3 +120,4 @@ ACPI_RESET_VALUE = 0x42
 ACPI_S5_SLP_TYP = 5  # the SLP_TYPx value the DSDT's \_S5 package names
 ACPI_GED_EVENT_POWER_BUTTON = 0x1
 ACPI_GED_EVENT_PCI_HOTPLUG = 0x2
+ACPI_GED_EVENT_VMGENID = 0x4  # a new VM generation ID: Notify(VGEN) (a restored snapshot)

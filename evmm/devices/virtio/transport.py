@@ -139,11 +139,13 @@ class TransportCore:
             if not value & FEATURES_OK:
                 return
             self.status = value
-            self._activate()
+            self.activate()
             return
         self.status = value
 
-    def _activate(self) -> None:
+    def activate(self, prepare: Callable[[Virtqueue], None] | None = None) -> None:
+        """Build the queues and start the device, as DRIVER_OK does; ``prepare`` sets each queue's ring indices
+        first (a restored snapshot)."""
         event_idx = bool(self.driver_features & VIRTIO_F_EVENT_IDX)
         for i, cfg in enumerate(self.queues):
             if not cfg.ready:
@@ -152,7 +154,10 @@ class TransportCore:
             if why is not None:
                 self.needs_reset(f"queue {i}: {why}")
                 return
-            self.active[i] = Virtqueue(i, cfg, self._mem, event_idx=event_idx)
+            queue = Virtqueue(i, cfg, self._mem, event_idx=event_idx)
+            if prepare is not None:
+                prepare(queue)
+            self.active[i] = queue
         log.debug(
             "%s: activated, features %#x, queues %s",
             self.where,
