@@ -57,9 +57,8 @@ METHODS = {
 
 @pytest.fixture(scope="module")
 def host_agent() -> Iterator[HostAgent]:
-    a = HostAgent()
-    yield a
-    a.stop()
+    with HostAgent() as a:
+        yield a
 
 
 @pytest.fixture
