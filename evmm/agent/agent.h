@@ -83,6 +83,7 @@ struct chunk {
 struct stream {
 	struct watch w;
 	uint64_t window; /* bytes the owner will take now (credit) */
+	int64_t hold_until; /* ms (monotonic): a little output waits this long for more; 0 = not held */
 	bool eof;
 };
 

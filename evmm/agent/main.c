@@ -6,6 +6,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -527,6 +528,11 @@ int main(int argc, char **argv)
 		fprintf(stderr, "evmm-agent: cannot start: %s\n", strerror(errno));
 		return 1;
 	}
+	/* SCHED_BATCH: the agent's wake-ups do not preempt the processes it serves (sched(7)), so a process
+	 * writing output fills its pipe before the agent reads it, and one event carries many writes.  Its
+	 * children start as SCHED_OTHER again (SCHED_RESET_ON_FORK). */
+	struct sched_param none = {0};
+	sched_setscheduler(0, SCHED_BATCH | SCHED_RESET_ON_FORK, &none);
 	signal(SIGPIPE, SIG_IGN);
 	sigset_t chld;
 	sigemptyset(&chld);
