@@ -33,9 +33,10 @@ MODULES = (
     "button",
     "evdev",
 )
-# Programs of the tools variant, for virtio tests: fio (block), iperf3 (net), socat (AF_VSOCK streams).
-TOOL_PACKAGES = ("fio", "iperf3", "socat")
-TOOL_PROGRAMS = ("/usr/bin/fio", "/usr/bin/iperf3", "/usr/bin/socat")
+# Programs of the tools variant, for virtio tests: fio (block), iperf3 (net), socat (AF_VSOCK streams), and
+# qemu-guest-agent for the benchmark's exec row under QEMU (/init starts it when QEMU gave it its port).
+TOOL_PACKAGES = ("fio", "iperf3", "socat", "qemu-guest-agent")
+TOOL_PROGRAMS = ("/usr/bin/fio", "/usr/bin/iperf3", "/usr/bin/socat", "/usr/sbin/qemu-ga")
 MANIFEST = "guest.json"
 TOOLS_INITRAMFS = "initramfs-tools.cpio.gz"
 READY_LINE = "evmm-guest: ready"

@@ -287,3 +287,16 @@ async def test_run_times_out_and_kills_the_process() -> None:
     async with fake_sandbox() as box:
         with pytest.raises(TimeoutError):
             await box.run(["sleep"], timeout=0.3)
+
+
+def test_evmm_sandbox_is_imported_only_when_used() -> None:
+    # `import evmm` happens for every command, and `evmm run`'s start-up counts (docs/performance.md).
+    code = (
+        "import sys, evmm, evmm.cli.main as m; m.build_parser(['run']); "
+        "assert 'evmm.sandbox' not in sys.modules, 'imported early'; "
+        "from evmm import Sandbox; assert Sandbox.__module__ == 'evmm.sandbox.sandbox'"
+    )
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
