@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from evmm import agent
 from evmm.assets import bundle, debian
 from evmm.assets.cache import cache_root, read_manifest, write_atomic, write_manifest
 from evmm.assets.guest import MODULES, TOOL_PACKAGES, TOOL_PROGRAMS, _init_files, recipe_id
@@ -78,7 +79,7 @@ def build_generic_guest(cache: Path | None = None, *, step: Step = no_progress) 
         bundle.base_layout(archive)
         bundle.add_busybox(archive, busybox)
         bundle.add_modules(archive, kroot, version, GENERIC_MODULES)
-        _init_files(archive)
+        _init_files(archive, agent.build(root))
         tools = ws.fetch(debian.library_closure(list(TOOL_PACKAGES)), into="tools")
         for program in TOOL_PROGRAMS:
             bundle.add_program(archive, tools, program)

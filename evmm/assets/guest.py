@@ -12,6 +12,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
+from evmm import agent
 from evmm.assets import bundle, debian
 from evmm.assets.cache import cache_root, read_manifest, write_atomic, write_manifest
 from evmm.assets.initramfs import Archive
@@ -39,9 +40,16 @@ MODULES = (
     "evdev",
 )
 # Programs of the tools variant, for virtio tests: fio (block), iperf3 (net), socat (AF_VSOCK streams),
-# stress-ng (its filesystem stressors on a virtio-fs mount).
-TOOL_PACKAGES = ("fio", "iperf3", "socat", "stress-ng")
-TOOL_PROGRAMS = ("/usr/bin/fio", "/usr/bin/iperf3", "/usr/bin/socat", "/usr/bin/stress-ng")
+# stress-ng (its filesystem stressors on a virtio-fs mount), and qemu-guest-agent for the benchmark's exec
+# row under QEMU (/init starts it when QEMU gave it its port).
+TOOL_PACKAGES = ("fio", "iperf3", "socat", "stress-ng", "qemu-guest-agent")
+TOOL_PROGRAMS = (
+    "/usr/bin/fio",
+    "/usr/bin/iperf3",
+    "/usr/bin/socat",
+    "/usr/bin/stress-ng",
+    "/usr/sbin/qemu-ga",
+)
 MANIFEST = "guest.json"
 TOOLS_INITRAMFS = "initramfs-tools.cpio.gz"
 HOSTILE_SOURCE = "hostile.c"  # built into the tools initramfs as /usr/bin/evmm-hostile
@@ -104,6 +112,7 @@ def recipe_id() -> str:
         h.update(part)
     h.update(repr((MODULES, TOOL_PACKAGES, TOOL_PROGRAMS)).encode())
     h.update(files.joinpath(HOSTILE_SOURCE).read_bytes())
+    h.update(agent.digest("guest").encode())
     return h.hexdigest()[:16]
 
 
@@ -125,8 +134,10 @@ def build_hostile() -> bytes:
         return out.read_bytes()
 
 
-def _init_files(archive: Archive) -> None:
+def _init_files(archive: Archive, agent_binary: Path) -> None:
     files = resources.files("evmm.assets")
+    # The guest agent (docs/agent-protocol.md), started and respawned by /etc/inittab.
+    archive.file(agent.GUEST_PATH, agent_binary.read_bytes(), 0o755)
     archive.file("init", files.joinpath("init").read_bytes(), 0o755)
     archive.file("etc/inittab", files.joinpath("inittab").read_bytes())
     archive.file("etc/profile", PROFILE)
@@ -165,7 +176,8 @@ def build_default_guest(
         bundle.base_layout(archive)
         bundle.add_busybox(archive, busybox)
         bundle.add_modules(archive, kroot, version, MODULES)
-        _init_files(archive)
+        step("building evmm-agent with the host's gcc")
+        _init_files(archive, agent.build(root))
         write_atomic(out / "initramfs.cpio.gz", archive.to_gzip())
         manifest = {
             "kernel_version": version,

@@ -28,6 +28,7 @@ from evmm.bench.boot import BootRow
 from evmm.bench.context import Context, Row, Watch
 from evmm.bench.control import ControlRow
 from evmm.bench.density import DensityRow
+from evmm.bench.exec import ExecRow
 from evmm.bench.fs import FsRow
 from evmm.bench.net import NetRow
 from evmm.bench.overhead import MemoryRow
@@ -48,6 +49,7 @@ ROWS: dict[str, Callable[[], Row]] = {
     "fs": FsRow,
     "seccomp": SeccompRow,
     "restore": RestoreRow,
+    "exec": ExecRow,
 }
 PROFILED = ("boot", "blk", "net", "control")
 RESULTS = "results.json"

@@ -23,6 +23,8 @@ COMMANDS = {
     "bench": "evmm.cli.bench_cmd",
     "serve": "evmm.cli.serve_cmd",
     "clone": "evmm.cli.clone_cmd",
+    "exec": "evmm.cli.exec_cmd",
+    "cp": "evmm.cli.cp_cmd",
 }
 
 
