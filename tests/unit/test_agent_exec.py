@@ -44,8 +44,11 @@ def gone(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    # A zombie not yet reaped by the agent counts as gone.
-    return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
+    # A zombie not yet reaped by the agent counts as gone; so does one reaped since the kill(2) above.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
+    except (ProcessLookupError, FileNotFoundError):
+        return True
 
 
 async def wait_gone(pid: int, timeout: float = 10.0) -> None:
