@@ -449,11 +449,7 @@ def _sysctl(r: _Reader, value: Any) -> tuple[tuple[str, str], ...]:
 
 def _resources(r: _Reader, value: Any) -> tuple[int, int, tuple[int, ...], int | None]:
     """(guest memory bytes, vCPUs, cpuset, cpu weight) from linux.resources."""
-    res = r.obj(
-        value,
-        "linux.resources",
-        ("memory", "cpu", "devices", "pids", "blockIO"),
-    )
+    res = r.obj(value, "linux.resources", ("memory", "cpu"))  # devices, pids, blockIO: CONFINED
     mem = r.obj(
         res.get("memory"),
         "linux.resources.memory",
