@@ -3,7 +3,9 @@
 The root filesystem is Debian's busybox-static (fetched with evmm's Debian tooling, evmm/assets/debian.py, or
 taken from the cache where it already is) with every applet linked, plus the few files a container expects.
 It goes to the engines as a plain tar (``docker import``, ``podman import``) or as an OCI image layout in a tar
-(``ctr images import``; image-spec image-layout.md), written here byte for byte reproducibly.
+(``ctr images import``; image-spec image-layout.md), written here byte for byte reproducibly.  Also here: the
+wiring the tests and the benchmark share, a runtime script for the engines to exec and podman's options for
+a store of its own.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hashlib
 import io
 import json
 import subprocess
+import sys
 import tarfile
 import tempfile
 from pathlib import Path
@@ -133,3 +136,21 @@ def oci_archive(layer: bytes, name: str, cmd: tuple[str, ...] = ("sh",)) -> byte
             info.size, info.mode = len(data), 0o644
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+def runtime_script(where: Path) -> Path:
+    """An executable running this evmm's ``python -m evmm.oci``, for an engine to exec as its runtime (the
+    console script ``evmm-oci`` may be another checkout's)."""
+    root = Path(__file__).resolve().parents[2]
+    script = where / "evmm-oci"
+    script.write_text(f'#!/bin/sh\nPYTHONPATH={root} exec {sys.executable} -m evmm.oci "$@"\n')
+    script.chmod(0o755)
+    return script
+
+
+def podman_options(where: Path) -> list[str]:
+    """podman's global options for a store of its own under ``where`` (no daemon, no systemd)."""
+    return [
+        *("--root", str(where / "root"), "--runroot", str(where / "run"), "--tmpdir", str(where / "tmp")),
+        *("--cgroup-manager", "cgroupfs", "--events-backend", "file", "--storage-driver", "overlay"),
+    ]

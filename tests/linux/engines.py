@@ -17,15 +17,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from evmm.oci.image import busybox_rootfs, oci_archive, rootfs_tar
+from evmm.oci.image import busybox_rootfs, oci_archive, podman_options, rootfs_tar, runtime_script
 
-REPO = Path(__file__).resolve().parents[2]
 IMAGE = "evmm.local/busybox:latest"
 DOCKER = "/usr/bin/docker"  # Debian's client (a newer one elsewhere on PATH would do too)
 START_TIMEOUT = 180.0  # dockerd's first start in the TCG test host takes 10-30 s
@@ -52,14 +50,6 @@ def missing() -> str | None:
     if not Path("/sys/fs/cgroup/cgroup.controllers").exists():
         return "no cgroup v2 at /sys/fs/cgroup"
     return None
-
-
-def runtime_script(where: Path) -> Path:
-    """An executable that runs this checkout's evmm-oci, for the engines to exec."""
-    script = where / "evmm-oci"
-    script.write_text(f'#!/bin/sh\nPYTHONPATH={REPO} exec {sys.executable} -m evmm.oci "$@"\n')
-    script.chmod(0o755)
-    return script
 
 
 def run(
@@ -184,12 +174,7 @@ class Podman:
     def __init__(self, where: Path, runtime: Path, image: Image) -> None:
         self.where = where
         self.runtime = runtime
-        self.base = [
-            "podman",
-            *("--root", str(where / "root"), "--runroot", str(where / "run")),
-            *("--tmpdir", str(where / "tmp"), "--cgroup-manager", "cgroupfs", "--events-backend", "file"),
-            *("--storage-driver", "overlay"),
-        ]
+        self.base = ["podman", *podman_options(where)]
         self.cli("import", str(image.tar), IMAGE)
 
     def cli(
