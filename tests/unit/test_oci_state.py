@@ -194,3 +194,23 @@ def test_the_command_line_as_go_runc_and_conmon_write_it() -> None:
     assert parse("kill id1").signal == "SIGTERM"
     assert parse("delete --force id1").force
     assert parse("ps --format json id1").format == "json"
+
+
+def test_doctor_finds_evmm_oci_in_each_engines_configuration() -> None:
+    from evmm.oci import doctor
+
+    assert doctor.docker_runtimes(
+        '{"runtimes": {"evmm": {"path": "/usr/local/bin/evmm-oci"}, "x": {"path": "runc"}}}'
+    ) == ["evmm"]
+    assert doctor.docker_runtimes("not json") == [] and doctor.docker_runtimes("{}") == []
+    assert doctor.podman_runtimes(
+        '[engine.runtimes]\nevmm = ["/usr/bin/evmm-oci"]\nrunc = ["/usr/bin/runc"]\n'
+    ) == ["evmm"]
+    toml = (
+        '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.evmm]\n'
+        'runtime_type = "io.containerd.runc.v2"\n'
+        '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.evmm.options]\n'
+        'BinaryName = "/usr/local/bin/evmm-oci"\n'
+    )
+    assert doctor.containerd_runtimes(toml) == ["evmm"]
+    assert doctor.containerd_runtimes("version = 2\n") == []
