@@ -127,8 +127,8 @@ def cmd_run(args: argparse.Namespace, store: Store, log: RuntimeLog) -> int:
         return 0
     _pid, wait_status = os.waitpid(pid, 0)
     store.remove(args.id)
-    launch.die_with(ExitStatus.from_wait_status(wait_status))
-    return 0  # not reached
+    # As `runc run`: the container's exit code, or 128 + the signal that killed it.
+    return ExitStatus.from_wait_status(wait_status).code
 
 
 def cmd_state(args: argparse.Namespace, store: Store, log: RuntimeLog) -> int:
