@@ -63,7 +63,7 @@ class VmPlan:
     kernel: Path | None = None
     initrd: Path | None = None
     shares: tuple[Share, ...] = ()
-    tap_fd: int | None = None  # an open tap (evmm's --net fd=N), in the container's network namespace
+    tap: str | None = None  # a tap in the container's network namespace, which the VMM shares
     mac: str | None = None  # the guest NIC's MAC
     guest_setup: tuple[tuple[str, ...], ...] = ()  # commands run in the guest before the container's process
     append: tuple[str, ...] = ()  # extra kernel command line words

@@ -192,15 +192,11 @@ def _network(monitor: ContainerMonitor, vm: VmPlan) -> Awaitable[VmPlan]:
             raise EvmmError(
                 f"the network namespace has {len(interfaces)} interfaces ({names}); evmm-oci carries one"
             )
-        from evmm.devices.virtio.net.tap import open_tap
-
         veth = interfaces[0]
-        tap = open_tap(network.TAP)
-        os.set_inheritable(tap.fd, True)
-        network.plumb(veth, tap.name)
+        network.plumb(veth)
         monitor.rec = replace(monitor.rec, veth=veth.name)
         setup = tuple(tuple(c) for c in network.guest_commands(veth, routes))
-        return replace(vm, tap_fd=tap.fd, mac=veth.mac, guest_setup=setup + vm.guest_setup)
+        return replace(vm, tap=network.TAP, mac=veth.mac, guest_setup=setup + vm.guest_setup)
 
     return plumb()
 

@@ -158,13 +158,24 @@ def discover() -> tuple[list[Interface], list[Route]]:
     return interfaces, routes
 
 
-def plumb(veth: Interface, tap: str) -> None:
-    """Join the tap (already open) to ``veth``; the tap up with the veth's MTU."""
-    run(["ip", "link", "set", tap, "mtu", str(veth.mtu), "up"])
-    for cmd in redirect_commands(veth.name, tap):
-        run(cmd)
+def plumb(veth: Interface, tap: str = TAP) -> None:
+    """A tap next to ``veth``, joined to it, up with the veth's MTU.
+
+    The tap is made persistent here, so that the redirect can point at it before the VMM (started in this
+    namespace) attaches to it by name; ``unplumb`` deletes it, and if the monitor is killed first, it goes
+    with the namespace.
+    """
+    run(["ip", "tuntap", "add", "dev", tap, "mode", "tap"])
+    try:
+        run(["ip", "link", "set", tap, "mtu", str(veth.mtu), "up"])
+        for cmd in redirect_commands(veth.name, tap):
+            run(cmd)
+    except EvmmError:
+        unplumb(veth.name, tap)
+        raise
 
 
-def unplumb(veth: str) -> None:
-    """Undo ``plumb`` on the veth's side (the tap's side went with the tap); quiet if already gone."""
-    subprocess.run(["tc", "qdisc", "del", "dev", veth, "ingress"], capture_output=True, check=False)
+def unplumb(veth: str, tap: str = TAP) -> None:
+    """Undo ``plumb``; quiet about what is already gone."""
+    for cmd in (["tc", "qdisc", "del", "dev", veth, "ingress"], ["ip", "link", "del", tap]):
+        subprocess.run(cmd, capture_output=True, check=False)

@@ -1,7 +1,7 @@
 """evmm-oci's network plumbing (evmm/oci/network.py) for real, in the KVM test host: a veth in a namespace of
-the test's, evmm's tap opened next to it, the tc redirect both ways; a frame sent from the veth's far end
-comes out of the tap (where a guest would read it), and a frame written into the tap (a guest's) comes out
-at the far end.  No VM: this is the host half of carrying a container's network into one."""
+the test's, a tap made next to it and joined by the tc redirect both ways, then attached to by name as the VMM does
+(evmm's open_tap); a frame sent from the veth's far end comes out of the tap (where a guest would read it),
+and a frame written into the tap (a guest's) comes out at the far end; unplumb leaves nothing.  No VM: this is the host half of carrying a container's network into one."""
 
 from __future__ import annotations
 
@@ -62,10 +62,10 @@ def test_the_tap_stands_in_for_the_veth() -> None:
         with inside(ns):
             [veth] = network.parse_interfaces(network.run(["ip", "-j", "addr", "show", "dev", "eth0"]))
             assert veth.addresses == ("10.99.0.2/24",)
+            network.plumb(veth)
             tap = open_tap(network.TAP)
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
             try:
-                network.plumb(veth, tap.name)
                 sock.bind(("peer0", 0))
                 peer_mac = sock.getsockname()[4][:6]
                 inbound = mac_bytes(veth.mac) + peer_mac + ETHERTYPE + b"to-the-guest".ljust(46, b".")
@@ -74,8 +74,9 @@ def test_the_tap_stands_in_for_the_veth() -> None:
                 outbound = peer_mac + mac_bytes(veth.mac) + ETHERTYPE + b"from-the-guest".ljust(46, b".")
                 os.write(tap.fd, bytes(VNET_HDR) + outbound)
                 assert read_socket(sock, b"from-the-guest") == outbound
-                network.unplumb("eth0")
-                assert "ingress" not in network.run(["tc", "qdisc", "show", "dev", "eth0"])
             finally:
                 sock.close()
                 tap.close()
+            network.unplumb("eth0")
+            assert "ingress" not in network.run(["tc", "qdisc", "show", "dev", "eth0"])
+            assert network.TAP not in network.run(["ip", "link", "show"])
