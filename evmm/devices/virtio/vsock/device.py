@@ -175,6 +175,10 @@ class VirtioVsock(VirtioDevice):
         self.rx_packets += 1
         return True
 
+    def debug_state(self) -> dict[str, object]:
+        # Where the host side is: how `Sandbox.attach` and `evmm exec` find the guest agent from query-vm.
+        return {"vsock": {"cid": self.guest_cid, "path": str(self.muxer.path)}}
+
     # ---- events and reset -------------------------------------------------------------------------------------
 
     def transport_reset(self) -> None:

@@ -83,6 +83,10 @@ class VhostVsock(VirtioDevice):
     def features(self) -> int:
         return self._features
 
+    def debug_state(self) -> dict[str, object]:
+        # Host programs reach the guest over AF_VSOCK at this CID (how `evmm exec` finds its agent).
+        return {"vsock": {"cid": self.guest_cid, "vhost": True}}
+
     def config(self) -> bytes:
         return struct.pack("<Q", self.guest_cid)  # struct virtio_vsock_config { le64 guest_cid; }
 
