@@ -27,14 +27,18 @@ MODULES = (
     "virtio_console",
     "virtio_rng",
     "vmw_vsock_virtio_transport",
+    # virtio-fs (--fs): virtiofs.ko needs fuse.ko; the load order comes from modules.dep.
+    "fuse",
+    "virtiofs",
     # The ACPI power button (the GED's Notify on PNP0C0C) reaches user space as an input event; busybox acpid
     # turns it into poweroff.  This is how `evmm ctl SOCK shutdown` and QMP system_powerdown stop the guest.
     "button",
     "evdev",
 )
-# Programs of the tools variant, for virtio tests: fio (block), iperf3 (net), socat (AF_VSOCK streams).
-TOOL_PACKAGES = ("fio", "iperf3", "socat")
-TOOL_PROGRAMS = ("/usr/bin/fio", "/usr/bin/iperf3", "/usr/bin/socat")
+# Programs of the tools variant, for virtio tests: fio (block), iperf3 (net), socat (AF_VSOCK streams),
+# stress-ng (its filesystem stressors on a virtio-fs mount).
+TOOL_PACKAGES = ("fio", "iperf3", "socat", "stress-ng")
+TOOL_PROGRAMS = ("/usr/bin/fio", "/usr/bin/iperf3", "/usr/bin/socat", "/usr/bin/stress-ng")
 MANIFEST = "guest.json"
 TOOLS_INITRAMFS = "initramfs-tools.cpio.gz"
 READY_LINE = "evmm-guest: ready"

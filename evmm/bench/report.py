@@ -24,6 +24,7 @@ ROW_TITLES = {
     "net": "4. virtio-net (iperf3)",
     "control": "5. control latency",
     "density": "6. density",
+    "fs": "7. shared directory (virtio-fs vs virtio-9p)",
 }
 
 

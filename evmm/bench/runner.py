@@ -29,6 +29,7 @@ from evmm.bench.container import ContainerRow
 from evmm.bench.context import Context, Row, Watch
 from evmm.bench.control import ControlRow
 from evmm.bench.density import DensityRow
+from evmm.bench.fs import FsRow
 from evmm.bench.net import NetRow
 from evmm.bench.overhead import MemoryRow
 from evmm.bench.profile import Profiler
@@ -43,6 +44,7 @@ ROWS: dict[str, Callable[[], Row]] = {
     "net": NetRow,
     "control": ControlRow,
     "density": DensityRow,
+    "fs": FsRow,
     "container": ContainerRow,
 }
 PROFILED = ("boot", "blk", "net", "control")
@@ -201,7 +203,7 @@ class Runner:
         self.results.save(self.path)
         rows = {name: row for name, row in rows.items() if name not in finished}
         if not guest.tools_initramfs.is_file():
-            for name in ("blk", "net"):
+            for name in ("blk", "net", "fs"):
                 if name in rows:
                     for side in rows[name].sides:
                         self.results.fail_row(name, side.name, "no tools initramfs: run `evmm assets`")

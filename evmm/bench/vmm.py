@@ -28,6 +28,7 @@ class VmSpec:
     memory_mib: int
     cpus: int = 1
     drive: Path | None = None
+    share: Path | None = None  # a shared directory: evmm's virtio-fs, QEMU's virtio-9p (tag "bench")
     tap: str | None = None
     mac: str = MAC
     api_sock: Path | None = None  # evmm's msgpack control socket
@@ -45,9 +46,12 @@ class Side:
 
     @property
     def label(self) -> str:
-        return {"evmm": "evmm", "qemu": "QEMU microvm", "qemu-vhost": "QEMU microvm, vhost-net"}.get(
-            self.name, self.name
-        )
+        return {
+            "evmm": "evmm",
+            "qemu": "QEMU microvm",
+            "qemu-vhost": "QEMU microvm, vhost-net",
+            "qemu-9p": "QEMU microvm, virtio-9p",
+        }.get(self.name, self.name)
 
     def argv(self, spec: VmSpec) -> list[str]:
         return evmm_argv(spec) if self.vmm == "evmm" else qemu_argv(spec, vhost=self.vhost)
@@ -56,6 +60,8 @@ class Side:
 EVMM = Side("evmm", "evmm")
 QEMU = Side("qemu", "qemu")
 QEMU_VHOST = Side("qemu-vhost", "qemu", vhost=True)
+QEMU_9P = Side("qemu-9p", "qemu")
+SHARE_TAG = "bench"
 
 
 def evmm_argv(spec: VmSpec) -> list[str]:
@@ -66,6 +72,9 @@ def evmm_argv(spec: VmSpec) -> list[str]:
         argv += ["--drive", f"path={spec.drive},id=bench"]
     if spec.tap is not None:
         argv += ["--net", f"tap={spec.tap},mac={spec.mac}"]
+    if spec.share is not None:
+        # cache=none: every read and write reaches evmm, as every one reaches QEMU's 9p server (cache=none).
+        argv += ["--fs", f"path={spec.share},tag={SHARE_TAG},cache=none"]
     if spec.api_sock is not None:
         argv += ["--api-sock", str(spec.api_sock)]
     if spec.qmp_sock is not None:
@@ -93,6 +102,14 @@ def qemu_argv(spec: VmSpec, *, vhost: bool = False) -> list[str]:
             f"tap,id=net0,ifname={spec.tap},script=no,downscript=no,vhost={'on' if vhost else 'off'}",
             "-device",
             f"virtio-net-device,netdev=net0,mac={spec.mac}",
+        ]
+    if spec.share is not None:
+        # -virtfs would add a PCI device; microvm's virtio transport is MMIO, hence -fsdev and -device.
+        argv += [
+            "-fsdev",
+            f"local,id=share,path={spec.share},security_model=passthrough",
+            "-device",
+            f"virtio-9p-device,fsdev=share,mount_tag={SHARE_TAG}",
         ]
     if spec.qmp_sock is not None:
         argv += ["-qmp", f"unix:{spec.qmp_sock},server=on,wait=off"]

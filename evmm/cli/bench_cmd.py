@@ -21,7 +21,7 @@ from evmm.errors import ConfigError, EvmmError
 if TYPE_CHECKING:
     from evmm.bench.runner import Plan
 
-ALL_ROWS = ("boot", "memory", "blk", "net", "control", "density", "container")
+ALL_ROWS = ("boot", "memory", "blk", "net", "control", "density", "fs", "container")
 RUNS = 5
 TESTHOST_BOOTS = 5  # the first test host, and fresh ones to resume in when one is lost
 STALL = 600.0  # seconds without a word from the run inside before its test host counts as hung
@@ -32,8 +32,8 @@ QUICK_RUNS = 2
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "bench",
-        help="benchmark evmm against QEMU microvm (boot, memory, virtio-blk, virtio-net, control, density), "
-        "and evmm-oci against runc (container)",
+        help="benchmark evmm against QEMU microvm (boot, memory, virtio-blk, virtio-net, control, density, "
+        "shared directories), and evmm-oci against runc (container)",
         description="Measure evmm and QEMU microvm side by side on the same KVM, kernel, initramfs and disk "
         "image, alternating runs; print a table and write results.json, results.md and ratios.png to OUT. "
         "Where this host's KVM cannot boot Linux, it all runs in one boot of the KVM test host.",
@@ -157,6 +157,10 @@ def _in_testhost(plan: Plan, args: argparse.Namespace) -> int:
     from evmm.testhost.runner import EXIT_NO_STATUS, EXIT_TIMEOUT
 
     default_guest()  # a missing guest is one line here, not an error deep inside the test host
+    if "fs" in plan.rows:
+        from evmm.bench.fs import prepare
+
+        prepare()  # its guest is built here, natively, into the cache the test host reads
     timeout = args.timeout if args.timeout is not None else (7200.0 if plan.quick else 6 * 3600.0)
     _say(
         f"this host's KVM cannot boot Linux: running in the KVM test host ({args.testhost_memory}, "

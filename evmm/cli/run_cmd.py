@@ -15,7 +15,9 @@ from evmm.errors import ConfigError, EvmmError
 from evmm.hostkvm import probe
 from evmm.machine.config import MachineConfig, check_cpus, check_file, check_memory, parse_size
 from evmm.machine.devspec import (
+    FsSpec,
     parse_drive,
+    parse_fs,
     parse_hotplug,
     parse_net,
     parse_rng,
@@ -69,6 +71,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="virtio-rng from the host's getrandom",
     )
     p.add_argument(
+        "--fs",
+        action="append",
+        default=[],
+        metavar="path=DIR,tag=TAG[,readonly=on][,cache=none|auto|always]",
+        help="share a host directory (virtio-fs; in the guest: mount -t virtiofs TAG /mnt) (repeatable)",
+    )
+    p.add_argument(
         "--hotplug",
         metavar="blk=N,net=M",
         help="reserve empty hot-replace slots (filled via the control channel)",
@@ -104,6 +113,15 @@ def _cpus(text: str) -> int:
     return check_cpus(n)
 
 
+def _fss(texts: list[str]) -> tuple[FsSpec, ...]:
+    fss = tuple(parse_fs(t) for t in texts)
+    tags = [fs.tag for fs in fss]
+    for tag in tags:
+        if tags.count(tag) > 1:
+            raise ConfigError(f"--fs: tag={tag!r} is given to two directories; the guest mounts by tag")
+    return fss
+
+
 def config_from_args(args: argparse.Namespace) -> MachineConfig:
     memory = check_memory(parse_size(args.memory))
     cpus = _cpus(args.cpus)
@@ -131,6 +149,7 @@ def config_from_args(args: argparse.Namespace) -> MachineConfig:
         vsock=parse_vsock(args.vsock) if args.vsock is not None else None,
         console=parse_virtio_console(args.virtio_console) if args.virtio_console is not None else None,
         rng=parse_rng(args.rng) if args.rng is not None else None,
+        fss=_fss(args.fs),
         virtio_cmdline=args.virtio_mmio_cmdline,
         hotplug_blk=hotplug[0],
         hotplug_net=hotplug[1],
@@ -145,6 +164,11 @@ def preflight(config: MachineConfig) -> None:
     parse_kernel(read_image(config.kernel, "--kernel"), f"--kernel {config.kernel}")
     for drive in config.drives:
         FileBackend.open(drive.path, drive.readonly).close()
+    if config.fss:
+        from evmm.devices.virtio.fs import make_fs
+
+        for fs in config.fss:
+            make_fs(fs).close()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from evmm.arch.x86 import layout
 from evmm.errors import ConfigError
-from evmm.machine.devspec import ConsoleSpec, DriveSpec, NetSpec, RngSpec, VsockSpec
+from evmm.machine.devspec import ConsoleSpec, DriveSpec, FsSpec, NetSpec, RngSpec, VsockSpec
 from evmm.record import record
 
 MIN_MEMORY = 32 * layout.MiB
@@ -72,6 +72,7 @@ class MachineConfig:
     vsock: VsockSpec | None = None
     console: ConsoleSpec | None = None
     rng: RngSpec | None = None
+    fss: tuple[FsSpec, ...] = ()  # shared directories (virtio-fs)
     # Also announce virtio-mmio devices as virtio_mmio.device= words, for kernels built with
     # VIRTIO_MMIO_CMDLINE_DEVICES; on by default only when the user turned ACPI off.
     virtio_cmdline: bool | None = None
@@ -86,5 +87,6 @@ class MachineConfig:
         return (
             len(self.drives)
             + len(self.nets)
+            + len(self.fss)
             + sum(x is not None for x in (self.vsock, self.console, self.rng))
         )

@@ -173,3 +173,35 @@ def parse_hotplug(text: str) -> tuple[int, int]:
         parse_int("--hotplug", "blk", kv.get("blk", "0"), 0, 8),
         parse_int("--hotplug", "net", kv.get("net", "0"), 0, 8),
     )
+
+
+_TAG_RE = re.compile(r"^[A-Za-z0-9._:@+-]{1,36}$")
+FS_CACHE_MODES = ("none", "auto", "always")
+
+
+@record(frozen=True)
+class FsSpec:
+    path: Path  # the host directory shared with the guest
+    tag: str  # what the guest mounts: mount -t virtiofs TAG /mnt
+    readonly: bool = False
+    cache: str = "auto"  # none: ask the host every time; auto: trust for 1 s; always: trust until evicted
+
+
+def parse_fs(text: str) -> FsSpec:
+    kv = parse_kv("--fs", text, ("path", "tag", "readonly", "cache"))
+    for key in ("path", "tag"):
+        if key not in kv:
+            raise ConfigError(f"--fs {text!r}: {key}= is required")
+    if not _TAG_RE.match(kv["tag"]):
+        # virtio 1.2 §5.11.4: up to 36 bytes, the guest's mount source; kept to characters a shell and
+        # mount(8) take as they are.
+        raise ConfigError(f"--fs: tag={kv['tag']!r} must be 1 to 36 letters, digits or ._:@+-")
+    cache = kv.get("cache", "auto")
+    if cache not in FS_CACHE_MODES:
+        raise ConfigError(f"--fs: cache={cache!r} is not one of {', '.join(FS_CACHE_MODES)}")
+    return FsSpec(
+        path=Path(kv["path"]),
+        tag=kv["tag"],
+        readonly=parse_bool("--fs", "readonly", kv.get("readonly", "off")),
+        cache=cache,
+    )

@@ -155,7 +155,8 @@ def _legacy_devices(
 def _make_virtio_devices(
     config: MachineConfig, stdio: tuple[int, int] | None
 ) -> list[tuple[str, VirtioDevice]]:
-    """Backends in slot order: disks, NICs, vsock, console, rng (imported only when asked for)."""
+    """Backends in slot order: disks, NICs, vsock, console, rng, shared directories (imported only when asked
+    for)."""
     devices: list[tuple[str, VirtioDevice]] = []
     if config.drives:
         from evmm.devices.virtio.blk import make_blk
@@ -179,6 +180,11 @@ def _make_virtio_devices(
         from evmm.devices.virtio.rng import VirtioRng
 
         devices.append(("rng", VirtioRng(config.rng.rate)))
+    if config.fss:
+        from evmm.devices.virtio.fs import make_fs
+
+        for fs in config.fss:
+            devices.append((f"fs-{fs.tag}", make_fs(fs, len(config.fss))))
     return devices
 
 
