@@ -44,10 +44,12 @@ def vm_plan(spec: ContainerSpec) -> tuple[VmPlan, list[dict[str, Any]]]:
         if is_bind(m):
             mounts.append(_bind(m, i, shares))
         elif m.type in GUEST_FS:
+            # "cgroup": the guest's unified hierarchy, as runc mounts it on a cgroup v2 host.
+            kind = "cgroup2" if m.type == "cgroup" else m.type
             mounts.append(
                 {
-                    "type": m.type,
-                    "source": m.source or m.type,
+                    "type": kind,
+                    "source": m.source or kind,
                     "target": m.destination,
                     "options": list(m.options),
                 }
@@ -74,16 +76,13 @@ def _bind(m: Mount, index: int, shares: list[Share]) -> dict[str, Any]:
     if not source.is_absolute():
         raise EvmmError(f"mounts[{index}] {m.destination}: bind source {m.source!r} is not absolute")
     readonly = "ro" in m.options
-    tag = f"m{index}"
     options = [o for o in m.options if o not in ("bind", "rbind")]
     if source.is_dir():
-        shares.append(Share(tag, source, readonly=readonly))
-        guest_source = SHARES / tag
+        guest_source = SHARES / _share(shares, source, readonly, index)
     elif source.exists():
-        # One file: its directory shared read-only (writes to the file itself still land, through the file's
-        # own share only when writable), the file bound from there.
-        shares.append(Share(tag, source.parent, readonly=readonly))
-        guest_source = SHARES / tag / source.name
+        # One file: its directory shared (read-only if the bind is), the file bound from there.  Docker's
+        # /etc/hosts, /etc/hostname and /etc/resolv.conf come from one directory: one share serves them all.
+        guest_source = SHARES / _share(shares, source.parent, readonly, index) / source.name
     else:
         raise EvmmError(f"mounts[{index}] {m.destination}: bind source {m.source} does not exist")
     return {
@@ -92,6 +91,15 @@ def _bind(m: Mount, index: int, shares: list[Share]) -> dict[str, Any]:
         "target": m.destination,
         "options": ["rbind", *options],
     }
+
+
+def _share(shares: list[Share], path: Path, readonly: bool, index: int) -> str:
+    """The tag of the share of ``path`` with this access, added as ``mINDEX`` unless there is one already."""
+    for share in shares[1:]:  # not the rootfs share: the container's root is bound on its own
+        if share.path == path and share.readonly == readonly:
+            return share.tag
+    shares.append(Share(f"m{index}", path, readonly=readonly))
+    return f"m{index}"
 
 
 def _annotated_path(notes: dict[str, str], key: str) -> Path | None:

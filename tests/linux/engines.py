@@ -13,6 +13,7 @@ next to runc, the test image imported, and everything torn down at the end.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 import shutil
 import signal
@@ -22,6 +23,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from evmm.assets.initramfs import Archive, read_cpio
 from evmm.oci.image import busybox_rootfs, oci_archive, podman_options, rootfs_tar, runtime_script
 
 IMAGE = "evmm.local/busybox:latest"
@@ -32,6 +34,30 @@ RUN_TIMEOUT = 600.0
 
 class EngineError(AssertionError):
     pass
+
+
+def agent_initramfs(where: Path) -> Path | None:
+    """None when the default guest's initramfs starts evmm-agent; otherwise one that does, made here: the
+    default one with an archive appended (the kernel unpacks them in order) holding the agent and an inittab
+    that respawns it (until the default guest has the agent itself, issue 14)."""
+    from evmm.agent import GUEST_PATH, build
+    from evmm.assets import default_guest
+
+    base = default_guest().initramfs.read_bytes()
+    if any(e.path == GUEST_PATH.lstrip("/") for e in read_cpio(gzip.decompress(base))):
+        return None
+    extra = Archive()
+    extra.file(GUEST_PATH.lstrip("/"), build().read_bytes(), 0o755)
+    extra.file("etc/inittab", AGENT_INITTAB)
+    out = where / "initramfs-agent.cpio.gz"
+    out.write_bytes(base + extra.to_gzip())
+    return out
+
+
+# No console shell (its end would power the VM off): the agent, respawned, is what the VM runs.
+AGENT_INITTAB = (
+    b"::sysinit:/sbin/acpid -l /dev/null\n::respawn:/sbin/evmm-agent\n::ctrlaltdel:/sbin/poweroff\n"
+)
 
 
 def missing() -> str | None:

@@ -22,7 +22,9 @@ from typing import Any
 import pytest
 
 from evmm.oci.image import busybox_rootfs, runtime_script
+from evmm.oci.plan import INITRD_ANNOTATION
 from evmm.record import record
+from tests.linux.engines import agent_initramfs
 
 # A runc run takes a few seconds in the TCG test host; an evmm-oci run boots a VM.
 RUNTIMES = (
@@ -157,6 +159,13 @@ def evmm_oci_missing() -> str | None:
 
 
 @pytest.fixture(scope="module")
+def bundle_annotations(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The bundles' annotations: the agent's initramfs where the default guest has no agent yet."""
+    initrd = agent_initramfs(tmp_path_factory.mktemp("initrd"))
+    return {INITRD_ANNOTATION: str(initrd)} if initrd is not None else {}
+
+
+@pytest.fixture(scope="module")
 def rootfs() -> Iterator[Path]:
     where = Path(tempfile.mkdtemp(prefix="eo-conf-"))
     try:
@@ -167,7 +176,9 @@ def rootfs() -> Iterator[Path]:
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.name)
-def test_same_results_as_runc(runtime: str, scenario: Scenario, rootfs: Path, tmp_path: Path) -> None:
+def test_same_results_as_runc(
+    runtime: str, scenario: Scenario, rootfs: Path, tmp_path: Path, bundle_annotations: dict[str, str]
+) -> None:
     if os.geteuid() != 0 or shutil.which("runc") is None:
         pytest.skip("needs root and runc")
     if runtime == "evmm-oci" and (why := evmm_oci_missing()):
@@ -178,6 +189,8 @@ def test_same_results_as_runc(runtime: str, scenario: Scenario, rootfs: Path, tm
     config["process"]["args"] = list(scenario.args)
     if scenario.change is not None:
         scenario.change(config, tmp_path)
+    if runtime == "evmm-oci":
+        config["annotations"] = bundle_annotations
     (bundle / "config.json").write_text(json.dumps(config))
     binary = "runc" if runtime == "runc" else str(runtime_script(tmp_path))
     r = subprocess.run(

@@ -213,7 +213,15 @@ def test_plan_shares_the_rootfs_and_bind_sources(tmp_path: Path) -> None:
         {"destination": "/proc", "type": "proc", "source": "proc"},
         {"destination": "/data", "type": "bind", "source": str(tmp_path / "vol"), "options": ["rbind", "rw"]},
         {"destination": "/etc/hosts", "source": str(tmp_path / "etc" / "hosts"), "options": ["bind", "ro"]},
+        {
+            "destination": "/etc/hostname",
+            "type": "bind",
+            "source": str(tmp_path / "etc" / "name"),
+            "options": ["ro"],
+        },
+        {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["ro"]},
     ]
+    (tmp_path / "etc" / "name").write_text("box\n")
     c["annotations"] = {"io.evmm.oci.append": "loglevel=7 foo"}
     s = parse(c, tmp_path)
     vm, mounts = plan.vm_plan(s)
@@ -231,6 +239,13 @@ def test_plan_shares_the_rootfs_and_bind_sources(tmp_path: Path) -> None:
             "target": "/etc/hosts",
             "options": ["rbind", "ro"],
         },
+        {
+            "type": "bind",
+            "source": "/run/evmm-oci/shares/m2/name",
+            "target": "/etc/hostname",
+            "options": ["rbind", "ro"],
+        },
+        {"type": "cgroup2", "source": "cgroup", "target": "/sys/fs/cgroup", "options": ["ro"]},
     ]
     assert vm.append == ("loglevel=7", "foo") and vm.memory == s.memory and vm.vcpus == s.vcpus
     assert vm.guest_setup == (("sysctl", "-w", "net.ipv4.ip_unprivileged_port_start=0"),)
