@@ -97,9 +97,17 @@ def cmd_create(args: argparse.Namespace, store: Store, log: RuntimeLog) -> int:
         spec,
         console_socket=args.console_socket,
         pid_file=args.pid_file,
-        systemd_cgroup=args.systemd_cgroup,
+        options=launch.RuntimeOptions(args.systemd_cgroup, _image(args.kernel), _image(args.initrd)),
     )
     return 0
+
+
+def _image(path: str | None) -> Path | None:
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise EvmmError(f"{path}: no such guest image")
+    return Path(path).absolute()
 
 
 def cmd_start(args: argparse.Namespace, store: Store, log: RuntimeLog) -> int:
@@ -283,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.add_argument("--debug", action="store_true", help="debug messages in the log")
     p.add_argument("--systemd-cgroup", action="store_true", help="cgroupsPath is slice:prefix:name")
+    p.add_argument("--kernel", help="the guests' kernel (default: evmm's default guest; io.evmm.oci.kernel)")
+    p.add_argument("--initrd", help="the guests' initramfs, with evmm-agent in it (io.evmm.oci.initrd)")
     p.add_argument(
         "--rootless", default="false", help="accepted for runc compatibility; evmm-oci runs as root"
     )

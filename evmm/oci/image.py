@@ -14,10 +14,12 @@ import gzip
 import hashlib
 import io
 import json
+import shlex
 import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -138,12 +140,13 @@ def oci_archive(layer: bytes, name: str, cmd: tuple[str, ...] = ("sh",)) -> byte
     return buf.getvalue()
 
 
-def runtime_script(where: Path) -> Path:
-    """An executable running this evmm's ``python -m evmm.oci``, for an engine to exec as its runtime (the
-    console script ``evmm-oci`` may be another checkout's)."""
+def runtime_script(where: Path, options: Sequence[str] = ()) -> Path:
+    """An executable running this evmm's ``python -m evmm.oci`` with the global ``options``, for an engine to
+    exec as its runtime (the console script ``evmm-oci`` may be another checkout's)."""
     root = Path(__file__).resolve().parents[2]
     script = where / "evmm-oci"
-    script.write_text(f'#!/bin/sh\nPYTHONPATH={root} exec {sys.executable} -m evmm.oci "$@"\n')
+    words = shlex.join([sys.executable, "-m", "evmm.oci", *options])
+    script.write_text(f'#!/bin/sh\nPYTHONPATH={root} exec {words} "$@"\n')
     script.chmod(0o755)
     return script
 

@@ -27,6 +27,19 @@ from evmm.oci.monitor import ContainerMonitor
 from evmm.oci.runlog import RuntimeLog
 from evmm.oci.spec import ContainerSpec
 from evmm.oci.state import Record, Store
+from evmm.record import record
+
+
+@record(frozen=True)
+class RuntimeOptions:
+    """evmm-oci's global options that shape a container: its cgroup path's syntax, its guest's images."""
+
+    systemd_cgroup: bool = False
+    kernel: Path | None = None
+    initrd: Path | None = None
+
+
+DEFAULTS = RuntimeOptions()
 
 
 def die_with(status: ExitStatus) -> None:
@@ -124,13 +137,13 @@ def create(
     *,
     console_socket: str | None,
     pid_file: str | None,
-    systemd_cgroup: bool = False,
+    options: RuntimeOptions = DEFAULTS,
 ) -> int:
     """Create the container; the monitor's pid.  On failure its state directory is gone again."""
     store.create(rec)
 
     def body(ready_fd: int) -> None:
-        status = asyncio.run(_monitor(store, log, rec, spec, console_socket, systemd_cgroup, ready_fd))
+        status = asyncio.run(_monitor(store, log, rec, spec, console_socket, options, ready_fd))
         die_with(status)
 
     try:
@@ -149,7 +162,7 @@ async def _monitor(
     rec: Record,
     spec: ContainerSpec,
     console_socket: str | None,
-    systemd_cgroup: bool,
+    options: RuntimeOptions,
     ready_fd: int,
 ) -> ExitStatus:
     assert spec.process is not None
@@ -160,11 +173,11 @@ async def _monitor(
     if spec.cpuset:  # linux.resources.cpu.cpus: the VM's threads run there (the VMM inherits it)
         os.sched_setaffinity(0, spec.cpuset)
     if spec.cgroups_path:
-        where = cgroups.cgroup_dir(spec.cgroups_path, systemd_cgroup, rec.id)
+        where = cgroups.cgroup_dir(spec.cgroups_path, options.systemd_cgroup, rec.id)
         weight = cgroups.shares_to_weight(spec.cpu_weight) if spec.cpu_weight else None
         cgroups.join(where, os.getpid(), weight)
         rec = replace(rec, cgroup=str(where))
-    vm, mounts = plan.vm_plan(spec)
+    vm, mounts = plan.vm_plan(spec, kernel=options.kernel, initrd=options.initrd)
     first = plan.first_process(spec, mounts, stdin=stdio.stdin is not None)
     first = replace(first, merge_stderr=stdio.shared_output and not first.tty)
     monitor = ContainerMonitor(store, rec, spec, vm, first, stdio, log, load_factory())

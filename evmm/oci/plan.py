@@ -35,9 +35,12 @@ def is_bind(m: Mount) -> bool:
     )
 
 
-def vm_plan(spec: ContainerSpec) -> tuple[VmPlan, list[dict[str, Any]]]:
+def vm_plan(
+    spec: ContainerSpec, *, kernel: Path | None = None, initrd: Path | None = None
+) -> tuple[VmPlan, list[dict[str, Any]]]:
     """The VM for ``spec`` (without its network: see evmm/oci/network.py), and the agent's mount list for
-    its first process."""
+    its first process.  ``kernel``/``initrd``: the runtime's own (``--kernel``/``--initrd``), which the
+    bundle's annotations override; None for both: evmm's default guest."""
     shares = [Share(ROOTFS_TAG, spec.root, readonly=spec.readonly_root)]
     mounts: list[dict[str, Any]] = []
     for i, m in enumerate(spec.mounts):
@@ -60,8 +63,8 @@ def vm_plan(spec: ContainerSpec) -> tuple[VmPlan, list[dict[str, Any]]]:
     plan = VmPlan(
         memory=spec.memory,
         vcpus=spec.vcpus,
-        kernel=_annotated_path(notes, KERNEL_ANNOTATION),
-        initrd=_annotated_path(notes, INITRD_ANNOTATION),
+        kernel=_annotated_path(notes, KERNEL_ANNOTATION) or kernel,
+        initrd=_annotated_path(notes, INITRD_ANNOTATION) or initrd,
         shares=tuple(shares),
         guest_setup=tuple(("sysctl", "-w", f"{k}={v}") for k, v in spec.sysctl),
         append=tuple(notes.get(APPEND_ANNOTATION, "").split()),

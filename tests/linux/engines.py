@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import importlib.util
 import os
 import shutil
 import signal
@@ -34,6 +35,13 @@ RUN_TIMEOUT = 600.0
 
 class EngineError(AssertionError):
     pass
+
+
+def evmm_oci_missing() -> str | None:
+    """Why evmm-oci cannot run containers here (its guest side is missing), or None."""
+    if importlib.util.find_spec("evmm.sandbox") is None:
+        return "evmm-oci's guest side needs the guest agent's host API (evmm.sandbox, issue 14)"
+    return None
 
 
 def agent_initramfs(where: Path) -> Path | None:
@@ -265,7 +273,8 @@ def engine(name: str) -> Iterator[Engine]:
     where = Path(tempfile.mkdtemp(prefix=f"eo-{name[:2]}-", dir="/tmp"))
     try:
         image = Image(where)
-        runtime = runtime_script(where)
+        initrd = agent_initramfs(where) if evmm_oci_missing() is None else None
+        runtime = runtime_script(where, ["--initrd", str(initrd)] if initrd else [])
         (where / name).mkdir()
         eng = ENGINES[name](where / name, runtime, image)
         try:

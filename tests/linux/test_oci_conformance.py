@@ -9,7 +9,6 @@ evmm-oci runs that evmm-oci has the same.  The bundles are built from the busybo
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ import pytest
 from evmm.oci.image import busybox_rootfs, runtime_script
 from evmm.oci.plan import INITRD_ANNOTATION
 from evmm.record import record
-from tests.linux.engines import agent_initramfs
+from tests.linux.engines import agent_initramfs, evmm_oci_missing
 
 # A runc run takes a few seconds in the TCG test host; an evmm-oci run boots a VM.
 RUNTIMES = (
@@ -150,12 +149,6 @@ SCENARIOS = (
     ),
     Scenario("tmpfs", ("sh", "-c", "echo t > /scratch/t && cat /scratch/t"), stdout="t\n", change=_tmpfs),
 )
-
-
-def evmm_oci_missing() -> str | None:
-    if importlib.util.find_spec("evmm.sandbox") is None:
-        return "evmm-oci's guest side needs the guest agent's host API (evmm.sandbox, issue 14)"
-    return None
 
 
 @pytest.fixture(scope="module")
