@@ -25,11 +25,6 @@ from evmm.oci.plan import INITRD_ANNOTATION
 from evmm.record import record
 from tests.linux.engines import agent_initramfs, evmm_oci_missing
 
-# A runc run takes a few seconds in the TCG test host; an evmm-oci run boots a VM.
-RUNTIMES = (
-    pytest.param("runc", marks=pytest.mark.cost(10)),
-    pytest.param("evmm-oci", marks=pytest.mark.cost(90)),
-)
 TIMEOUT = 600.0
 
 # What `runc spec` writes, trimmed to what the scenarios need (no capabilities, seccomp or masked paths:
@@ -158,6 +153,10 @@ def bundle_annotations(tmp_path_factory: pytest.TempPathFactory) -> dict[str, st
     return {INITRD_ANNOTATION: str(initrd)} if initrd is not None else {}
 
 
+# The evmm-oci scenarios of the default run: the process's fields, and the rootfs and volumes on the host.
+DEFAULT = ("process-fields", "volumes")
+
+
 @pytest.fixture(scope="module")
 def rootfs() -> Iterator[Path]:
     where = Path(tempfile.mkdtemp(prefix="eo-conf-"))
@@ -167,8 +166,18 @@ def rootfs() -> Iterator[Path]:
         shutil.rmtree(where, ignore_errors=True)
 
 
-@pytest.mark.parametrize("runtime", RUNTIMES)
-@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.name)
+def cases() -> list[Any]:
+    """Every scenario with runc (seconds each) and with evmm-oci (a VM boot each: about 3 minutes in a busy
+    TCG test host).  The default run takes the evmm-oci side of ``DEFAULT`` only; -m engines takes all."""
+    out = []
+    for s in SCENARIOS:
+        out.append(pytest.param("runc", s, id=f"{s.name}-runc", marks=pytest.mark.cost(10)))
+        marks = [pytest.mark.cost(200)] + ([] if s.name in DEFAULT else [pytest.mark.engines])
+        out.append(pytest.param("evmm-oci", s, id=f"{s.name}-evmm-oci", marks=marks))
+    return out
+
+
+@pytest.mark.parametrize(("runtime", "scenario"), cases())
 def test_same_results_as_runc(
     runtime: str, scenario: Scenario, rootfs: Path, tmp_path: Path, bundle_annotations: dict[str, str]
 ) -> None:
