@@ -10,6 +10,7 @@ import hashlib
 from importlib import resources
 from pathlib import Path
 
+from evmm import agent
 from evmm.assets import bundle, debian
 from evmm.assets.cache import cache_root, read_manifest, write_atomic, write_manifest
 from evmm.assets.initramfs import Archive
@@ -99,11 +100,14 @@ def recipe_id() -> str:
     ):
         h.update(part)
     h.update(repr((MODULES, TOOL_PACKAGES, TOOL_PROGRAMS)).encode())
+    h.update(agent.digest("guest").encode())
     return h.hexdigest()[:16]
 
 
-def _init_files(archive: Archive) -> None:
+def _init_files(archive: Archive, agent_binary: Path) -> None:
     files = resources.files("evmm.assets")
+    # The guest agent (docs/agent-protocol.md), started and respawned by /etc/inittab.
+    archive.file(agent.GUEST_PATH, agent_binary.read_bytes(), 0o755)
     archive.file("init", files.joinpath("init").read_bytes(), 0o755)
     archive.file("etc/inittab", files.joinpath("inittab").read_bytes())
     archive.file("etc/profile", PROFILE)
@@ -142,7 +146,8 @@ def build_default_guest(
         bundle.base_layout(archive)
         bundle.add_busybox(archive, busybox)
         bundle.add_modules(archive, kroot, version, MODULES)
-        _init_files(archive)
+        step("building evmm-agent with the host's gcc")
+        _init_files(archive, agent.build(root))
         write_atomic(out / "initramfs.cpio.gz", archive.to_gzip())
         manifest = {
             "kernel_version": version,

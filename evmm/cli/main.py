@@ -20,6 +20,8 @@ COMMANDS = {
     "ctl": "evmm.cli.ctl_cmd",
     "console": "evmm.cli.console_cmd",
     "bench": "evmm.cli.bench_cmd",
+    "exec": "evmm.cli.exec_cmd",
+    "cp": "evmm.cli.cp_cmd",
 }
 
 

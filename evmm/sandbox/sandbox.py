@@ -43,10 +43,12 @@ class Sandbox:
         extra_args: Sequence[str] = (),
         agent_port: int = 1024,
         boot_timeout: float = 120.0,
+        console_log: str | Path | None = None,
         command: Sequence[str] | None = None,
     ) -> None:
-        """The VM's options (``evmm run``'s); ``extra_args`` are passed on as they are, and ``command`` is
-        what runs evmm (``python -m evmm`` by default)."""
+        """The VM's options (``evmm run``'s); ``extra_args`` are passed on as they are.  ``console_log``: a
+        file for the VM's console and evmm's messages (by default a private one, gone after ``close``);
+        ``command``: what runs evmm (``python -m evmm`` by default)."""
         self.options = VmOptions(
             memory=memory,
             cpus=cpus,
@@ -59,6 +61,7 @@ class Sandbox:
             extra_args=tuple(extra_args),
             agent_port=agent_port,
             boot_timeout=boot_timeout,
+            console_log=Path(console_log) if console_log is not None else None,
         )
         if command is not None:
             self.options = dataclasses.replace(self.options, command=tuple(command))

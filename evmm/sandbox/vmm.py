@@ -46,6 +46,7 @@ class VmOptions:
     extra_args: tuple[str, ...] = ()  # any other `evmm run` arguments, as they are
     agent_port: int = 1024
     boot_timeout: float = 120.0
+    console_log: Path | None = None  # where the VM's console and evmm's messages go (kept after close)
     command: tuple[str, ...] = field(default_factory=lambda: (sys.executable, "-m", "evmm"))  # runs evmm
 
     def argv(self, api_sock: Path, vsock: Path) -> list[str]:
@@ -71,20 +72,21 @@ class VmOptions:
 class VmmProcess:
     """A running ``evmm run`` and its directory (sockets, the console log); ``stop`` ends both."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, workdir: Path) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, workdir: Path, log: Path) -> None:
         self.proc = proc
         self.workdir = workdir
         self.api_sock = workdir / "api.sock"
         self.vsock = workdir / "vsock.sock"
-        self.log = workdir / "console.log"
+        self.log = log
 
     @classmethod
     async def start(cls, options: VmOptions) -> VmmProcess:
         # Short, private paths: a Unix socket address holds 107 bytes, and vsock's <path>_<port> adds more.
         workdir = Path(tempfile.mkdtemp(prefix="evmm-sb-", dir="/tmp"))
+        log_path = options.console_log or workdir / "console.log"
         try:
             argv = options.argv(workdir / "api.sock", workdir / "vsock.sock")
-            with (workdir / "console.log").open("wb") as log:
+            with log_path.open("wb") as log:
                 proc = await asyncio.create_subprocess_exec(
                     *argv,
                     stdin=asyncio.subprocess.DEVNULL,
@@ -96,7 +98,7 @@ class VmmProcess:
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
-        return cls(proc, workdir)
+        return cls(proc, workdir, log_path)
 
     @property
     def running(self) -> bool:

@@ -433,13 +433,49 @@ async def _fake_run(argv: list[str]) -> int:
 
     machine = Machine()
     close = await start_control(machine, None, api_sock=Path(opts["--api-sock"]), qmp=None)
-    fake = await FakeAgent(vsock_path, hybrid=True).start()
+    real = os.environ.get("FAKE_VMM_AGENT")  # a real agent's Unix socket to put behind the vsock socket
+    server = await (
+        HybridProxy(vsock_path, Path(real)) if real else FakeAgent(vsock_path, hybrid=True)
+    ).start()
     print("evmm-guest: ready", flush=True)
     while machine.stop_request is None:
         await asyncio.sleep(0.02)
-    await fake.close()
+    await server.close()
     await close()
     return machine.stop_request[0]
+
+
+class HybridProxy:
+    """A hybrid vsock socket (``CONNECT <port>``) in front of a real agent's Unix socket (``--unix``)."""
+
+    def __init__(self, path: Path, target: Path) -> None:
+        self.path = path
+        self.target = target
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> HybridProxy:
+        self._server = await asyncio.start_unix_server(self._serve, str(self.path))
+        return self
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not (await reader.readline()).startswith(b"CONNECT "):
+            writer.close()
+            return
+        agent_reader, agent_writer = await asyncio.open_unix_connection(str(self.target))
+        writer.write(b"OK 1073741824\n")
+
+        async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await src.read(1 << 16):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(copy(reader, agent_writer), copy(agent_reader, writer))
 
 
 if __name__ == "__main__":
