@@ -38,7 +38,7 @@ from evmm.errors import EvmmError
 MiB = 1 << 20
 MEMORY_MIB = 512
 SEQ_MIB, QUICK_SEQ_MIB = 128, 32
-META_FILES, QUICK_META_FILES = 1000, 200
+META_FILES, QUICK_META_FILES = 1000, 100
 JOB_TIMEOUT = 900.0
 # The generic kernel probes far more than the cloud one: 142 s to the ready line on evmm in the KVM test
 # host under a load of 16 (the cloud kernel: 5-20 s).

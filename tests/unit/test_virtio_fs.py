@@ -483,3 +483,40 @@ def test_destroy_never_closes_an_fd_a_request_in_flight_uses(
         with pytest.raises(OSError):
             os.fstat(fd)
     assert client.dev.table.inodes == 1 and client.dev.table.handles == 0
+
+
+def test_a_flood_of_blocked_requests_leaves_the_reactor_free(
+    client: FuseClient, share: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """200 LOOKUPs whose host calls cannot finish (a hung disk, say) are all in flight, and the reactor still
+    answers what needs no host call; when the host calls return, every LOOKUP is answered."""
+    from evmm.devices.virtio.fs import ops
+
+    (share / "f").write_bytes(b"")
+    go = threading.Event()
+    real = ops.lookup
+
+    def hung_lookup(dirfd: int, name: bytes) -> tuple[int, os.stat_result]:
+        assert go.wait(20)
+        return real(dirfd, name)
+
+    monkeypatch.setattr(ops, "lookup", hung_lookup)
+    heads = {client.post(fc.LOOKUP, ROOT, cstr("f"), fc.ENTRY_SIZE) for _ in range(200)}
+    client.drv.kick(1)  # returns: the lookups wait on worker threads, not here
+    assert client.dev.in_flight == 200
+    a = client.call(fc.GETATTR, 12345, bytes(16), 104)  # answered on the reactor meanwhile
+    assert a.error == -errno.EBADF
+    go.set()
+    done = client.wait(client.q, 200)
+    assert {h for h, _, _ in done} == heads
+    assert all(struct.unpack_from("<Ii", data) == (16 + fc.ENTRY_SIZE, 0) for _, _, data in done)
+    assert client.dev.table.inodes == 2 and client.dev.table.get(2) is not None
+    assert client.dev.table.get(2).nlookup == 200  # type: ignore[union-attr]
+
+
+def test_two_shares_may_not_share_a_tag(tmp_path: Path) -> None:
+    from evmm.cli.run_cmd import _fss
+
+    assert [s.tag for s in _fss([f"path={tmp_path},tag=a", f"path={tmp_path},tag=b"])] == ["a", "b"]
+    with pytest.raises(ConfigError, match="tag='a' is given to two directories"):
+        _fss([f"path={tmp_path},tag=a", f"path={tmp_path}/x,tag=a"])
