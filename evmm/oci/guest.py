@@ -67,6 +67,7 @@ class VmPlan:
     mac: str | None = None  # the guest NIC's MAC
     guest_setup: tuple[tuple[str, ...], ...] = ()  # commands run in the guest before the container's process
     append: tuple[str, ...] = ()  # extra kernel command line words
+    console_log: Path | None = None  # the VM's console and the VMM's messages (kept in the state directory)
 
 
 @record(frozen=True)

@@ -29,6 +29,8 @@ from evmm.oci.spec import ContainerSpec
 from evmm.oci.state import Record, Store
 from evmm.record import record
 
+CONSOLE_LOG = "console.log"  # in the container's state directory: why a VM that died, died
+
 
 @record(frozen=True)
 class RuntimeOptions:
@@ -178,6 +180,7 @@ async def _monitor(
         cgroups.join(where, os.getpid(), weight)
         rec = replace(rec, cgroup=str(where))
     vm, mounts = plan.vm_plan(spec, kernel=options.kernel, initrd=options.initrd)
+    vm = replace(vm, console_log=store.dir(rec.id) / CONSOLE_LOG)
     first = plan.first_process(spec, mounts, stdin=stdio.stdin is not None)
     first = replace(first, merge_stderr=stdio.shared_output and not first.tty)
     monitor = ContainerMonitor(store, rec, spec, vm, first, stdio, log, load_factory())

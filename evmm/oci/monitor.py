@@ -184,7 +184,8 @@ class ContainerMonitor:
         return waiter.result()
 
     def _vm_died(self, why: str) -> ExitStatus:
-        self.log.error(f"container {self.rec.id}: the VM stopped: {why}", stderr=False)
+        where = f" (its console: {self.plan.console_log})" if self.plan.console_log else ""
+        self.log.error(f"container {self.rec.id}: the VM stopped: {why}{where}", stderr=False)
         self.rec = replace(self.rec, detail=f"the VM stopped: {why}")
         return VM_DIED
 

@@ -184,6 +184,7 @@ class SandboxGuestFactory:
                 f"path={s.path},tag={s.tag}" + (",readonly=on" if s.readonly else "") for s in plan.shares
             ),
             boot_timeout=BOOT_TIMEOUT,
+            console_log=plan.console_log,
         )
         vmm = await VmmProcess.start(options)
         try:
