@@ -291,13 +291,13 @@ def test_exec_in_a_running_container(rt: Runtime) -> None:
     r = rt.run("exec", "c10", "sh", "-c", "echo from-exec; echo oops >&2; exit 4", check=False)
     assert (r.returncode, r.stdout, r.stderr) == (4, "from-exec\n", "oops\n")
     process = rt.tmp / "process.json"
-    process.write_text(json.dumps({"args": ["sh", "-c", "sleep 3; exit 5"], "cwd": "/", "env": []}))
+    process.write_text(json.dumps({"args": ["sh", "-c", "sleep 10; exit 5"], "cwd": "/", "env": []}))
     pid_file = rt.tmp / "exec.pid"
     rt.run("exec", "--process", str(process), "--detach", "--pid-file", str(pid_file), "c10")
     exec_pid = int(pid_file.read_text())
     pids = json.loads(rt.run("ps", "--format", "json", "c10").stdout)
     assert pid in pids and exec_pid in pids
-    assert os.WEXITSTATUS(wait(exec_pid)) == 5
+    assert os.WEXITSTATUS(wait(exec_pid, 60)) == 5
     rt.run("kill", "c10", "KILL")
     assert os.WTERMSIG(wait(pid)) == signal.SIGKILL
 
