@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,24 @@ from evmm.rpc.protocol import (
 )
 
 READ_CHUNK = 1 << 16
+SUN_PATH = 100  # bytes of a socket path we pass as is (sockaddr_un's sun_path holds 107 and a NUL)
+
+
+@contextlib.contextmanager
+def reachable(path: Path) -> Iterator[str]:
+    """A name for the socket ``path`` short enough to bind or connect to.
+
+    Engines' state directories are deep (docker: /run/docker/runtime-NAME/moby/<64 hex digits>/), past what
+    sun_path holds; through an fd of its directory, /proc/self/fd/N/NAME reaches the same file.
+    """
+    if len(os.fsencode(path)) <= SUN_PATH:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
 
 
 class Session:
@@ -63,7 +81,8 @@ class MonitorServer:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(str(self.path))
+        with reachable(self.path) as name:
+            sock.bind(name)
         os.chmod(self.path, 0o600)
         self._server = await asyncio.start_unix_server(self._accept, sock=sock)
 
@@ -121,7 +140,8 @@ async def connect(
 ) -> Connection:
     """A connection to a container monitor; ``EvmmError`` when nobody listens (the container stopped)."""
     try:
-        reader, writer = await asyncio.open_unix_connection(str(path))
+        with reachable(path) as name:
+            reader, writer = await asyncio.open_unix_connection(name)
     except OSError as e:
         raise EvmmError(f"cannot reach the container's monitor at {path}: {e.strerror or e}") from None
     return Connection(

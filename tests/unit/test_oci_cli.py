@@ -348,3 +348,21 @@ def test_the_id_must_be_new(rt: Runtime) -> None:
     b = rt.bundle("c14b", config(["true"]))
     r = rt.run("create", "--bundle", str(b), "c14", check=False)
     assert r.returncode == 1 and "container with id exists: c14" in r.stderr
+
+
+def test_a_state_root_deeper_than_a_socket_path_holds(tmp_path: Path) -> None:
+    """docker's --root for a runtime is deep: ROOT/ID/monitor.sock runs past sockaddr_un's 107 bytes."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    try:
+        rt = Runtime(tmp_path)
+        rt.root = tmp_path / "runtime-evmm" / ("m" * 40) / "moby"
+        cid = "f" * 64
+        assert len(str(rt.root / cid / "monitor.sock")) > 108
+        pid = rt.create(cid, config(["sh", "-c", "exit 6"]))
+        rt.run("start", cid)
+        assert os.WEXITSTATUS(wait(pid)) == 6
+        rt.run("delete", cid)
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        _reap()
