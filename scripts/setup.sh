@@ -14,7 +14,8 @@ evmm_setup() {
   [ "$(id -u)" = 0 ] || sudo="sudo"
 
   local tool missing=""
-  for tool in qemu-system-x86_64 busybox lz4 cpio depmod gcc tmux socat ip iasl iperf3; do
+  for tool in qemu-system-x86_64 busybox lz4 cpio depmod gcc tmux socat ip iasl iperf3 \
+    dockerd podman containerd runc; do
     command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"
   done
   [ -e /usr/include/linux/kvm.h ] || missing="$missing linux/kvm.h"
@@ -23,7 +24,8 @@ evmm_setup() {
     $sudo apt-get update -q
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends \
       python3 python3-pip python3-venv python3-dev gcc libc6-dev linux-libc-dev \
-      qemu-system-x86 busybox-static cpio kmod lz4 acpica-tools tmux iproute2 socat procps iperf3
+      qemu-system-x86 busybox-static cpio kmod lz4 acpica-tools tmux iproute2 socat procps iperf3 \
+      docker.io podman containerd runc crun conmon fuse-overlayfs iptables
   fi
 
   if [ -x "$root/.venv/bin/python" ]; then

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import lzma
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
+from evmm.assets import debian
 from evmm.assets.elf import dynamic_info
 from evmm.assets.initramfs import Archive
 from evmm.assets.modules import load_order, module_name, parse_builtin, parse_modules_dep
@@ -53,26 +56,76 @@ def add_busybox(archive: Archive, busybox: Path) -> None:
             archive.symlink(applet, "/bin/busybox")
 
 
-def add_modules(archive: Archive, kroot: Path, version: str, names: Sequence[str]) -> list[str]:
-    """The modules ``names`` and their dependencies, plus the load list the init reads; returns module names."""
-    mdir = kroot / "lib" / "modules" / version
+def _read_deps(mdir: Path) -> tuple[dict[str, list[str]], set[str]]:
+    """modules.dep and the names built in, of the unpacked kernel modules directory ``mdir``."""
     try:
         deps = parse_modules_dep((mdir / "modules.dep").read_text())
         builtin_file = mdir / "modules.builtin"
         builtin = parse_builtin(builtin_file.read_text()) if builtin_file.exists() else set()
     except OSError as e:
         raise EvmmError(f"{mdir}: cannot read modules.dep ({e.strerror}): was depmod run?") from e
+    return deps, builtin
+
+
+def _add_module(archive: Archive, mdir: Path, version: str, rel: str) -> str:
+    """The module file ``rel`` into the archive, uncompressed (busybox insmod and modprobe take plain .ko
+    files); its path relative to lib/modules/VERSION."""
+    data = _module_bytes(mdir, rel)
+    rel = rel.removesuffix(".xz")
+    if f"lib/modules/{version}/{rel}" not in archive:
+        archive.file(f"lib/modules/{version}/{rel}", data)
+    return rel
+
+
+def _module_bytes(mdir: Path, rel: str) -> bytes:
+    data = (mdir / rel).read_bytes()
+    return lzma.decompress(data) if rel.endswith(".xz") else data
+
+
+def add_modules(archive: Archive, kroot: Path, version: str, names: Sequence[str]) -> list[str]:
+    """The modules ``names`` and their dependencies, plus the load list the init reads; returns module names."""
+    mdir = kroot / "lib" / "modules" / version
+    deps, builtin = _read_deps(mdir)
     order = load_order(deps, names, builtin, what=f"kernel {version}")
     lines = []
     for rel in order:
-        data = (mdir / rel).read_bytes()
-        if rel.endswith(".xz"):  # busybox insmod takes plain .ko files
-            data, rel = lzma.decompress(data), rel.removesuffix(".xz")
-        archive.file(f"lib/modules/{version}/{rel}", data)
+        rel = _add_module(archive, mdir, version, rel)
         lines.append(f"{module_name(rel)} {rel}\n")
     archive.file(MODULES_LOAD, "".join(lines).encode())
     archive.file(KERNEL_VERSION, f"{version}\n".encode())
     return [module_name(rel) for rel in order]
+
+
+def add_modprobe_modules(archive: Archive, kroot: Path, version: str, names: Sequence[str]) -> list[str]:
+    """The modules ``names`` and their dependencies, left for the kernel to load when first asked for.
+
+    Not in the load list: the kernel's request_module() runs /sbin/modprobe (busybox's) when a netfilter
+    table, a filesystem type or a qdisc is first used, so they cost a boot nothing until then.  depmod(8)
+    indexes every module in the archive (those of ``add_modules`` too) in a scratch tree, and its files go
+    in: busybox modprobe reads modules.dep and modules.alias, kmod's the .bin indexes.  Returns the names
+    of ``names`` and their dependencies.
+    """
+    mdir = kroot / "lib" / "modules" / version
+    deps, builtin = _read_deps(mdir)
+    added = [
+        module_name(_add_module(archive, mdir, version, rel))
+        for rel in load_order(deps, names, builtin, what=f"kernel {version}")
+    ]
+    with tempfile.TemporaryDirectory(prefix="evmm-depmod-") as scratch:
+        sdir = Path(scratch) / "lib" / "modules" / version
+        for rel in deps:
+            plain = rel.removesuffix(".xz")
+            if f"lib/modules/{version}/{plain}" in archive:
+                (sdir / plain).parent.mkdir(parents=True, exist_ok=True)
+                (sdir / plain).write_bytes(_module_bytes(mdir, rel))
+        for name in ("modules.builtin", "modules.builtin.modinfo", "modules.order"):
+            if (mdir / name).exists():
+                shutil.copy(mdir / name, sdir / name)
+        debian.depmod(Path(scratch), version)
+        for index in sorted(sdir.glob("modules.*")):
+            if f"lib/modules/{version}/{index.name}" not in archive:
+                archive.file(f"lib/modules/{version}/{index.name}", index.read_bytes())
+    return added
 
 
 def resolve_in(root: Path, path: str) -> Path:

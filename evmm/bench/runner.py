@@ -25,6 +25,7 @@ from typing import Any
 from evmm.bench import vmm
 from evmm.bench.blk import BlkRow
 from evmm.bench.boot import BootRow
+from evmm.bench.container import ContainerRow
 from evmm.bench.context import Context, Row, Watch
 from evmm.bench.control import ControlRow
 from evmm.bench.density import DensityRow
@@ -50,6 +51,7 @@ ROWS: dict[str, Callable[[], Row]] = {
     "seccomp": SeccompRow,
     "restore": RestoreRow,
     "exec": ExecRow,
+    "container": ContainerRow,
 }
 PROFILED = ("boot", "blk", "net", "control")
 RESULTS = "results.json"

@@ -21,7 +21,19 @@ from evmm.errors import ConfigError, EvmmError
 if TYPE_CHECKING:
     from evmm.bench.runner import Plan
 
-ALL_ROWS = ("boot", "memory", "blk", "net", "control", "density", "fs", "restore", "exec", "seccomp")
+ALL_ROWS = (
+    "boot",
+    "memory",
+    "blk",
+    "net",
+    "control",
+    "density",
+    "fs",
+    "restore",
+    "exec",
+    "container",
+    "seccomp",
+)
 # Rows a plain `evmm bench` runs: seccomp only on request until its exit-path workload works in the guest.
 DEFAULT_ROWS = ALL_ROWS[:-1]
 RUNS = 5
@@ -35,7 +47,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "bench",
         help="benchmark evmm against QEMU microvm (boot, memory, virtio-blk, virtio-net, control, density, "
-        "shared directories, restore, exec), and evmm's seccomp filters against none",
+        "shared directories, restore, exec), evmm-oci against runc (container), and evmm's seccomp filters "
+        "against none",
         description="Measure evmm and QEMU microvm side by side on the same KVM, kernel, initramfs and disk "
         "image, alternating runs; print a table and write results.json, results.md and ratios.png to OUT. "
         "Where this host's KVM cannot boot Linux, it all runs in one boot of the KVM test host.",

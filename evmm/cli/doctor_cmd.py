@@ -6,6 +6,7 @@ import argparse
 import json
 
 from evmm.doctor import diagnose
+from evmm.oci import doctor as oci_doctor
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -20,6 +21,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     r = diagnose(args.kvm)
+    engines = oci_doctor.engines()
     if args.json:
         print(
             json.dumps(
@@ -33,6 +35,11 @@ def run(args: argparse.Namespace) -> int:
                     "ring0_native": r.ring0_native,
                     "can_boot_linux": r.host.can_boot_linux and r.ring0_native is not False,
                     "qemu": r.qemu,
+                    "evmm_oci": oci_doctor.runtime_on_path(),
+                    "engines": {
+                        e.engine: {"installed": e.installed, "wired": e.wired, "detail": e.detail}
+                        for e in engines
+                    },
                     "verdict": r.verdict,
                 },
                 indent=2,
@@ -53,6 +60,11 @@ def run(args: argparse.Namespace) -> int:
         elif r.probe_error:
             t.add_row("ring-0 guest code", f"[red]probe failed[/]: {r.probe_error}")
     t.add_row("KVM test host", f"qemu at {r.qemu}" if r.qemu else "[red]qemu-system-x86_64 not installed[/]")
+    oci = oci_doctor.runtime_on_path()
+    t.add_row("evmm-oci", oci or "[yellow]not on PATH[/] (pip install evmm; or python -m evmm.oci)")
+    for e in engines:
+        state = "[green]set up[/]" if e.wired else "[yellow]not set up[/]" if e.installed else "not installed"
+        t.add_row(e.engine, f"{state}: {e.detail}" if e.installed else state)
     con.print(t)
     con.print(r.verdict)
     return 0 if r.host.present and not r.missing_required else 1

@@ -35,7 +35,53 @@ MODULES = (
     "vhost_vsock",
     "vhost_net",
 )
+# Loaded only when first used (bundle.add_modprobe_modules): what container engines ask of a host's kernel.
+# overlay: their image storage; br_netfilter: docker's bridge filtering; the netfilter modules below: their
+# NAT and filter rules (Debian's iptables is iptables-nft, plus the legacy tables' modules); sch_ingress,
+# cls_u32, cls_matchall, act_mirred: the tc redirect between a container's veth and evmm-oci's tap (as Kata's
+# tcfilter); fuse: fuse-overlayfs; crc32c_generic: libcrc32c (nf_nat's) asks the crypto API for crc32c
+# when it loads, which modules.dep does not say (a softdep).
+ENGINE_MODULES = (
+    "overlay",
+    "crc32c_generic",
+    "br_netfilter",
+    "nf_tables",
+    "nft_compat",
+    "nft_chain_nat",
+    "nft_nat",
+    "nft_masq",
+    "nft_redir",
+    "nft_ct",
+    "nft_reject_inet",
+    "nft_fib_inet",
+    "xt_conntrack",
+    "xt_addrtype",
+    "xt_MASQUERADE",
+    "xt_REDIRECT",
+    "xt_nat",
+    "xt_tcpudp",
+    "xt_comment",
+    "xt_mark",
+    "xt_multiport",
+    "iptable_filter",
+    "iptable_nat",
+    "ip6table_filter",
+    "ip6table_nat",
+    "sch_ingress",
+    "cls_u32",
+    "cls_matchall",
+    "act_mirred",
+    "fuse",
+)
 MANIFEST = "testhost.json"
+
+
+def recipe_id() -> str:
+    """A digest of what goes into the initramfs besides Debian's packages: a changed init or module list
+    makes ``build_testhost_assets`` rebuild a cache built by an older evmm."""
+    h = hashlib.sha256(resources.files("evmm.testhost").joinpath("init").read_bytes())
+    h.update(repr((MODULES, ENGINE_MODULES)).encode())
+    return h.hexdigest()[:16]
 
 
 @record(frozen=True)
@@ -55,12 +101,6 @@ def testhost_assets(cache: Path | None = None) -> TesthostAssets:
         if assets.kernel.is_file() and assets.initramfs.is_file():
             return assets
     raise EvmmError(f"no KVM test host kernel in {root}: run `evmm assets` first")
-
-
-def recipe_id() -> str:
-    """A digest of the test host's init: a changed init makes ``build_testhost_assets`` rebuild its image."""
-    init = resources.files("evmm.testhost").joinpath("init").read_bytes()
-    return hashlib.sha256(init + repr(MODULES).encode()).hexdigest()[:16]
 
 
 def build_testhost_assets(
@@ -87,6 +127,7 @@ def build_testhost_assets(
         bundle.base_layout(archive)
         bundle.add_busybox(archive, busybox)
         bundle.add_modules(archive, kroot, version, MODULES)
+        bundle.add_modprobe_modules(archive, kroot, version, ENGINE_MODULES)
         archive.file("init", resources.files("evmm.testhost").joinpath("init").read_bytes(), 0o755)
         write_atomic(out / "initramfs.cpio.gz", archive.to_gzip())
         write_manifest(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from evmm.assets.bundle import add_modules, add_program, resolve_in
+from evmm.assets.bundle import add_modprobe_modules, add_modules, add_program, resolve_in
 from evmm.assets.elf import dynamic_info
 from evmm.assets.initramfs import Archive, read_cpio
 from evmm.errors import EvmmError
@@ -94,6 +94,31 @@ def test_modules_and_load_list(tmp_path: Path) -> None:
         b"virtio_mmio kernel/drivers/virtio/virtio_mmio.ko\n"
     )
     assert files["lib/modules/6.1.0-test/kernel/drivers/virtio/virtio.ko"] == b"virtio"
+
+
+@pytest.mark.skipif(shutil.which("depmod") is None, reason="needs kmod's depmod")
+def test_modules_left_to_modprobe_are_indexed_but_not_loaded(tmp_path: Path) -> None:
+    """On-demand modules join the archive and depmod's indexes (busybox modprobe reads modules.dep, kmod the
+    .bin files), together with the modules loaded at boot, and stay out of the boot's load list."""
+    mdir = tmp_path / "lib/modules/6.1.0-test"
+    (mdir / "kernel/net").mkdir(parents=True)
+    for name in ("virtio", "x_tables", "xt_nat"):
+        (mdir / f"kernel/net/{name}.ko").write_bytes(name.encode())
+    (mdir / "modules.dep").write_text(
+        "kernel/net/virtio.ko:\nkernel/net/x_tables.ko:\nkernel/net/xt_nat.ko: kernel/net/x_tables.ko\n"
+    )
+    (mdir / "modules.builtin").write_text("")
+    archive = Archive()
+    add_modules(archive, tmp_path, "6.1.0-test", ["virtio"])
+    assert add_modprobe_modules(archive, tmp_path, "6.1.0-test", ["xt_nat"]) == ["x_tables", "xt_nat"]
+    files = {e.path: e.data for e in read_cpio(archive.to_cpio())}
+    assert files["etc/evmm/modules.load"] == b"virtio kernel/net/virtio.ko\n"
+    assert files["lib/modules/6.1.0-test/kernel/net/xt_nat.ko"] == b"xt_nat"
+    indexed = files["lib/modules/6.1.0-test/modules.dep"].decode()
+    assert {ln.split(":")[0] for ln in indexed.splitlines()} == {
+        f"kernel/net/{n}.ko" for n in ("virtio", "x_tables", "xt_nat")
+    }
+    assert "lib/modules/6.1.0-test/modules.dep.bin" in files
 
 
 def test_modules_without_depmod_get_a_clear_error(tmp_path: Path) -> None:

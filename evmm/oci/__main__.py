@@ -1,0 +1,5 @@
+import sys
+
+from evmm.oci.cli import main
+
+sys.exit(main())
