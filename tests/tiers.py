@@ -62,8 +62,12 @@ HEARTBEAT = 10.0  # seconds between the inner run's signs of life (a test may ru
 MAX_BOOTS = 8
 MAX_BARREN_BOOTS = 2
 HOST_SIDE = "host_side"
-ENGINES = "engines"  # @pytest.mark.engines: evmm-oci's slowest engine scenarios, run with -m engines
-ENGINES_ENV = "EVMM_ENGINE_TESTS"
+# Opt-in marks: selected with -m NAME (the inner run in the test host learns it from the environment,
+# which it inherits), skipped otherwise.  docs/testing.md says what each holds and when it is run.
+OPT_IN = {
+    "engines": ("EVMM_ENGINE_TESTS", "a slow container-engine scenario"),
+    "slow": ("EVMM_SLOW_TESTS", "one of the slowest linux-tier scenarios (big transfers, stress runs)"),
+}
 COST = "cost"  # @pytest.mark.cost(seconds): an outlier's time in a one-vCPU test host, to balance the shards
 DEFAULT_COST = 30.0  # what most linux-tier tests take there
 
@@ -324,20 +328,21 @@ class TierPlugin:
     def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
         # tryfirst: the tier marks must be on the items before `-m` deselects by them.
         selects_long = "long" in (config.option.markexpr or "")
-        # -m engines outside; the inner run in the test host learns it from the environment, which it inherits.
-        if ENGINES in (config.option.markexpr or ""):
-            os.environ[ENGINES_ENV] = "1"
-        selects_engines = os.environ.get(ENGINES_ENV) == "1"
+        selected = set()
+        for mark, (env, _) in OPT_IN.items():
+            if mark in (config.option.markexpr or ""):
+                os.environ[env] = "1"
+            if os.environ.get(env) == "1":
+                selected.add(mark)
         for item in items:
             tier = tier_of(Path(str(item.path)), self.tests_dir)
             if tier is not None:
                 item.add_marker(getattr(pytest.mark, tier))
             if item.get_closest_marker("long") and not selects_long:
                 item.add_marker(pytest.mark.skip(reason="a long fuzzing run: select it with -m long"))
-            if item.get_closest_marker(ENGINES) and not selects_engines:
-                item.add_marker(
-                    pytest.mark.skip(reason="a slow container-engine scenario: select it with -m engines")
-                )
+            for mark, (_, what) in OPT_IN.items():
+                if item.get_closest_marker(mark) and mark not in selected:
+                    item.add_marker(pytest.mark.skip(reason=f"{what}: select it with -m {mark}"))
             if tier == "kvm" and self.plan.kvm_skip:
                 item.add_marker(pytest.mark.skip(reason=f"kvm tier: {self.plan.kvm_skip}"))
             if tier == "linux":

@@ -160,6 +160,7 @@ async def test_64mib_of_stdout_streamed_and_checksummed(
         print(f"\nagent: 64 MiB of stdout in {seconds:.1f} s ({BIG / seconds / 1e6:.2f} MB/s)")
 
 
+@pytest.mark.slow
 @pytest.mark.cost(150)
 async def test_64mib_of_stdin_into_sha256sum(box: Sandbox, capsys: pytest.CaptureFixture[str]) -> None:
     data = os.urandom(BIG)
@@ -171,6 +172,7 @@ async def test_64mib_of_stdin_into_sha256sum(box: Sandbox, capsys: pytest.Captur
         print(f"\nagent: 64 MiB of stdin in {seconds:.1f} s ({BIG / seconds / 1e6:.2f} MB/s)")
 
 
+@pytest.mark.slow
 @pytest.mark.cost(200)
 async def test_64mib_file_round_trip(box: Sandbox, capsys: pytest.CaptureFixture[str]) -> None:
     data = os.urandom(BIG)

@@ -33,7 +33,11 @@ def run_argv(eng: Engine, runtime: str, name: str, *command: str, options: tuple
 
 
 @pytest.mark.cost(600)
-@pytest.mark.parametrize("name", ENGINE_NAMES)
+# podman in the default run (no daemon to start: the cheapest end-to-end path through an engine); docker and
+# containerd with -m slow.
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=() if n == "podman" else pytest.mark.slow) for n in ENGINE_NAMES]
+)
 def test_run_exit_code_and_output(name: str) -> None:
     with engine(name) as eng:
         floor = run(run_argv(eng, "runc", "floor", "sh", "-c", SCRIPT), check=False)

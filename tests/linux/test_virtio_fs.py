@@ -163,6 +163,7 @@ def test_files_links_attributes_and_trees(
     poweroff(guest)
 
 
+@pytest.mark.slow
 @pytest.mark.cost(600)
 def test_big_file_checksummed_both_ways(
     launch: GuestFactory, guest_assets: GuestAssets, workdir: Path, board: str
@@ -272,6 +273,7 @@ def test_escapes_fail(launch: GuestFactory, guest_assets: GuestAssets, workdir: 
     poweroff(guest)
 
 
+@pytest.mark.slow
 @pytest.mark.cost(600)
 def test_stress_ng_filesystem_stressors(
     launch: GuestFactory, guest_assets: GuestAssets, workdir: Path, board: str
