@@ -173,9 +173,12 @@ class VmProcess:
             self.proc.wait(wait)
         except subprocess.TimeoutExpired:
             return False
-        # The reader ends at the pipe's EOF; closing the pipe under it would fail its read with EBADF instead.
+        # The reader ends at the pipe's EOF.  A descendant of the VMM that outlived it may still hold the pipe:
+        # then the reader keeps it (closing it under a blocked read would fail that read with EBADF, or hand
+        # the number to the next file opened) and ends with that descendant.
         self._reader.join(5)
-        for stream in (self.proc.stdin, self.proc.stdout):
+        streams = [self.proc.stdin] if self._reader.is_alive() else [self.proc.stdin, self.proc.stdout]
+        for stream in streams:
             if stream is not None:
                 try:
                     stream.close()
