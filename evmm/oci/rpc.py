@@ -1,5 +1,5 @@
-"""The container monitor's RPC socket (``ROOT/ID/monitor.sock``): evmm's frames (evmm.rpc.protocol), a
-request handler per method, events back to the connection that asked for them.
+"""The container monitor's RPC socket (``ROOT/ID/monitor.sock``): evmm's frames on evmm's one server core
+(evmm/rpc/server.py), a request handler per method, events back to the connection that asked for them.
 
 evmm-oci's commands (start, kill, pause, exec, ...) are short-lived clients; an exec monitor holds its
 connection for as long as its process runs and gets that process's output as events.  Requests on one
@@ -10,61 +10,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import socket
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from evmm.errors import EvmmError
+from evmm.rpc import server
+from evmm.rpc.codec import Codec, MsgpackCodec
 from evmm.rpc.connection import Connection
-from evmm.rpc.protocol import (
-    Decoder,
-    ErrorCode,
-    Event,
-    ProtocolError,
-    encode_frame,
-    error,
-    event,
-    parse_request,
-    result,
-)
-
-READ_CHUNK = 1 << 16
-SUN_PATH = 100  # bytes of a socket path we pass as is (sockaddr_un's sun_path holds 107 and a NUL)
+from evmm.rpc.protocol import ErrorCode, Event, ProtocolError, error, event, parse_request, result
 
 
-@contextlib.contextmanager
-def reachable(path: Path) -> Iterator[str]:
-    """A name for the socket ``path`` short enough to bind or connect to.
+class Session(server.Session):
+    """One client connection, and cleanups to run when it goes (its exec'd processes...)."""
 
-    Engines' state directories are deep (docker: /run/docker/runtime-NAME/moby/<64 hex digits>/), past what
-    sun_path holds; through an fd of its directory, /proc/self/fd/N/NAME reaches the same file.
-    """
-    if len(os.fsencode(path)) <= SUN_PATH:
-        yield str(path)
-        return
-    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        yield f"/proc/self/fd/{fd}/{path.name}"
-    finally:
-        os.close(fd)
-
-
-class Session:
-    """One client connection: its writer, and cleanups to run when it goes (its exec'd processes...)."""
-
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
+    def __init__(self, number: int, name: str, writer: asyncio.StreamWriter, codec: Codec) -> None:
+        super().__init__(number, name, writer, codec)
         self.on_close: list[Callable[[], None]] = []
 
     def emit(self, name: str, data: Mapping[str, Any]) -> None:
-        if not self.writer.is_closing():
-            self.writer.write(encode_frame(event(name, data, 0.0)))
+        self.send(event(name, data, 0.0))
 
     async def drain(self) -> None:
         with contextlib.suppress(ConnectionError):
             await self.writer.drain()
+
+    async def close(self, flush: float = 0.0) -> None:
+        cleanups, self.on_close = self.on_close, []
+        for cleanup in cleanups:
+            cleanup()
+        await super().close(flush)
 
 
 Handler = Callable[[Session, dict[str, Any]], Awaitable[Any]]
@@ -74,52 +49,26 @@ class MonitorServer:
     def __init__(self, path: Path, handlers: Mapping[str, Handler]) -> None:
         self.path = path
         self.handlers = dict(handlers)
-        self._server: asyncio.AbstractServer | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.rpc = server.RpcServer(
+            path,
+            "the container monitor's socket",
+            MsgpackCodec(),
+            Session,
+            self._handle,
+            kind="evmm-oci client",
+        )
 
     async def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        with reachable(self.path) as name:
-            sock.bind(name)
-        os.chmod(self.path, 0o600)
-        self._server = await asyncio.start_unix_server(self._accept, sock=sock)
+        await self.rpc.start()
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        session = Session(writer)
-        decoder = Decoder()
-        try:
-            while data := await reader.read(READ_CHUNK):
-                for item in decoder.feed(data):
-                    if isinstance(item, ProtocolError):
-                        writer.write(encode_frame(error(None, item.code, item.message)))
-                        return
-                    await self._handle(session, item)
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            self._tasks.discard(task)
-            for cleanup in session.on_close:
-                cleanup()
-            writer.close()
+        await self.rpc.close()
 
     async def _handle(self, session: Session, message: dict[str, Any]) -> None:
         try:
             req = parse_request(message)
         except ProtocolError as e:
-            session.writer.write(encode_frame(error(e.id, e.code, e.message)))
+            session.send(error(e.id, e.code, e.message))
             return
         handler = self.handlers.get(req.method)
         if handler is None:
@@ -129,7 +78,7 @@ class MonitorServer:
                 reply = result(req.id, await handler(session, req.params))
             except EvmmError as e:
                 reply = error(req.id, ErrorCode.FAILED, str(e))
-        session.writer.write(encode_frame(reply))
+        session.send(reply)
         await session.drain()
 
 
@@ -140,7 +89,7 @@ async def connect(
 ) -> Connection:
     """A connection to a container monitor; ``EvmmError`` when nobody listens (the container stopped)."""
     try:
-        with reachable(path) as name:
+        with server.reachable(path) as name:
             reader, writer = await asyncio.open_unix_connection(name)
     except OSError as e:
         raise EvmmError(f"cannot reach the container's monitor at {path}: {e.strerror or e}") from None
