@@ -19,6 +19,7 @@ from evmm.rpc import server
 from evmm.rpc.codec import Codec, MsgpackCodec
 from evmm.rpc.connection import Connection
 from evmm.rpc.protocol import ErrorCode, Event, ProtocolError, error, event, parse_request, result
+from evmm.unixsock import reachable
 
 
 class Session(server.Session):
@@ -89,7 +90,7 @@ async def connect(
 ) -> Connection:
     """A connection to a container monitor; ``EvmmError`` when nobody listens (the container stopped)."""
     try:
-        with server.reachable(path) as name:
+        with reachable(path) as name:
             reader, writer = await asyncio.open_unix_connection(name)
     except OSError as e:
         raise EvmmError(f"cannot reach the container's monitor at {path}: {e.strerror or e}") from None

@@ -24,72 +24,19 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from evmm.errors import EvmmError
 from evmm.log import log
 from evmm.rpc.codec import Codec, Fault
+from evmm.unixsock import listen_unix
 
 MAX_CLIENTS = 64
 MAX_QUEUED = 4 << 20  # bytes waiting to go to one client; past this it is too slow and is disconnected
 READ_CHUNK = 1 << 16
 CLOSE_FLUSH = 1.0  # seconds to let last answers and the shutdown event reach clients when the VM ends
-
-
-SUN_PATH = 100  # bytes of a socket path used as is (sockaddr_un's sun_path holds 107 and a NUL, unix(7))
-
-
-@contextlib.contextmanager
-def reachable(path: Path) -> Iterator[str]:
-    """A name for the socket ``path`` short enough to bind or connect to.
-
-    Container engines' state directories are deep (docker: /run/docker/runtime-NAME/moby/<64 hex digits>/),
-    past what sun_path holds; through an fd of its directory, /proc/self/fd/N/NAME reaches the same file.
-    """
-    if len(os.fsencode(path)) <= SUN_PATH:
-        yield str(path)
-        return
-    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        yield f"/proc/self/fd/{fd}/{path.name}"
-    finally:
-        os.close(fd)
-
-
-def bind_unix(path: Path, option: str) -> socket.socket:
-    """A listening Unix socket at ``path`` (mode 0600); a stale socket file is replaced, a live one is not."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise EvmmError(f"{option} {path}: {e.strerror}") from None
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise EvmmError(f"{option} {path}: exists and is not a socket; remove it or pick another path")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            with reachable(path) as name:
-                probe.connect(name)
-        except OSError:
-            path.unlink(missing_ok=True)  # nobody listens: left behind by a VMM that was killed
-        else:
-            raise EvmmError(f"{option} {path}: another process is listening there (a VMM still running?)")
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        with reachable(path) as name:
-            sock.bind(name)
-        os.chmod(path, 0o600)  # the socket can stop the VM: its owner only
-        sock.listen(16)
-    except OSError as e:
-        sock.close()
-        raise EvmmError(f"{option} {path}: cannot listen: {e.strerror or e}") from None
-    sock.setblocking(False)
-    return sock
 
 
 def peer_name(kind: str, number: int, writer: asyncio.StreamWriter) -> str:
@@ -187,7 +134,7 @@ class RpcServer(Generic[S]):
 
     async def start(self) -> None:
         """Listen; ``EvmmError`` (one line naming ``option`` and the path) when it cannot."""
-        sock = bind_unix(self.path, self.option)
+        sock = listen_unix(self.path, self.option, private=True, deep=True)
         try:
             self._server = await asyncio.start_unix_server(self._accept, sock=sock)
         except OSError as e:

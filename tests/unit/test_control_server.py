@@ -494,7 +494,7 @@ async def test_a_stale_socket_is_replaced_a_live_one_and_a_file_are_not(sockdir:
     s.close()
     close = await start_control(FakeMachine(), None, api_sock=stale, qmp=None)
     assert stale.stat().st_mode & 0o777 == 0o600
-    with pytest.raises(EvmmError, match="another process is listening there"):
+    with pytest.raises(EvmmError, match="in use by another program"):
         await start_control(FakeMachine(), None, api_sock=stale, qmp=None)
     await close()
     plain = sockdir / "file"

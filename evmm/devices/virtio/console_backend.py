@@ -24,8 +24,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 
-from evmm.devices.virtio.hostsock import listen_unix, peer_closed
 from evmm.log import log
+from evmm.unixsock import listen_unix, peer_closed
 
 MAX_PENDING = 1 << 20  # output bytes held for a slow reader
 DETACHED_KEEP = 64 * 1024  # output kept for the next socket client while nobody is attached

@@ -18,7 +18,7 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from evmm.devices.virtio.hostsock import check_socket_path, listen_unix, peer_closed
+from evmm.unixsock import check_socket_path, listen_unix, peer_closed
 
 MAX_LINE = 64  # "CONNECT 4294967295\n" is 19 bytes; anything much longer is not a request
 HANDSHAKE_TIMEOUT = 10.0  # seconds a client may take to send its request line
