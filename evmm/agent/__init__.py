@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
 from importlib import resources
 from pathlib import Path
 
 from evmm.assets.cache import cache_root
-from evmm.errors import EvmmError
+from evmm.assets.cc import compile_c
 
 SOURCES = ("main.c", "mpack.c", "params.c", "spec.c", "child.c", "proc.c", "files.c", "house.c")
 HEADERS = ("agent.h", "mpack.h")
@@ -48,28 +45,13 @@ def digest(variant: str, sources: tuple[str, ...] = SOURCES) -> str:
 
 
 def _compile(out: Path, variant: str, sources: tuple[str, ...]) -> None:
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        raise EvmmError(
-            "gcc is not installed: evmm-agent is built from C with the host's gcc (apt-get install gcc)"
-        )
-    with tempfile.TemporaryDirectory(prefix="evmm-agent-") as tmp:
-        src = Path(tmp)
-        for name in (*sources, *HEADERS):
-            (src / name).write_bytes(source(name))
-        flags = VARIANTS[variant]
-        built = src / "a.out"
-        argv = [gcc, *flags, "-o", str(built), *(str(src / n) for n in sources)]
-        r = subprocess.run(argv, capture_output=True, text=True, check=False)
-        if r.returncode != 0:
-            first = (r.stderr.strip().splitlines() or ["no message"])[-1]
-            hint = " (static linking needs libc6-dev)" if variant == "guest" and "-lc" in r.stderr else ""
-            raise EvmmError(f"building evmm-agent ({variant}) failed{hint}: {first}")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp_out = out.with_name(f".{out.name}.{os.getpid()}")
-        shutil.copyfile(built, tmp_out)
-        tmp_out.chmod(0o755)
-        os.replace(tmp_out, out)
+    files = {name: source(name) for name in (*sources, *HEADERS)}
+    binary = compile_c(f"evmm-agent ({variant})", files, sources, VARIANTS[variant])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_name(f".{out.name}.{os.getpid()}")
+    tmp_out.write_bytes(binary)
+    tmp_out.chmod(0o755)
+    os.replace(tmp_out, out)
 
 
 def build(cache: Path | None = None, *, variant: str = "guest", program: str = "evmm-agent") -> Path:

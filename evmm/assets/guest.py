@@ -7,14 +7,13 @@ initramfs-tools.cpio.gz}`` and ``guest.json``, the manifest written last that ma
 from __future__ import annotations
 
 import hashlib
-import subprocess
-import tempfile
 from importlib import resources
 from pathlib import Path
 
 from evmm import agent
 from evmm.assets import bundle, debian
 from evmm.assets.cache import cache_root, read_manifest, write_atomic, write_manifest
+from evmm.assets.cc import compile_c
 from evmm.assets.initramfs import Archive
 from evmm.assets.kernel import extract_vmlinux
 from evmm.assets.workspace import Step, Workspace, no_progress
@@ -119,19 +118,8 @@ def recipe_id() -> str:
 def build_hostile() -> bytes:
     """evmm-hostile (hostile.c), a static program for the tools initramfs: a guest-side hostile
     virtio-mmio driver for the linux tier (tests/linux/test_confine.py)."""
-    with tempfile.TemporaryDirectory(prefix="evmm-hostile-") as d:
-        source = Path(d) / HOSTILE_SOURCE
-        source.write_bytes(resources.files("evmm.assets").joinpath(HOSTILE_SOURCE).read_bytes())
-        out = Path(d) / "evmm-hostile"
-        r = subprocess.run(
-            ["gcc", "-static", "-O2", "-o", str(out), str(source)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if r.returncode != 0:
-            raise EvmmError(f"building evmm-hostile with gcc -static failed: {r.stderr.strip()[-300:]}")
-        return out.read_bytes()
+    source = resources.files("evmm.assets").joinpath(HOSTILE_SOURCE).read_bytes()
+    return compile_c("evmm-hostile", {HOSTILE_SOURCE: source}, [HOSTILE_SOURCE], ["-static", "-O2"])
 
 
 def _init_files(archive: Archive, agent_binary: Path) -> None:
