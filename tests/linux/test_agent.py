@@ -141,6 +141,7 @@ def _sha(text: bytes) -> str:
     return m.group(1).decode()
 
 
+@pytest.mark.slow
 @pytest.mark.cost(150)
 async def test_64mib_of_stdout_streamed_and_checksummed(
     box: Sandbox, capsys: pytest.CaptureFixture[str]
