@@ -52,8 +52,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--net",
         action="append",
         default=[],
-        metavar="tap=NAME[,mac=M]",
-        help="a virtio-net NIC on a tap (repeatable)",
+        metavar="tap=NAME[,mac=M][,vhost=on|off]",
+        help="a virtio-net NIC on a tap (repeatable); vhost-net where /dev/vhost-net opens, unless vhost=off",
     )
     p.add_argument(
         "--vsock",
@@ -70,7 +70,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--hotplug",
-        metavar="blk=N,net=M",
+        metavar="blk=N,net=M[,vhost=on|off]",
         help="reserve empty hot-replace slots (filled via the control channel)",
     )
     p.add_argument(
@@ -119,7 +119,7 @@ def config_from_args(args: argparse.Namespace) -> MachineConfig:
     check_file(kernel, "--kernel")
     if initrd is not None:
         check_file(initrd, "--initrd")
-    hotplug = parse_hotplug(args.hotplug) if args.hotplug is not None else (0, 0)
+    hotplug = parse_hotplug(args.hotplug) if args.hotplug is not None else (0, 0, None)
     return MachineConfig(
         kernel=kernel,
         initrd=initrd,
@@ -134,6 +134,7 @@ def config_from_args(args: argparse.Namespace) -> MachineConfig:
         virtio_cmdline=args.virtio_mmio_cmdline,
         hotplug_blk=hotplug[0],
         hotplug_net=hotplug[1],
+        hotplug_vhost=hotplug[2],
     )
 
 

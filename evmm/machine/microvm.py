@@ -167,7 +167,7 @@ def _make_virtio_devices(
         from evmm.devices.virtio.net import make_net
 
         for i, net in enumerate(config.nets):
-            devices.append((net.id or f"net{i}", make_net(net, i)))
+            devices.append((net.id or f"net{i}", make_net(net, i, cpus=config.cpus)))
     if config.vsock is not None:
         from evmm.devices.virtio.vsock import make_vsock
 
@@ -189,7 +189,7 @@ def _make_hotplug_slots(config: MachineConfig) -> list[HotplugSlot]:
     ]
     if config.hotplug_net:
         slots += [
-            HotplugSlot(f"hp-net{i}", "net", make_empty_net(f"hp-net{i}", i))
+            HotplugSlot(f"hp-net{i}", "net", make_empty_net(f"hp-net{i}", i, config.hotplug_vhost))
             for i in range(config.hotplug_net)
         ]
     return slots
