@@ -22,6 +22,7 @@ from evmm.config.devspec import (
 from evmm.errors import ConfigError, EvmmError
 from evmm.hostkvm import probe
 from evmm.machine.config import MachineConfig, check_cpus, check_file, check_memory, parse_size
+from evmm.startup import Laps
 
 TESTHOST_HINT = "evmm testhost run -- evmm run ..."
 
@@ -149,7 +150,10 @@ def preflight(config: MachineConfig) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    laps = Laps()
+    laps.lap("cli")  # the interpreter's start to here: evmm.cli.main's imports, this module's, argparse
     config = config_from_args(args)
+    laps.lap("config")
     host = probe()
     if not host.present or (not host.can_boot_linux and not args.allow_slow_kvm):
         # Where the VM will be built, the builder checks these anyway (at no extra cost).
@@ -162,13 +166,20 @@ def run(args: argparse.Namespace) -> int:
         from evmm.control import parse_qmp_spec
 
         parse_qmp_spec(args.qmp)  # a bad spec is a usage error before anything starts
-    return run_machine(config, verbose=args.verbose, api_sock=args.api_sock, qmp=args.qmp)
+    laps.lap("probe")
+    return run_machine(config, verbose=args.verbose, api_sock=args.api_sock, qmp=args.qmp, laps=laps)
 
 
 def run_machine(
-    config: MachineConfig, *, verbose: bool = False, api_sock: Path | None = None, qmp: str | None = None
+    config: MachineConfig,
+    *,
+    verbose: bool = False,
+    api_sock: Path | None = None,
+    qmp: str | None = None,
+    laps: Laps | None = None,
 ) -> int:
     """Build the machine, serve its console and control channels, run it until it stops; the exit code."""
+    laps = laps if laps is not None else Laps()
     import uvloop
 
     from evmm.control import Commands, start_control
@@ -197,18 +208,19 @@ def run_machine(
     close_control = None
     hvc_stdio = config.console is not None and config.console.kind == "stdio"
     log_setup(verbose)
+    laps.lap("imports")
     try:
         with RawTerminal(in_fd if interactive and in_fd is not None else -1) as term:
             set_raw_terminal(term.active)
             if hvc_stdio:
                 # The virtio console owns the terminal; the UART's output is dropped.
                 stdio = (in_fd if in_fd is not None else os.open(os.devnull, os.O_RDONLY), out_fd)
-                machine = build_microvm(config, loop, None, stdio=stdio)
+                machine = build_microvm(config, loop, None, stdio=stdio, laps=laps)
             else:
                 console = ConsoleIO(
                     loop, out_fd, in_fd, interactive=term.active, on_escape=lambda key: menu[0].on_escape(key)
                 )
-                machine = build_microvm(config, loop, console)
+                machine = build_microvm(config, loop, console, laps=laps)
             m = machine
             commands = Commands(m)
             menu.append(
@@ -227,6 +239,7 @@ def run_machine(
                 # The terminal is hvc0's: its size follows the window (virtio 1.2 §5.3.6, F_SIZE).  The serial
                 # console has no way to tell a guest its size (there, `stty rows R cols C` in the guest).
                 loop.add_signal_handler(signal.SIGWINCH, hvc.follow_endpoint_size)
+            laps.lap("control")
             result = loop.run_until_complete(m.run())
             loop.run_until_complete(close_control())
             close_control = None

@@ -40,6 +40,7 @@ from evmm.machine.lifecycle import Lifecycle
 from evmm.machine.machine import Machine, MachineParts
 from evmm.memory import GuestMemory
 from evmm.record import record
+from evmm.startup import Laps
 
 COM1_BASE = 0x3F8
 RTC_BASE = 0x70
@@ -235,7 +236,9 @@ def build_microvm(
     *,
     stdio: tuple[int, int] | None = None,
     kvm_path: str = "/dev/kvm",
+    laps: Laps | None = None,
 ) -> Machine:
+    laps = laps if laps is not None else Laps()
     b = _Build(Kvm(kvm_path))
     lifecycle = Lifecycle()
     try:
@@ -252,16 +255,19 @@ def build_microvm(
         vm.create_irqchip()
         vm.set_gsi_routing(pc_gsi_routes())
         vm.create_pit2()
+        laps.lap("kvm")
 
         memory = b.memory = GuestMemory.anonymous(layout.ram_layout(config.memory))
         for slot, region in enumerate(memory.regions):
             vm.set_user_memory_region(slot, region.gpa, region.buffer)
+        laps.lap("memory")
 
         pio, mmio = Bus("pio"), Bus("mmio")
         legacy = _legacy_devices(b, vm, pio, mmio, loop, console, lifecycle)
         slots = _make_hotplug_slots(config)
         virtio = _make_virtio_devices(config, stdio) + [(slot.id, slot.device) for slot in slots]
         transports = _virtio_transports(b, vm, memory, mmio, loop, virtio)
+        laps.lap("devices")
 
         acpi_devices = tuple(
             VirtioMmioDevice(t.base, layout.VIRTIO_MMIO_SIZE, layout.VIRTIO_IRQS[i])
@@ -270,6 +276,7 @@ def build_microvm(
         tables = build_acpi_tables(AcpiConfig(num_cpus=config.cpus, virtio_devices=acpi_devices))
         memory.write(layout.ACPI_TABLES_ADDR, tables.blob)
         memory.write(layout.MPTABLE_ADDR, build_mptable(config.cpus))
+        laps.lap("acpi")
 
         vcpus = [vm.create_vcpu(i) for i in range(config.cpus)]
         console_name = "hvc0" if config.console is not None and config.console.kind == "stdio" else "ttyS0"
@@ -278,12 +285,15 @@ def build_microvm(
         if config.virtio_cmdline or (config.virtio_cmdline is None and acpi_off):
             defaults += _virtio_cmdline_words(transports)
         cmdline = merge_cmdline(config.cmdline, defaults)
+        laps.lap("vcpus")
         plan = load_linux(memory, config.kernel, config.initrd, cmdline, tables.rsdp_addr)
+        laps.lap("kernel")
         supported = kvm.supported_cpuid()
         for v in vcpus:
             setup_vcpu(v, supported, config.cpus)
             v.set_exit_hooks([legacy.serial_fast])
         setup_boot_vcpu(vcpus[0], plan)
+        laps.lap("cpu state")
 
         hvc = None
         if config.console is not None:
@@ -303,6 +313,7 @@ def build_microvm(
             devices=devices,
             lifecycle=lifecycle,
             closers=b.closers,
+            laps=laps,
         )
         machine = Machine(parts, loop)
         if console is not None:
