@@ -4,8 +4,8 @@ Both get the same kernel, initramfs, command line, memory and vCPUs, and the sam
 is configured as a user after speed would: KVM with ``-cpu host``, the microvm board with its RTC (Linux stalls
 ~10 s in rtc_cmos without one) and no option ROMs, no default devices; the disk on ``aio=threads`` with the
 host page cache (the image lives in a tmpfs, where O_DIRECT and so ``cache=none``/``aio=native`` are refused,
-and evmm's own I/O is buffered too); the NIC on a tap with vhost-net off (the device model in the VMM, as
-evmm's) and, as a second QEMU side, on (the kernel moves the packets: what a user would pick).
+and evmm's own I/O is buffered too); the NIC on a tap with vhost-net off (the device model in the VMM) and,
+as a second side of each VMM, on (the kernel moves the packets: what a user would pick, and evmm's default).
 """
 
 from __future__ import annotations
@@ -39,33 +39,38 @@ class VmSpec:
 class Side:
     """One VMM configuration: a column of the table."""
 
-    name: str  # evmm, qemu, qemu-vhost
+    name: str  # evmm, evmm-vhost, qemu, qemu-vhost
     vmm: str  # "evmm" or "qemu"
-    vhost: bool = False
+    vhost: bool = False  # the NIC's vhost-net, for rows with one
 
     @property
     def label(self) -> str:
-        return {"evmm": "evmm", "qemu": "QEMU microvm", "qemu-vhost": "QEMU microvm, vhost-net"}.get(
-            self.name, self.name
-        )
+        labels = {
+            "evmm": "evmm",
+            "evmm-vhost": "evmm, vhost-net",
+            "qemu": "QEMU microvm",
+            "qemu-vhost": "QEMU microvm, vhost-net",
+        }
+        return labels.get(self.name, self.name)
 
     def argv(self, spec: VmSpec) -> list[str]:
-        return evmm_argv(spec) if self.vmm == "evmm" else qemu_argv(spec, vhost=self.vhost)
+        return evmm_argv(spec, vhost=self.vhost) if self.vmm == "evmm" else qemu_argv(spec, vhost=self.vhost)
 
 
 EVMM = Side("evmm", "evmm")
+EVMM_VHOST = Side("evmm-vhost", "evmm", vhost=True)
 QEMU = Side("qemu", "qemu")
 QEMU_VHOST = Side("qemu-vhost", "qemu", vhost=True)
 
 
-def evmm_argv(spec: VmSpec) -> list[str]:
+def evmm_argv(spec: VmSpec, *, vhost: bool = False) -> list[str]:
     argv = [sys.executable, "-m", "evmm", "run"]
     argv += ["--kernel", str(spec.kernel), "--initrd", str(spec.initrd), "--append", spec.append]
     argv += ["--memory", f"{spec.memory_mib}M", "--cpus", str(spec.cpus)]
     if spec.drive is not None:
         argv += ["--drive", f"path={spec.drive},id=bench"]
     if spec.tap is not None:
-        argv += ["--net", f"tap={spec.tap},mac={spec.mac}"]
+        argv += ["--net", f"tap={spec.tap},mac={spec.mac},vhost={'on' if vhost else 'off'}"]
     if spec.api_sock is not None:
         argv += ["--api-sock", str(spec.api_sock)]
     if spec.qmp_sock is not None:
