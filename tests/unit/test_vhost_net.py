@@ -23,6 +23,7 @@ from evmm.devices.virtio.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_
 from evmm.devices.virtio.net.vhost import VHOST_RING_FEATURES, VIRTIO_NET_F_MQ, VhostNet
 from evmm.errors import ConfigError
 from evmm.machine.hotplug import HotplugSlot
+from tests.fakes.irq import EventfdInterrupt
 from tests.fakes.vhost import (
     NET_KERNEL_FEATURES,
     VHOST_FEATURES,
@@ -133,6 +134,32 @@ def test_every_call_of_the_kernel_is_an_interrupt(loop: asyncio.AbstractEventLoo
     os.eventfd_write(call_rx, 1)  # what vhost-net does when it used RX buffers and the driver wants to know
     spin(loop, lambda: bool(d.r(regs.INTERRUPT_STATUS)))
     assert d.ack_interrupt() == regs.INT_VRING
+
+
+def test_with_an_irqfd_the_kernel_interrupts_the_guest_itself(loop: asyncio.AbstractEventLoop) -> None:
+    dev, (fake,), _ = nic()
+    d = MmioDriver(dev, loop=loop, notify=FakeNotifyRegistrar())
+    irq = EventfdInterrupt()
+    d.transport._irq = irq  # what the board gives a transport: KVM's irqfd
+    try:
+        assert d.r(regs.INTERRUPT_STATUS) == 0
+        d.bring_up()
+        # The kernel is given the irqfd as its call fd: no reactor wake between vhost and the guest.
+        assert fake.call == {RX: irq.fd, TX: irq.fd}
+        spin(loop)
+        irq.pending()
+        # Linux's vm_interrupt acts on INT_VRING only, and no one sets it for the kernel: it is reported.
+        assert d.r(regs.INTERRUPT_STATUS) == regs.INT_VRING
+        d.w(regs.INTERRUPT_ACK, regs.INT_VRING)
+        assert d.r(regs.INTERRUPT_STATUS) == regs.INT_VRING
+        dev.replace_tap(FakeTap())  # a config change of its own: both bits
+        assert d.r(regs.INTERRUPT_STATUS) == regs.INT_VRING | regs.INT_CONFIG and irq.pending() == 1
+        d.w(regs.STATUS, 0)
+        assert fake.call == {RX: None, TX: None} and d.r(regs.INTERRUPT_STATUS) == 0
+        os.fstat(irq.fd)  # still the transport's, open
+    finally:
+        d.transport.close()
+        irq.close()
 
 
 def test_the_driver_starts_on_one_pair_and_asks_for_more(loop: asyncio.AbstractEventLoop) -> None:

@@ -5,7 +5,8 @@ Runs on the reactor: register accesses arrive through the vCPU exit channel, que
 interrupts leave through an irqfd.  Two registers are served on the vCPU thread instead (``on_vcpu``):
 InterruptStatus and InterruptAck, which Linux's interrupt handler (vm_interrupt) reads and writes on every
 interrupt; they touch nothing but the interrupt status, under its own lock.  A device may hand a queue to a backend outside evmm (vhost): the queue's
-ioeventfd becomes the backend's kick, and the backend's call eventfd is read here and becomes an interrupt.
+ioeventfd becomes the backend's kick, and the backend signals the driver through the device's irqfd itself
+(see ``_call_fd``).
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ class VirtioMmio:
         self._on_error = on_error
         self._active_interrupt: _Interrupt | None = None  # the device's, while it is activated
         self._call_fds: dict[int, int] = {}  # queue -> eventfd a backend writes to interrupt the driver
+        self._direct_calls = 0  # queues whose backend writes the irqfd itself: INT_VRING is then reported
         # InterruptStatus is read and acknowledged on vCPU threads (on_vcpu) while the reactor sets bits: every
         # read-modify-write of it holds this lock, so no bit set by one is lost to the other.  (CPython 3.11
         # happens not to switch threads inside ``x |= y``; the language does not promise it.)
@@ -187,7 +189,9 @@ class VirtioMmio:
             # On the vCPU thread (on_vcpu): nothing but the status word, which a reader sees whole.  A bit the
             # reactor sets just after this read comes with its own interrupt (it triggers the irqfd after
             # setting the bit), so the driver never misses one.
-            return self.interrupt_status if size == 4 else 0  # §4.2.2.2: 32-bit accesses only
+            if size != 4:
+                return 0  # §4.2.2.2: 32-bit accesses only
+            return self.interrupt_status | (INT_VRING if self._direct_calls else 0)
         if offset >= CONFIG:
             return self._read_config(offset - CONFIG, size)
         if size != 4 or offset % 4:
@@ -349,21 +353,26 @@ class VirtioMmio:
     def _call_fd(self, index: int) -> int:
         """An eventfd for a backend's used-buffer notifications of queue ``index`` (``notifier``).
 
-        It cannot be the irqfd: Linux's virtio-mmio handler (vm_interrupt) reads InterruptStatus and ignores
-        the interrupt unless INT_VRING is set, and only we can set it.  So the reactor reads the eventfd, sets
-        INT_VRING and triggers the irqfd: one reactor wake per interrupt, the price of an honest
-        InterruptStatus (a sticky INT_VRING would let the backend write the irqfd directly, but the guest would
-        then scan every queue on every interrupt, config changes included).  No EVENT_IDX check here: the
-        backend applied the driver's used_event itself, and the Virtqueue's record of what was signalled knows
-        nothing of the used entries the backend wrote.
+        The device's irqfd itself where it has one (KVM's): the backend's signal reaches the guest with no
+        wake of evmm, as Firecracker does for vhost-user devices on virtio-mmio.  Linux's handler (vm_interrupt)
+        then finds nothing in the status bits we set, so InterruptStatus reports INT_VRING whenever a backend
+        holds a queue: the driver looks at its used rings on every interrupt of this device, which for a config
+        change costs a scan of queues with nothing new and is otherwise what it would do anyway.  Without an
+        irqfd (unit tests) the reactor reads a fresh eventfd and raises the interrupt.  No EVENT_IDX check here:
+        the backend applied the driver's used_event itself.
         """
         if not 0 <= index < len(self.device.queue_sizes):
             raise QueueBroken(f"queue {index} does not exist")
         fd = self._call_fds.get(index)
         if fd is None:
-            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            irqfd = getattr(self._irq, "fd", -1)  # an IrqfdInterrupt's eventfd; fakes have none
+            if isinstance(irqfd, int) and irqfd >= 0:
+                fd = irqfd
+                self._direct_calls += 1
+            else:
+                fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                self._reactor.add_reader(fd, self._on_call_fd, fd)
             self._call_fds[index] = fd
-            self._reactor.add_reader(fd, self._on_call_fd, fd)
         return fd
 
     def _on_call_fd(self, fd: int) -> None:
@@ -392,10 +401,13 @@ class VirtioMmio:
             self._active_interrupt.revoke()
             self._active_interrupt = None
         self._kicks.take_back()
+        irqfd = getattr(self._irq, "fd", -1)
         for fd in self._call_fds.values():
-            self._reactor.remove_reader(fd)
-            os.close(fd)
+            if fd != irqfd:
+                self._reactor.remove_reader(fd)
+                os.close(fd)
         self._call_fds.clear()
+        self._direct_calls = 0
 
     def close(self) -> None:
         self._release_device()
