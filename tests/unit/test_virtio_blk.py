@@ -172,7 +172,10 @@ def test_reads_through_the_workers_too(image: Path, loop: asyncio.AbstractEventL
         d.close()
 
 
-def test_flush_calls_fdatasync(disk: Disk, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_flush_calls_fdatasync(
+    image: Path, loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = Disk(VirtioBlk(FileBackend.open(image, False), uring=False), loop)  # the worker's fdatasync
     synced: list[int] = []
     real = os.fdatasync
 
@@ -299,7 +302,7 @@ class FailingBackend(FileBackend):
 
 def test_host_errors_become_ioerr(image: Path, loop: asyncio.AbstractEventLoop) -> None:
     backend = FailingBackend(os.open(image, os.O_RDWR), image, False)
-    d = Disk(VirtioBlk(backend), loop)
+    d = Disk(VirtioBlk(backend, uring=False), loop)  # its fake calls are the worker threads'
     try:
         assert d.read(0, 512)[0] == VIRTIO_BLK_S_IOERR
         assert "Input/output error" in (d.dev.last_error or "")
@@ -370,7 +373,7 @@ def gated(path: Path) -> GatedBackend:
 
 def test_a_batch_of_completions_raises_one_interrupt(image: Path, loop: asyncio.AbstractEventLoop) -> None:
     backend = gated(image)
-    d = Disk(VirtioBlk(backend), loop)
+    d = Disk(VirtioBlk(backend, uring=False), loop)  # its fake calls are the worker threads'
     try:
         n = 16
         for i in range(n):
@@ -428,7 +431,7 @@ def test_replace_backend_waits_for_requests_in_flight(
     image: Path, tmp_path: Path, loop: asyncio.AbstractEventLoop
 ) -> None:
     backend = gated(image)
-    d = Disk(VirtioBlk(backend), loop)
+    d = Disk(VirtioBlk(backend, uring=False), loop)  # its fake calls are the worker threads'
     other = tmp_path / "other.img"
     other.write_bytes(b"\x17" * MiB)
     try:
@@ -457,7 +460,7 @@ def test_replace_with_a_bad_path_keeps_the_old_image(disk: Disk, tmp_path: Path)
 
 def test_reset_drops_results_of_requests_in_flight(image: Path, loop: asyncio.AbstractEventLoop) -> None:
     backend = gated(image)
-    d = Disk(VirtioBlk(backend), loop)
+    d = Disk(VirtioBlk(backend, uring=False), loop)  # its fake calls are the worker threads'
     for i in range(4):
         d.q.add([hdr(T_IN, i)], [512, 1])
     d.drv.kick(0)
