@@ -74,14 +74,13 @@ def run_device(
     write: bool,
     rand: bool,
     inline: bool = True,
-    uring: bool = True,
 ) -> tuple[float, float, int]:
     """Keep ``depth`` requests of ``size`` bytes in flight until ``total`` complete.
 
     Returns (wall seconds, seconds the device held the reactor, interrupts).
     """
     loop = new_loop()
-    dev = VirtioBlk(FileBackend.open(image, False), io_threads=threads, inline_reads=inline, uring=uring)
+    dev = VirtioBlk(FileBackend.open(image, False), io_threads=threads, inline_reads=inline)
     # Time the device's own work on the reactor (kicks and completions), apart from the fake driver's.
     in_device = [0.0]
 
@@ -93,8 +92,6 @@ def run_device(
 
         return run
 
-    if not inline:  # every read goes to the engine (the ring, or the workers), even from the page cache
-        dev.backend.read_cached = lambda views, offset: False  # type: ignore[method-assign]
     dev.queue_notify = timed(dev.queue_notify)  # type: ignore[method-assign]
     dev._on_completions = timed(dev._on_completions)  # type: ignore[method-assign]
     drv = MmioDriver(dev, loop=loop)

@@ -172,10 +172,7 @@ def test_reads_through_the_workers_too(image: Path, loop: asyncio.AbstractEventL
         d.close()
 
 
-def test_flush_calls_fdatasync(
-    image: Path, loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    disk = Disk(VirtioBlk(FileBackend.open(image, False), uring=False), loop)  # the worker's fdatasync
+def test_flush_calls_fdatasync(disk: Disk, monkeypatch: pytest.MonkeyPatch) -> None:
     synced: list[int] = []
     real = os.fdatasync
 
@@ -302,7 +299,7 @@ class FailingBackend(FileBackend):
 
 def test_host_errors_become_ioerr(image: Path, loop: asyncio.AbstractEventLoop) -> None:
     backend = FailingBackend(os.open(image, os.O_RDWR), image, False)
-    d = Disk(VirtioBlk(backend, uring=False), loop)  # its fake calls are the worker threads'
+    d = Disk(VirtioBlk(backend), loop)
     try:
         assert d.read(0, 512)[0] == VIRTIO_BLK_S_IOERR
         assert "Input/output error" in (d.dev.last_error or "")
@@ -373,7 +370,7 @@ def gated(path: Path) -> GatedBackend:
 
 def test_a_batch_of_completions_raises_one_interrupt(image: Path, loop: asyncio.AbstractEventLoop) -> None:
     backend = gated(image)
-    d = Disk(VirtioBlk(backend, uring=False), loop)  # its fake calls are the worker threads'
+    d = Disk(VirtioBlk(backend), loop)
     try:
         n = 16
         for i in range(n):
@@ -431,7 +428,7 @@ def test_replace_backend_waits_for_requests_in_flight(
     image: Path, tmp_path: Path, loop: asyncio.AbstractEventLoop
 ) -> None:
     backend = gated(image)
-    d = Disk(VirtioBlk(backend, uring=False), loop)  # its fake calls are the worker threads'
+    d = Disk(VirtioBlk(backend), loop)
     other = tmp_path / "other.img"
     other.write_bytes(b"\x17" * MiB)
     try:
@@ -460,7 +457,7 @@ def test_replace_with_a_bad_path_keeps_the_old_image(disk: Disk, tmp_path: Path)
 
 def test_reset_drops_results_of_requests_in_flight(image: Path, loop: asyncio.AbstractEventLoop) -> None:
     backend = gated(image)
-    d = Disk(VirtioBlk(backend, uring=False), loop)  # its fake calls are the worker threads'
+    d = Disk(VirtioBlk(backend), loop)
     for i in range(4):
         d.q.add([hdr(T_IN, i)], [512, 1])
     d.drv.kick(0)

@@ -19,13 +19,14 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
-from evmm.devices.virtio.blk.backend import FileBackend
-from evmm.devices.virtio.blk.engine import BlockIo
+from evmm.devices.virtio.blk.backend import FileBackend, IoWorkers
 from evmm.devices.virtio.blk.request import (
+    SECTOR_SHIFT,
     VIRTIO_BLK_ID_BYTES,
     VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_OK,
     BadRequest,
+    BlockRequest,
     Kind,
     Limits,
     parse_request,
@@ -70,12 +71,45 @@ INLINE_READ_MAX = 128 << 10  # larger cached reads go to a worker, so the copy r
 # num_queues, the discard and write-zeroes limits, write_zeroes_may_unmap, unused1[3], secure-erase limits.
 _CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3xIII")
 
+# What a worker hands back: status byte, bytes written into the guest's data buffers, error text.
+Outcome = tuple[int, int, str]
+
 
 @record(slots=True)
 class _InFlight:
     head: int
     status_addr: int
-    views: list[memoryview]  # guest buffers the I/O reads or writes; released before the used entry
+    views: list[memoryview]  # guest buffers the worker reads or writes; released before the used entry
+
+
+def _execute(backend: FileBackend, req: BlockRequest, views: list[memoryview]) -> Outcome:
+    """Carry out one request on a worker thread; host errors become IOERR for this request alone."""
+    try:
+        if req.kind is Kind.IN:
+            backend.readv(views, req.offset)
+            return VIRTIO_BLK_S_OK, req.data_len, ""
+        if req.kind is Kind.OUT:
+            backend.writev(views, req.offset)
+        elif req.kind is Kind.FLUSH:
+            backend.flush()
+        elif req.kind is Kind.DISCARD:
+            for r in req.ranges:
+                backend.discard(r.sector << SECTOR_SHIFT, r.num_sectors << SECTOR_SHIFT)
+        elif req.kind is Kind.WRITE_ZEROES:
+            for r in req.ranges:
+                backend.write_zeroes(r.sector << SECTOR_SHIFT, r.num_sectors << SECTOR_SHIFT, r.unmap)
+        return VIRTIO_BLK_S_OK, 0, ""
+    except OSError as e:
+        what = req.kind.name
+        if req.kind in (Kind.IN, Kind.OUT):
+            what += f" at sector {req.sector}"
+        elif req.ranges:
+            what += f" of {len(req.ranges)} ranges from sector {req.ranges[0].sector}"
+        return VIRTIO_BLK_S_IOERR, 0, f"{backend.path}: {what}: {e.strerror or e}"
+
+
+def _crashed(e: BaseException) -> Outcome:
+    return VIRTIO_BLK_S_IOERR, 0, f"internal error: {e!r}"
 
 
 class VirtioBlk(VirtioDevice):
@@ -89,14 +123,12 @@ class VirtioBlk(VirtioDevice):
         serial: str | None = None,
         io_threads: int = IO_THREADS,
         inline_reads: bool = True,
-        uring: bool = True,
         on_host_error: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__((QUEUE_SIZE,))
         self.backend = backend
         self.serial = (serial or "").encode("ascii", "replace")[:VIRTIO_BLK_ID_BYTES]
-        self._io = BlockIo(io_threads, "virtio-blk", use_uring=uring)
-        self._io_fds: list[int] = []  # the completion eventfds on the reactor, while activated
+        self._workers: IoWorkers[Outcome] = IoWorkers(io_threads, "virtio-blk", _crashed)
         self._inflight: dict[int, _InFlight] = {}
         self._next_token = 0
         self._replacement: FileBackend | None = None
@@ -164,17 +196,13 @@ class VirtioBlk(VirtioDevice):
     def activate(self, ctx: Activation) -> None:
         super().activate(ctx)
         self._limits = self._make_limits(ctx.features)
-        self._io_fds = self._io.start()
-        for fd in self._io_fds:
-            ctx.reactor.add_reader(fd, self._on_completions)
+        ctx.reactor.add_reader(self._workers.fd, self._on_completions)
 
     def reset(self) -> None:
         ctx = self.ctx
         self._drain()
         if ctx is not None:
-            for fd in self._io_fds:
-                ctx.reactor.remove_reader(fd)
-        self._io_fds = []
+            ctx.reactor.remove_reader(self._workers.fd)
         super().reset()
         if self._replacement is not None:
             self._swap()
@@ -183,7 +211,7 @@ class VirtioBlk(VirtioDevice):
         if self.ctx is not None:
             self.reset()
         self._drain()
-        self._io.close()
+        self._workers.close()
         if self._replacement is not None:
             self._replacement.close()
             self._replacement = None
@@ -191,9 +219,9 @@ class VirtioBlk(VirtioDevice):
 
     def _drain(self) -> None:
         """Wait for every request in flight and drop its result: nothing reaches the guest after this."""
-        while self._io.pending:
-            self._io.wait()
-            for token, _outcome in self._io.collect():
+        while self._workers.pending:
+            self._workers.wait()
+            for token, _outcome in self._workers.collect():
                 self._release(self._inflight.pop(token, None))
         self._inflight.clear()
 
@@ -257,7 +285,6 @@ class VirtioBlk(VirtioDevice):
             q.set_notification(True)
             if not q.has_available():
                 break
-        self._io.flush()  # what went to the ring: one io_uring_enter for the batch
         if answered:
             ctx.signal_used(q)
 
@@ -292,7 +319,8 @@ class VirtioBlk(VirtioDevice):
         token = self._next_token
         self._next_token += 1
         self._inflight[token] = _InFlight(chain.head, req.status_addr, views)
-        self._io.submit(token, self.backend, req, views)
+        backend = self.backend
+        self._workers.submit(token, lambda: _execute(backend, req, views))
         return False
 
     def _write_id(self, views: list[memoryview]) -> int:
@@ -308,7 +336,7 @@ class VirtioBlk(VirtioDevice):
 
     def _on_completions(self) -> None:
         ctx = self.ctx
-        results = self._io.collect()
+        results = self._workers.collect()
         jobs = [(self._inflight.pop(token), outcome) for token, outcome in results]
         for job, _outcome in jobs:
             self._release(job)
