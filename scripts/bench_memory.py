@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from evmm.assets import default_guest
 from evmm.bench.smaps import Mapping, guest_mappings, parse
 from evmm.hostkvm import probe
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_startup import stop  # noqa: E402 - a sibling script, found through the path just added
 
 MiB = 1 << 20
 GUEST = 128 * MiB
@@ -93,12 +95,7 @@ def launch(argv: list[str], settle: float) -> dict[str, float]:
         time.sleep(settle)
         return breakdown(p.pid)
     finally:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        stop(p)
 
 
 def interpreter(argv: list[str]) -> float:

@@ -51,6 +51,16 @@ def owner(module: str) -> str:
     return "stdlib"
 
 
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, as a user's Ctrl-C would end evmm; SIGKILL after 30 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def launch(tree: Path, argv: list[str], env: dict[str, str], importtime: bool) -> dict[str, float]:
     """One start-up of the evmm in ``tree``: every step's milliseconds."""
     cmd = [sys.executable, *(["-X", "importtime"] if importtime else []), "-m", "evmm", "run", "-v", *argv]
@@ -85,12 +95,7 @@ def launch(tree: Path, argv: list[str], env: dict[str, str], importtime: bool) -
             if time.monotonic() > deadline:
                 break
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
     if not steps:
         raise SystemExit(f"{tree}: evmm printed no start-up line (exit {proc.returncode}): {' '.join(cmd)}")
     if importtime:
