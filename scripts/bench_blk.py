@@ -97,7 +97,7 @@ def run_device(
     drv = MmioDriver(dev, loop=loop)
     drv.bring_up(event_idx=False)
     irq = WakeIrq()
-    drv.transport._interrupt = irq
+    drv.transport._irq = irq
     q = drv.queues[0]
     sectors = IMAGE_SIZE // 512
     per = size // 512

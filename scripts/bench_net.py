@@ -158,7 +158,8 @@ def bench_real_tap(loop: asyncio.AbstractEventLoop, total: int) -> None:
         return
     with netns("evmm-bench") as ns:
         with inside(ns):
-            dev = make_net(NetSpec(tap="evb0"), 0)
+            dev = make_net(NetSpec(tap="evb0", vhost=False), 0)
+            assert isinstance(dev, VirtioNet)
             rx_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             tx_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         for cmd in (

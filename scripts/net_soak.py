@@ -10,7 +10,7 @@ streams both ways, and when one hangs or fails prints the guest's dmesg tail, `q
 indices on both sides), where the vCPUs are (symbolized with the guest's own kallsyms) and the host's TCP
 state.  Needs root and a KVM that boots Linux; on this machine run it in the test host:
 
-    evmm testhost run --cpus 1 -- python3 scripts/net_soak.py [--rounds N] [--vmm qemu] [--cpus N]
+    evmm testhost run --cpus 1 -- python3 scripts/net_soak.py [--rounds N] [--vmm qemu] [--cpus N] [--vhost]
 
 ``--vmm qemu`` runs QEMU microvm instead (`evmm bench`'s command line), the comparison that says whether a
 failure is evmm's.  Exit status: 0 if every stream finished, 1 at the first hang or failure.
@@ -123,23 +123,24 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=20, help="rounds of one stream each way (20)")
     ap.add_argument("--vmm", choices=("evmm", "qemu"), default="evmm")
     ap.add_argument("--cpus", type=int, default=1, help="the guest's vCPUs (1)")
+    ap.add_argument("--vhost", action="store_true", help="the kernel's vhost-net moves the frames")
     args = ap.parse_args()
     subprocess.run(["ip", "netns", "del", NETNS], capture_output=True, check=False)
     ip("netns", "add", NETNS)
     try:
-        return soak(args.vmm, args.rounds, args.cpus)
+        return soak(args.vmm, args.rounds, args.cpus, args.vhost)
     finally:
         subprocess.run(["ip", "netns", "del", NETNS], capture_output=True, check=False)
 
 
-def soak(which: str, rounds: int, cpus: int) -> int:
+def soak(which: str, rounds: int, cpus: int, vhost: bool) -> int:
     ip("-n", NETNS, "link", "set", "lo", "up")
     guest = default_guest()
     sock = Path(tempfile.mkdtemp(prefix="evmm-soak-")) / "api.sock"
     spec = VmSpec(
         guest.vmlinux, guest.tools_initramfs, kernel_cmdline(), 512, cpus=cpus, tap=TAP, api_sock=sock
     )
-    argv = evmm_argv(spec) if which == "evmm" else qemu_argv(spec)
+    argv = evmm_argv(spec, vhost=vhost) if which == "evmm" else qemu_argv(spec, vhost=vhost)
     vm = VmProcess(["ip", "netns", "exec", NETNS, *argv], which)
     try:
         vm.wait_for(READY, 300)
@@ -177,7 +178,7 @@ def soak(which: str, rounds: int, cpus: int) -> int:
                 print(f"round {i + 1}: {name} {failure}", flush=True)
                 report(vm, which, sock, symbols)
                 return 1
-        print(f"{which}: {2 * rounds} streams, none failed")
+        print(f"{which} (vhost={'on' if vhost else 'off'}): {2 * rounds} streams, none failed")
         vm.sendline("poweroff")
         vm.wait_exit(120)
         return 0

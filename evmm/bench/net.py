@@ -3,8 +3,8 @@
 The benchmark makes the namespace, starts each VMM inside it (``ip netns exec``) with a tap it creates, and
 plays the host there: 10.0.2.1 on the tap, the guest 10.0.2.15.  The guest runs ``iperf3 -s``; the host runs
 the client for a fixed time (``-t``, the first seconds left out as warm-up), forward for host -> guest and
-``-R`` for guest -> host.  QEMU runs
-twice per round: vhost-net off (its device model in the VMM, as evmm's) and on (the kernel moves packets).
+``-R`` for guest -> host.  Each VMM
+runs twice per round: vhost-net off (its device model in the VMM) and on (the kernel moves the packets).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from evmm.bench import iperf
 from evmm.bench.console import PROMPT, READY, VmProcess
 from evmm.bench.context import Context, Measurement, Watch, launch
 from evmm.bench.results import MetricSpec
-from evmm.bench.vmm import EVMM, QEMU, QEMU_VHOST, Side
+from evmm.bench.vmm import EVMM, EVMM_VHOST, QEMU, QEMU_VHOST, Side
 from evmm.netns import ip
 
 MEMORY_MIB = 512
@@ -38,7 +38,7 @@ class NetError(Exception):
 
 class NetRow:
     name = "net"
-    sides = (EVMM, QEMU, QEMU_VHOST)
+    sides = (EVMM, QEMU, EVMM_VHOST, QEMU_VHOST)
 
     def __init__(self) -> None:
         self.ns = f"evmm-bench-{os.getpid()}"
@@ -48,24 +48,26 @@ class NetRow:
 
     def metrics(self) -> list[MetricSpec]:
         out = []
-        for side, suffix in ((QEMU, "vhost=off"), (QEMU_VHOST, "vhost=on")):
+        for evmm, side, suffix in ((EVMM, QEMU, "vhost=off"), (EVMM_VHOST, QEMU_VHOST, "vhost=on")):
             key = "" if side is QEMU else ".vhost"
             out += [
                 MetricSpec(
                     f"net.g2h{key}",
                     "net",
-                    f"virtio-net TCP guest → host (QEMU {suffix})",
+                    f"virtio-net TCP guest → host ({suffix})",
                     "Gbit/s",
                     "higher",
                     qemu_side=side.name,
+                    evmm_side=evmm.name,
                 ),
                 MetricSpec(
                     f"net.h2g{key}",
                     "net",
-                    f"virtio-net TCP host → guest (QEMU {suffix})",
+                    f"virtio-net TCP host → guest ({suffix})",
                     "Gbit/s",
                     "higher",
                     qemu_side=side.name,
+                    evmm_side=evmm.name,
                 ),
             ]
         return out
@@ -142,16 +144,9 @@ class NetRow:
                     raise NetError(f"{direction}: iperf3 ran (-t, -O, -R) = {ran}, not the test asked for")
                 if result.received_bytes <= 0:
                     raise NetError(f"{direction}: no data arrived in {self.seconds} s")
-                # An EVMM run fills both the vhost=off and the vhost=on rows' evmm column.
-                keys = (
-                    [f"net.{direction}", f"net.{direction}.vhost"]
-                    if side is EVMM
-                    else [f"net.{direction}{key}"]
-                )
-                for k in keys:
-                    out.values[k] = result.gbit_s
-                    # The work is the timed test; the bytes it moved are the result.
-                    out.work[k] = self.seconds
+                k = f"net.{direction}{key}"
+                out.values[k] = result.gbit_s
+                out.work[k] = self.seconds  # the work is the timed test; the bytes it moved are the result
             vm.sendline("poweroff")
             vm.wait_exit(120)
         return out

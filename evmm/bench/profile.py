@@ -79,7 +79,7 @@ def frame_name(frame: str) -> str:
     return f"{m.group('func')} ({path})"
 
 
-_STARTUP = ("_find_and_load", "build_parser", "config_from_args", "build_microvm")
+_STARTUP = ("_find_and_load", "build_parser", "config_from_args", "build_microvm", "build_standard")
 
 
 def thread_kind(thread: str, frames: list[str]) -> str:

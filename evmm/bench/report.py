@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from evmm.bench.results import EVMM, Metric, Results
+from evmm.bench.results import Metric, Results
 
 DASH = "\u2013"
 TIMES = "\u00d7"
@@ -59,11 +59,11 @@ def ratio_text(m: Metric) -> str:
 
 def remarks(m: Metric) -> str:
     parts = list(m.checks) + list(m.notes)
-    if m.spec.note and (m.summary(EVMM) is not None and m.summary(m.spec.qemu_side) is not None):
+    if m.spec.note and (m.summary(m.spec.evmm_side) is not None and m.summary(m.spec.qemu_side) is not None):
         parts.append(m.spec.note)
     partial = [
         f"{side}: {len(m.failures[side])} run(s) failed"
-        for side in (EVMM, m.spec.qemu_side)
+        for side in (m.spec.evmm_side, m.spec.qemu_side)
         if m.failures.get(side) and m.summary(side) is not None
     ]
     return "; ".join(parts + partial)
@@ -105,7 +105,7 @@ def rich_table(results: Results) -> Table:
         qemu = cell(m, m.spec.qemu_side)
         table.add_row(
             escape(_title(m)),
-            escape(cell(m, EVMM)),
+            escape(cell(m, m.spec.evmm_side)),
             escape(qemu),
             Text(ratio_text(m), style=style),
             escape(remarks(m)),
@@ -128,7 +128,7 @@ def markdown(results: Results) -> str:
         cells = [
             title,
             f"{m.spec.unit} ({better} is better)",
-            cell(m, EVMM),
+            cell(m, m.spec.evmm_side),
             cell(m, m.spec.qemu_side),
             ratio_text(m),
             remarks(m),

@@ -1,8 +1,8 @@
 """Benchmark results: samples per metric and side, their summary (median, min, max, ratio) and the JSON file.
 
 Pure: no I/O beyond ``load``/``save``.  A *metric* is one table row (``boot.ready``); a *side* is one VMM
-configuration (``evmm``, ``qemu``, ``qemu-vhost``).  Each metric names the side that fills its QEMU column, so
-the vhost=on rows reuse the evmm samples against a different QEMU.  A side that could not run keeps its
+configuration (``evmm``, ``evmm-vhost``, ``qemu``, ``qemu-vhost``).  Each metric names the sides that fill its
+evmm and QEMU columns, so the vhost=on rows compare evmm's vhost side with QEMU's.  A side that could not run keeps its
 failure reasons, and a row whose samples are missing shows them instead of a number: no row is dropped.
 """
 
@@ -31,6 +31,7 @@ class MetricSpec:
     better: Better
     qemu_side: str = QEMU  # the side that fills the QEMU column
     note: str = ""
+    evmm_side: str = EVMM  # the side that fills the evmm column
 
 
 @record(frozen=True)
@@ -66,7 +67,7 @@ class Metric:
 
     def check_work(self) -> list[str]:
         """Every run of both sides did the same work; otherwise one line per difference (kept in ``checks``)."""
-        sides = [s for s in (EVMM, self.spec.qemu_side) if self.work.get(s)]
+        sides = [s for s in (self.spec.evmm_side, self.spec.qemu_side) if self.work.get(s)]
         amounts = {a for s in sides for a in self.work[s]}
         self.checks = []
         if len(amounts) > 1:
@@ -82,7 +83,7 @@ class Metric:
 
     def ratio(self) -> float | None:
         """evmm's median over QEMU's; None when either is missing or QEMU's is zero."""
-        a, b = self.summary(EVMM), self.summary(self.spec.qemu_side)
+        a, b = self.summary(self.spec.evmm_side), self.summary(self.spec.qemu_side)
         if a is None or b is None or b.median == 0:
             return None
         return a.median / b.median
@@ -131,7 +132,7 @@ class Results:
     def fail_row(self, row: str, side: str, reason: str) -> None:
         """Every metric of ``row`` that ``side`` fills records ``reason``."""
         for m in self.metrics.values():
-            if m.spec.row == row and side in (EVMM, m.spec.qemu_side):
+            if m.spec.row == row and side in (m.spec.evmm_side, m.spec.qemu_side):
                 m.fail(side, reason)
 
     # ---- JSON --------------------------------------------------------------------------------------------
@@ -141,7 +142,7 @@ class Results:
         for m in self.metrics.values():
             s = m.spec
             sides = {}
-            for side in sorted({EVMM, s.qemu_side} | set(m.samples) | set(m.failures)):
+            for side in sorted({s.evmm_side, s.qemu_side} | set(m.samples) | set(m.failures)):
                 summ = m.summary(side)
                 sides[side] = {
                     "samples": m.samples.get(side, []),
@@ -156,6 +157,7 @@ class Results:
                     "unit": s.unit,
                     "better": s.better,
                     "qemu_side": s.qemu_side,
+                    "evmm_side": s.evmm_side,
                     "note": s.note,
                     "checks": m.checks,
                     "work": m.work,
@@ -179,6 +181,7 @@ class Results:
                 unit=row["unit"],
                 better=row["better"],
                 qemu_side=row.get("qemu_side", QEMU),
+                evmm_side=row.get("evmm_side", EVMM),
                 note=row.get("note", ""),
             )
             m = res.declare(spec)

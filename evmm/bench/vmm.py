@@ -4,8 +4,8 @@ Both get the same kernel, initramfs, command line, memory and vCPUs, and the sam
 is configured as a user after speed would: KVM with ``-cpu host``, the microvm board with its RTC (Linux stalls
 ~10 s in rtc_cmos without one) and no option ROMs, no default devices; the disk on ``aio=threads`` with the
 host page cache (the image lives in a tmpfs, where O_DIRECT and so ``cache=none``/``aio=native`` are refused,
-and evmm's own I/O is buffered too); the NIC on a tap with vhost-net off (the device model in the VMM, as
-evmm's) and, as a second QEMU side, on (the kernel moves the packets: what a user would pick).
+and evmm's own I/O is buffered too); the NIC on a tap with vhost-net off (the device model in the VMM) and,
+as a second side of each VMM, on (the kernel moves the packets: what a user would pick, and evmm's default).
 """
 
 from __future__ import annotations
@@ -45,15 +45,16 @@ class VmSpec:
 class Side:
     """One VMM configuration: a column of the table."""
 
-    name: str  # evmm, qemu, qemu-vhost, evmm-seccomp-off
+    name: str  # evmm, evmm-vhost, qemu, qemu-vhost, qemu-9p, evmm-seccomp-off
     vmm: str  # "evmm" or "qemu"
-    vhost: bool = False
+    vhost: bool = False  # the NIC's vhost-net, for rows with one
     seccomp: str = "kill"  # evmm's --seccomp
 
     @property
     def label(self) -> str:
         return {
             "evmm": "evmm",
+            "evmm-vhost": "evmm, vhost-net",
             "qemu": "QEMU microvm",
             "qemu-vhost": "QEMU microvm, vhost-net",
             "qemu-9p": "QEMU microvm, virtio-9p",
@@ -63,11 +64,12 @@ class Side:
     def argv(self, spec: VmSpec) -> list[str]:
         if self.vmm != "evmm":
             return qemu_argv(spec, vhost=self.vhost)
-        argv = evmm_argv(spec)
+        argv = evmm_argv(spec, vhost=self.vhost)
         return argv if self.seccomp == "kill" else [*argv, "--seccomp", self.seccomp]
 
 
 EVMM = Side("evmm", "evmm")
+EVMM_VHOST = Side("evmm-vhost", "evmm", vhost=True)
 QEMU = Side("qemu", "qemu")
 QEMU_VHOST = Side("qemu-vhost", "qemu", vhost=True)
 QEMU_9P = Side("qemu-9p", "qemu")
@@ -75,14 +77,14 @@ SHARE_TAG = "bench"
 EVMM_SECCOMP_OFF = Side("evmm-seccomp-off", "evmm", seccomp="off")  # the seccomp row's reference
 
 
-def evmm_argv(spec: VmSpec) -> list[str]:
+def evmm_argv(spec: VmSpec, *, vhost: bool = False) -> list[str]:
     argv = [sys.executable, "-m", "evmm", "run"]
     argv += ["--kernel", str(spec.kernel), "--initrd", str(spec.initrd), "--append", spec.append]
     argv += ["--memory", f"{spec.memory_mib}M", "--cpus", str(spec.cpus), "--machine", spec.machine]
     if spec.drive is not None:
         argv += ["--drive", f"path={spec.drive},id=bench"]
     if spec.tap is not None:
-        argv += ["--net", f"tap={spec.tap},mac={spec.mac}"]
+        argv += ["--net", f"tap={spec.tap},mac={spec.mac},vhost={'on' if vhost else 'off'}"]
     if spec.share is not None:
         # cache=none: every read and write reaches evmm, as every one reaches QEMU's 9p server (cache=none).
         argv += ["--fs", f"path={spec.share},tag={SHARE_TAG},cache=none"]

@@ -41,6 +41,7 @@ TESTHOST_BOOTS = 5  # the first test host, and fresh ones to resume in when one 
 STALL = 600.0  # seconds without a word from the run inside before its test host counts as hung
 HEARTBEAT = "heartbeat"
 QUICK_RUNS = 2
+DENSITY_RUNS = 2  # sweeps per side: one sweep to the limit takes ~100 boots, each slower than the last
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -80,7 +81,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="sweeps of the density row (default: --runs)",
+        help=f"sweeps of the density row (default {DENSITY_RUNS}; 1 with --quick)",
     )
     p.add_argument(
         "--testhost-memory",
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(os.path.abspath(args.out if args.out is not None else Path("bench-results") / stamp))
     out.mkdir(parents=True, exist_ok=True)
-    density_runs = args.density_runs if args.density_runs is not None else (1 if args.quick else None)
+    density_runs = args.density_runs if args.density_runs is not None else (1 if args.quick else DENSITY_RUNS)
     plan = Plan(
         rows=rows,
         runs=runs,

@@ -7,6 +7,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+import evmm.startup  # noqa: F401 - its clock marks main's start (evmm run -v times start-up)
 from evmm.errors import EvmmError
 
 # Each module defines ``register(subparsers)``, which adds its sub-command and sets ``func`` (args -> exit code).

@@ -26,6 +26,7 @@ from evmm.config.devspec import (
 from evmm.errors import ConfigError, EvmmError
 from evmm.hostkvm import probe
 from evmm.machine.config import MachineConfig, check_cpus, check_file, check_memory, parse_size
+from evmm.startup import Laps
 
 if TYPE_CHECKING:
     from evmm.loop.console import ConsoleIO
@@ -73,8 +74,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--net",
         action="append",
         default=[],
-        metavar="tap=NAME[,mac=M]",
-        help="a virtio-net NIC on a tap (repeatable)",
+        metavar="tap=NAME[,mac=M][,vhost=on|off]",
+        help="a virtio-net NIC on a tap (repeatable); vhost-net where /dev/vhost-net opens, unless vhost=off",
     )
     p.add_argument(
         "--vsock",
@@ -98,7 +99,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--hotplug",
-        metavar="blk=N,net=M",
+        metavar="blk=N,net=M[,vhost=on|off]",
         help="reserve empty hot-replace slots (filled via the control channel)",
     )
     p.add_argument(
@@ -163,7 +164,7 @@ def config_from_args(args: argparse.Namespace) -> MachineConfig:
     check_file(kernel, "--kernel")
     if initrd is not None:
         check_file(initrd, "--initrd")
-    hotplug = parse_hotplug(args.hotplug) if args.hotplug is not None else (0, 0)
+    hotplug = parse_hotplug(args.hotplug) if args.hotplug is not None else (0, 0, None)
     return MachineConfig(
         kernel=kernel,
         initrd=initrd,
@@ -180,6 +181,7 @@ def config_from_args(args: argparse.Namespace) -> MachineConfig:
         virtio_cmdline=args.virtio_mmio_cmdline,
         hotplug_blk=hotplug[0],
         hotplug_net=hotplug[1],
+        hotplug_vhost=hotplug[2],
     )
 
 
@@ -203,7 +205,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"EVMM_SECCOMP={args.seccomp!r}: not kill, log or off")
     if args.restore is not None:
         return _restore(args)
+    laps = Laps()
+    laps.lap("cli")  # the interpreter's start to here: evmm.cli.main's imports, this module's, argparse
     config = config_from_args(args)
+    laps.lap("config")
     host = probe()
     if not host.present or (not host.can_boot_linux and not args.allow_slow_kvm):
         # Where the VM will be built, the builder checks these anyway (at no extra cost).
@@ -216,8 +221,9 @@ def run(args: argparse.Namespace) -> int:
         from evmm.control import parse_qmp_spec
 
         parse_qmp_spec(args.qmp)  # a bad spec is a usage error before anything starts
+    laps.lap("probe")
     return run_machine(
-        config, verbose=args.verbose, api_sock=args.api_sock, qmp=args.qmp, seccomp=args.seccomp
+        config, verbose=args.verbose, api_sock=args.api_sock, qmp=args.qmp, seccomp=args.seccomp, laps=laps
     )
 
 
@@ -285,9 +291,11 @@ def run_machine(
     qmp: str | None = None,
     seccomp: str = "kill",
     build: Builder | None = None,
+    laps: Laps | None = None,
 ) -> int:
     """Build the machine (``build``: restore it instead), serve its console and control channels, run it
-    until it stops; the exit code."""
+    until it stops; the exit code.  ``laps``: the start-up so far, which the build goes on timing (-v)."""
+    laps = laps if laps is not None else Laps()
     import uvloop
 
     from evmm.confine import seccomp as confine
@@ -311,8 +319,9 @@ def run_machine(
             stdio: tuple[int, int] | None,
         ) -> Machine:
             board = build_standard if config.board == "standard" else build_microvm
-            return board(config, loop, console, stdio=stdio)
+            return board(config, loop, console, stdio=stdio, laps=laps)
 
+    laps.lap("imports")
     # The kick signal must have a handler (any) so that it interrupts KVM_RUN instead of killing the process.
     signal.signal(KICK_SIGNAL, lambda signum, frame: None)
     # SIGUSR2 prints every thread's Python stack to stderr and the VM goes on: where a VM that has gone
@@ -321,6 +330,7 @@ def run_machine(
     # Filters compiled now, before the loop exists (it must not get an io_uring); each thread puts its own
     # on as it starts (evmm.confine.thread).
     confinement = confine.enable(confine.Mode(seccomp), confine.features(config))
+    laps.lap("seccomp")
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     in_fd = sys.stdin.fileno() if sys.stdin is not None else None
@@ -376,6 +386,7 @@ def run_machine(
                 # The terminal is hvc0's: its size follows the window (virtio 1.2 §5.3.6, F_SIZE).  The serial
                 # console has no way to tell a guest its size (there, `stty rows R cols C` in the guest).
                 loop.add_signal_handler(signal.SIGWINCH, hvc.follow_endpoint_size)
+            laps.lap("control")
             result = loop.run_until_complete(m.run())
             loop.run_until_complete(close_control())
             close_control = None

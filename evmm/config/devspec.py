@@ -91,10 +91,12 @@ class NetSpec:
     fd: int | None = None  # an already-open tap fd passed in by the caller
     mac: str | None = None
     id: str | None = None
+    # The kernel's vhost-net moves the frames (on), or evmm (off); None: vhost where /dev/vhost-net opens.
+    vhost: bool | None = None
 
 
 def parse_net(text: str) -> NetSpec:
-    kv = parse_kv("--net", text, ("tap", "fd", "mac", "id"), positional="tap")
+    kv = parse_kv("--net", text, ("tap", "fd", "mac", "id", "vhost"), positional="tap")
     if ("tap" in kv) == ("fd" in kv):
         raise ConfigError(f"--net {text!r}: give exactly one of tap=NAME or fd=N")
     tap = kv.get("tap")
@@ -110,6 +112,7 @@ def parse_net(text: str) -> NetSpec:
         fd=parse_int("--net", "fd", kv["fd"], 0, 1 << 20) if "fd" in kv else None,
         mac=mac,
         id=_check_id("--net", kv["id"]) if "id" in kv else None,
+        vhost=parse_bool("--net", "vhost", kv["vhost"]) if "vhost" in kv else None,
     )
 
 
@@ -166,12 +169,14 @@ def parse_rng(text: str) -> RngSpec:
     return RngSpec(rate=parse_int("--rng", "rate", kv["rate"], 1, 1 << 30))
 
 
-def parse_hotplug(text: str) -> tuple[int, int]:
-    """``blk=N,net=M``: how many empty hot-replace slots of each kind to reserve."""
-    kv = parse_kv("--hotplug", text, ("blk", "net"))
+def parse_hotplug(text: str) -> tuple[int, int, bool | None]:
+    """``blk=N,net=M[,vhost=on|off]``: how many empty hot-replace slots of each kind to reserve, and whether
+    the NIC slots are vhost-net ones (None: where /dev/vhost-net opens), which is fixed at boot."""
+    kv = parse_kv("--hotplug", text, ("blk", "net", "vhost"))
     return (
         parse_int("--hotplug", "blk", kv.get("blk", "0"), 0, 8),
         parse_int("--hotplug", "net", kv.get("net", "0"), 0, 8),
+        parse_bool("--hotplug", "vhost", kv["vhost"]) if "vhost" in kv else None,
     )
 
 

@@ -47,6 +47,7 @@ class Features:
 
     tap: bool = False  # a virtio-net device or a net hot-replace slot
     vhost: bool = False  # --vsock vhost=on
+    vhost_net: bool = False  # a NIC or net hot-replace slot that may be on vhost-net (--net ...,vhost=)
     fs: bool = False  # a --fs shared directory: its workers resolve and change files under it
     pci: bool = False  # the standard board: the guest programs MSI-X vectors, hotplug adds devices
 
@@ -114,24 +115,41 @@ def _kvm_ioctls(*names: str) -> tuple[int, ...]:
     return tuple(int(getattr(lib, n)) for n in names)
 
 
-def _vhost_ioctls() -> tuple[int, ...]:
+# What every vhost device asks at activation, reset and snapshot (evmm.vhost.backend).
+_VHOST = (
+    "VHOST_SET_OWNER",
+    "VHOST_GET_FEATURES",
+    "VHOST_SET_FEATURES",
+    "VHOST_SET_MEM_TABLE",
+    "VHOST_SET_VRING_NUM",
+    "VHOST_SET_VRING_ADDR",
+    "VHOST_SET_VRING_BASE",
+    "VHOST_GET_VRING_BASE",
+    "VHOST_SET_VRING_KICK",
+    "VHOST_SET_VRING_CALL",
+)
+
+
+def _vhost_ioctls(features: Features) -> tuple[int, ...]:
+    """vhost-vsock's and vhost-net's ioctls, for the devices this machine may have; none without one.
+
+    vhost-net attaches and detaches the tap at activation, reset and hot-replace (VHOST_NET_SET_BACKEND),
+    and takes tap queues in and out of the spread when the guest changes its queue pairs (TUNSETQUEUE)."""
     from evmm.vhost._vhost_ffi import lib
 
-    names = (
-        "VHOST_SET_OWNER",
-        "VHOST_GET_FEATURES",
-        "VHOST_SET_FEATURES",
-        "VHOST_SET_MEM_TABLE",
-        "VHOST_SET_VRING_NUM",
-        "VHOST_SET_VRING_ADDR",
-        "VHOST_SET_VRING_BASE",
-        "VHOST_GET_VRING_BASE",
-        "VHOST_SET_VRING_KICK",
-        "VHOST_SET_VRING_CALL",
-        "VHOST_VSOCK_SET_GUEST_CID",
-        "VHOST_VSOCK_SET_RUNNING",
-    )
-    return tuple(int(getattr(lib, n)) for n in names)
+    names: tuple[str, ...] = ()
+    if features.vhost or features.vhost_net:
+        names += _VHOST
+    if features.vhost:
+        names += ("VHOST_VSOCK_SET_GUEST_CID", "VHOST_VSOCK_SET_RUNNING")
+    if features.vhost_net:
+        names += ("VHOST_NET_SET_BACKEND",)
+    extra: tuple[int, ...] = ()
+    if features.vhost_net:
+        from evmm.devices.virtio.net import tap
+
+        extra = (tap.TUNSETQUEUE,)
+    return tuple(int(getattr(lib, n)) for n in names) + extra
 
 
 def _tap_ioctls() -> tuple[int, ...]:
@@ -224,8 +242,7 @@ def main_rules(pid: int, features: Features) -> list[Rule]:
         # A guest's MSI-X table or MSI capability write (served on the reactor) reroutes a vector: the whole
         # GSI table is set again (evmm.machine.msi).
         ioctls += _kvm_ioctls("KVM_SET_GSI_ROUTING")
-    if features.vhost:
-        ioctls += _vhost_ioctls()
+    ioctls += _vhost_ioctls(features)
     if features.tap:
         ioctls += _tap_ioctls()
     families = (socket.AF_UNIX, socket.AF_INET) if features.tap else (socket.AF_UNIX,)

@@ -169,13 +169,31 @@ def confine_main(stop: Callable[[int, str], None]) -> None:
 
 
 def features(config: MachineConfig) -> Features:
-    """What of the machine widens the lists: taps (now or hot-replaced later), vhost-vsock, shared directories, PCI."""
+    """What of the machine widens the lists: taps (now or hot-replaced later), vhost-vsock, vhost-net, shared
+    directories, PCI."""
     return Features(
         tap=bool(config.nets) or config.hotplug_net > 0,
         vhost=config.vsock is not None and config.vsock.vhost,
+        vhost_net=_may_use_vhost_net(config),
         fs=bool(config.fss),
         pci=config.board == "standard",
     )
+
+
+def _may_use_vhost_net(config: MachineConfig) -> bool:
+    """A NIC or net slot on vhost-net: asked for (vhost=on), or not refused where /dev/vhost-net exists.  The
+    device is opened at build (VHOST_SET_OWNER, before any filter), but the guest's DRIVER_OK, a reset and a
+    hot-replace come later, on the filtered main thread."""
+    wants = [n.vhost for n in config.nets]
+    if config.hotplug_net > 0:
+        wants.append(config.hotplug_vhost)
+    if True in wants:
+        return True
+    if None not in wants:
+        return False
+    from evmm.vhost.net import VHOST_NET_PATH
+
+    return os.path.exists(VHOST_NET_PATH)
 
 
 def main_on_start(machine: StartingMachine) -> Callable[[str, dict[str, Any]], None]:

@@ -11,14 +11,35 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from evmm.control.client import Client, ControlError
-from evmm.control.commands import Command, CommandError, Commands, ControlledMachine, Param
-from evmm.control.qmp import QmpServer, parse_qmp_spec
-from evmm.control.server import ConsoleLike, ControlServer
-from evmm.rpc.protocol import ErrorCode, Event
+from evmm.lazy import lazy_names
 
 if TYPE_CHECKING:
+    from evmm.control.client import Client, ControlError
+    from evmm.control.commands import Command, CommandError, Commands, ControlledMachine, Param
+    from evmm.control.qmp import QmpServer, parse_qmp_spec
+    from evmm.control.server import ConsoleLike, ControlServer
     from evmm.machine.machine import Machine
+    from evmm.rpc.protocol import ErrorCode, Event
+
+# Each name loads its module on first use (PEP 562): ``evmm run`` without --api-sock or --qmp needs the
+# command core for its escape menu, not the servers, the client or QMP's JSON.
+_LAZY = {
+    "Client": "evmm.control.client",
+    "ControlError": "evmm.control.client",
+    "Command": "evmm.control.commands",
+    "CommandError": "evmm.control.commands",
+    "Commands": "evmm.control.commands",
+    "ControlledMachine": "evmm.control.commands",
+    "Param": "evmm.control.commands",
+    "QmpServer": "evmm.control.qmp",
+    "parse_qmp_spec": "evmm.control.qmp",
+    "ControlServer": "evmm.control.server",
+    "ErrorCode": "evmm.rpc.protocol",
+    "Event": "evmm.rpc.protocol",
+}
+
+
+__getattr__ = lazy_names(__name__, _LAZY)
 
 __all__ = [
     "Client",
@@ -54,13 +75,19 @@ async def start_control(
     listening then.  The closer lets final answers and the shutdown event reach clients (for up to a second),
     disconnects everyone and removes the socket files.
     """
-    qmp_path = parse_qmp_spec(qmp) if qmp is not None else None
-    commands = commands if commands is not None else Commands(machine)
+    if commands is None:
+        from evmm.control.commands import Commands
+
+        commands = Commands(machine)
     servers: list[ControlServer | QmpServer] = []
     if api_sock is not None:
+        from evmm.control.server import ControlServer
+
         servers.append(ControlServer(commands, console, api_sock))
-    if qmp_path is not None:
-        servers.append(QmpServer(commands, qmp_path))
+    if qmp is not None:
+        from evmm.control.qmp import QmpServer, parse_qmp_spec
+
+        servers.append(QmpServer(commands, parse_qmp_spec(qmp)))
     started: list[ControlServer | QmpServer] = []
     try:
         for server in servers:

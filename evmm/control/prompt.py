@@ -21,12 +21,14 @@ import contextlib
 import io
 import os
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from evmm.control.client import Client
-from evmm.control.commands import Commands
 from evmm.errors import EvmmError
 from evmm.record import record
+
+if TYPE_CHECKING:
+    from evmm.control.client import Client
+    from evmm.control.commands import Commands
 
 ESCAPE = 0x1D  # Ctrl-]
 ESC = 0x1B

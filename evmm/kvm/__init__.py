@@ -9,11 +9,11 @@ handles register values or exits runs where the bindings were never built.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
 from evmm.kvm import exits
 from evmm.kvm.types import CpuidEntry, DTable, Fpu, Regs, Segment, Sregs
+from evmm.lazy import lazy_names
 
 if TYPE_CHECKING:
     from evmm.kvm.system import OPTIONAL_CAPS, REQUIRED_CAPS, Kvm
@@ -30,13 +30,7 @@ _COMPILED = {
 }
 
 
-def __getattr__(name: str) -> object:
-    module = _COMPILED.get(name)
-    if module is None:
-        raise AttributeError(f"module 'evmm.kvm' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, _COMPILED)
 
 
 __all__ = [

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import field
 from typing import TYPE_CHECKING
 
 from evmm import exitcodes
@@ -43,6 +44,7 @@ from evmm.machine.machine import Machine, MachineParts
 from evmm.machine.msi import GsiRouting
 from evmm.memory import GuestMemory
 from evmm.record import record
+from evmm.startup import Laps
 
 if TYPE_CHECKING:
     from evmm.devices.virtio.console import VirtioConsole
@@ -93,6 +95,7 @@ class Build:
     kvm: Kvm
     vm: Vm | None = None
     memory: GuestMemory | None = None
+    laps: Laps = field(default_factory=Laps)  # the start-up's steps, for -v (evmm.startup)
 
     def __post_init__(self) -> None:
         self.closers: list[Callable[[], None]] = []
@@ -220,7 +223,7 @@ def make_virtio_devices(
         from evmm.devices.virtio.net import make_net
 
         for i, net in enumerate(config.nets):
-            devices.append((net.id or f"net{i}", make_net(net, i)))
+            devices.append((net.id or f"net{i}", make_net(net, i, cpus=config.cpus)))
     if config.vsock is not None:
         from evmm.devices.virtio.vsock import make_vsock
 
@@ -268,10 +271,12 @@ def base(
     vm = create_vm(b, config)
     routing = GsiRouting(vm, pc_gsi_routes())  # before the PIT, which raises IRQ 0 through it
     vm.create_pit2()
+    b.laps.lap("kvm")
     if memory is None:
         memory = GuestMemory.anonymous(layout.ram_layout(config.memory))
     b.memory = memory
     spaces = address_spaces(vm, memory)
+    b.laps.lap("memory")
     return Base(vm, routing, memory, spaces, legacy_devices(b, vm, spaces, loop, console, lifecycle))
 
 
@@ -282,10 +287,12 @@ def build(
     kvm_path: str,
     body: Callable[[Build, Base, Lifecycle], Machine],
     memory: GuestMemory | None = None,
+    laps: Laps | None = None,
 ) -> Machine:
     """A board: its ``base``, then ``body`` adds the rest; whatever was made is released if anything fails.
-    ``memory``: guest RAM that already holds a guest (a restored snapshot's) instead of fresh RAM."""
-    b = Build(Kvm(kvm_path))
+    ``memory``: guest RAM that already holds a guest (a restored snapshot's) instead of fresh RAM; ``laps``:
+    the start-up so far, which the build goes on timing step by step (``evmm run -v``)."""
+    b = Build(Kvm(kvm_path), laps=laps if laps is not None else Laps())
     lifecycle = Lifecycle()
     try:
         return body(b, base(b, config, loop, console, lifecycle, memory), lifecycle)
@@ -325,6 +332,7 @@ def assemble(
         devices=devices,
         lifecycle=lifecycle,
         closers=b.closers,
+        laps=b.laps,
     )
     machine = Machine(parts, loop)
     if console is not None:
@@ -353,10 +361,13 @@ def boot_vcpus(
         return vcpus, config.cmdline
     memory.write(layout.MPTABLE_ADDR, build_mptable(config.cpus))
     cmdline = merge_cmdline(config.cmdline, defaults(vcpus[0].get_tsc_khz()))
+    b.laps.lap("vcpus")
     plan = load_linux(memory, config.kernel, config.initrd, cmdline, rsdp_addr)
+    b.laps.lap("kernel")
     supported = b.kvm.supported_cpuid()
     for v in vcpus:
         setup_vcpu(v, supported, config.cpus)
         v.set_exit_hooks([legacy.serial_fast])
     setup_boot_vcpu(vcpus[0], plan)
+    b.laps.lap("cpu state")
     return vcpus, cmdline

@@ -80,6 +80,7 @@ class MachineConfig:
     # virtio-mmio device in the DSDT whose backend the control channel fills or empties while the guest runs.
     hotplug_blk: int = 0
     hotplug_net: int = 0
+    hotplug_vhost: bool | None = None  # NIC slots on vhost-net; None: where /dev/vhost-net opens
     extra: dict[str, object] = field(default_factory=dict)
 
     @property

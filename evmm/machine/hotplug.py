@@ -32,11 +32,16 @@ def make_empty_blk(slot_id: str) -> VirtioDevice:
     return VirtioBlk(empty_disk(), serial=slot_id)
 
 
-def make_empty_net(slot_id: str, index: int) -> VirtioDevice:
-    """A NIC with its link down and no tap; its MAC is fixed by the slot, so it survives replacements."""
+def make_empty_net(slot_id: str, index: int, vhost: bool | None = None) -> VirtioDevice:
+    """A NIC with its link down and no tap; its MAC is fixed by the slot, so it survives replacements.
+
+    A vhost-net one (one queue pair) where ``vhost`` asks for it or, when None, where /dev/vhost-net opens.
+    """
     from evmm.devices.virtio import net
 
-    return net.VirtioNet.empty(net.default_mac(NetSpec(tap=slot_id), 100 + index))
+    mac = net.default_mac(NetSpec(tap=slot_id), 100 + index)
+    backends = net.open_vhost_net(f"--hotplug slot {slot_id}", vhost, 1)
+    return net.VhostNet.empty(mac, backends[0]) if backends else net.VirtioNet.empty(mac)
 
 
 @record
@@ -66,9 +71,12 @@ class HotplugSlot:
             return
         if not isinstance(spec, NetSpec):
             raise ConfigError(f"slot {self.id} takes a tap (tap=...), not a disk image")
-        from evmm.devices.virtio.net import VirtioNet, open_tap, parse_mac, wrap_tap_fd
+        from evmm.devices.virtio.net import VhostNet, VirtioNet, open_tap, parse_mac, wrap_tap_fd
 
-        assert isinstance(self.device, VirtioNet)
+        assert isinstance(self.device, VirtioNet | VhostNet)
+        if spec.vhost is not None and spec.vhost != isinstance(self.device, VhostNet):
+            fixed = "on" if isinstance(self.device, VhostNet) else "off"
+            raise ConfigError(f"slot {self.id}: its vhost={fixed} is fixed at boot (--hotplug ...,vhost=)")
         if spec.mac is not None and parse_mac(spec.mac) != self.device.mac:
             # Linux's virtio_net reads the MAC once, at probe; a config change only updates the link state.
             fixed = ":".join(f"{b:02x}" for b in self.device.mac)
@@ -92,8 +100,8 @@ class HotplugSlot:
             assert isinstance(self.device, VirtioBlk)
             self.device.replace_with(empty_disk())
         else:
-            from evmm.devices.virtio.net import VirtioNet
+            from evmm.devices.virtio.net import VhostNet, VirtioNet
 
-            assert isinstance(self.device, VirtioNet)
+            assert isinstance(self.device, VirtioNet | VhostNet)
             self.device.replace_tap(None)
         self.backend = None

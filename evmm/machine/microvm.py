@@ -42,6 +42,7 @@ from evmm.machine.interrupts import IrqfdInterrupt, KvmNotifyRegistrar
 from evmm.machine.lifecycle import Lifecycle
 from evmm.machine.machine import Machine
 from evmm.memory import GuestMemory
+from evmm.startup import Laps
 
 
 def _make_hotplug_slots(config: MachineConfig) -> list[HotplugSlot]:
@@ -50,7 +51,7 @@ def _make_hotplug_slots(config: MachineConfig) -> list[HotplugSlot]:
     ]
     if config.hotplug_net:
         slots += [
-            HotplugSlot(f"hp-net{i}", "net", make_empty_net(f"hp-net{i}", i))
+            HotplugSlot(f"hp-net{i}", "net", make_empty_net(f"hp-net{i}", i, config.hotplug_vhost))
             for i in range(config.hotplug_net)
         ]
     return slots
@@ -103,6 +104,7 @@ def build_microvm(
     kvm_path: str = "/dev/kvm",
     memory: GuestMemory | None = None,
     boot: bool = True,
+    laps: Laps | None = None,
 ) -> Machine:
     """Build the machine; ``boot``: load the kernel and firmware tables and set the boot vCPU's entry state.
 
@@ -116,6 +118,7 @@ def build_microvm(
         with board.spaces.memory.transaction():
             transports = _virtio_transports(b, board.vm, board.memory, board.spaces, loop, virtio)
         vmgenid = _vmgenid(board.memory, board.legacy.acpi_pm)
+        b.laps.lap("devices")
 
         rsdp_addr = 0
         if boot:
@@ -128,6 +131,7 @@ def build_microvm(
             board.memory.write(layout.ACPI_TABLES_ADDR, tables.blob)
             vmgenid.write(os.urandom(GENERATION_ID_SIZE))
             rsdp_addr = tables.rsdp_addr
+            b.laps.lap("acpi")
 
         def defaults(tsc_khz: int) -> list[str]:
             words = default_cmdline(tsc_khz, console_name(config))
@@ -150,4 +154,4 @@ def build_microvm(
         )
         return assemble(b, board, config, lifecycle, loop, console, started, devices)
 
-    return build(config, loop, console, kvm_path, body, memory)
+    return build(config, loop, console, kvm_path, body, memory, laps)

@@ -40,6 +40,7 @@ from evmm.machine.lifecycle import Lifecycle
 from evmm.machine.machine import Machine
 from evmm.machine.pci_devices import BarAllocator, PciDevices
 from evmm.record import record
+from evmm.startup import Laps
 
 
 def pci_acpi(config: MachineConfig) -> PciHostAcpi:
@@ -93,6 +94,7 @@ def build_standard(
     *,
     stdio: tuple[int, int] | None = None,
     kvm_path: str = "/dev/kvm",
+    laps: Laps | None = None,
 ) -> Machine:
     def body(b: Build, board: Base, lifecycle: Lifecycle) -> Machine:
         vm, memory, acpi_pm = board.vm, board.memory, board.legacy.acpi_pm
@@ -109,8 +111,10 @@ def build_standard(
         with board.spaces.memory.transaction():
             for name, device in virtio:
                 pci_devices.add(name, device)
+        b.laps.lap("devices")
         tables = build_acpi_tables(AcpiConfig(num_cpus=config.cpus, pci=pci_acpi(config)))
         memory.write(layout.ACPI_TABLES_ADDR, tables.blob)
+        b.laps.lap("acpi")
         boot = boot_vcpus(
             b,
             vm,
@@ -125,4 +129,4 @@ def build_standard(
         )
         return assemble(b, board, config, lifecycle, loop, console, boot, devices)
 
-    return build(config, loop, console, kvm_path, body)
+    return build(config, loop, console, kvm_path, body, laps=laps)

@@ -22,8 +22,6 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
-import msgpack  # type: ignore[import-untyped]
-
 from evmm.record import record
 
 MAX_FRAME = 1 << 20  # payload bytes; console chunks and query-vm answers are far below this
@@ -93,6 +91,8 @@ def _no_ext(code: int, data: bytes) -> Any:
 
 def encode_frame(message: Mapping[str, Any]) -> bytes:
     """One frame; raises ``ValueError`` for a map that does not pack or packs larger than ``MAX_FRAME``."""
+    import msgpack  # type: ignore[import-untyped]  # here: evmm run without a socket never loads it
+
     try:
         payload: bytes = msgpack.packb(message, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as e:
@@ -104,6 +104,8 @@ def encode_frame(message: Mapping[str, Any]) -> bytes:
 
 def decode_payload(payload: bytes) -> dict[str, Any]:
     """A frame's payload to a map, or ``ProtocolError(PARSE_ERROR)``."""
+    import msgpack
+
     try:
         value = msgpack.unpackb(payload, raw=False, ext_hook=_no_ext, strict_map_key=True)
     except msgpack.ExtraData:

@@ -53,6 +53,8 @@ PERSIST_MODULES = {
 REFUSED = {
     "VirtioFs": "its FUSE state (the guest's inode and file handle numbers, each an open host file) cannot be "
     "carried to another process; snapshot a VM without --fs",
+    "VhostNet": "the kernel's vhost-net holds its rings, which evmm does not save yet; snapshot a VM whose NICs "
+    "and net slots have vhost=off (--net ...,vhost=off, --hotplug ...,vhost=off)",
 }
 
 

@@ -56,3 +56,25 @@ class RecordingVirtioInterrupt:
         for fd in self.notifiers.values():
             os.close(fd)
         self.notifiers.clear()
+
+
+class EventfdInterrupt(RecordingInterrupt):
+    """An ``Interrupt`` that is an eventfd, as KVM's irqfd is: a trigger writes it, and so may a backend."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def trigger(self) -> None:
+        super().trigger()
+        os.eventfd_write(self.fd, 1)
+
+    def pending(self) -> int:
+        """Interrupts since the last look (the backend's writes and the triggers alike)."""
+        try:
+            return os.eventfd_read(self.fd)
+        except BlockingIOError:
+            return 0
+
+    def close(self) -> None:
+        os.close(self.fd)

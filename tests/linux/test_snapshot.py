@@ -81,7 +81,7 @@ def in_ns(ns: str, argv: list[str]) -> list[str]:
 def devices(work: Path, tap: str) -> list[str]:
     return [
         *("--drive", f"path={work / 'disk.img'}"),
-        *("--net", f"tap={tap},mac={MAC}"),
+        *("--net", f"tap={tap},mac={MAC},vhost=off"),  # a snapshot holds no vhost-net NIC
         *("--vsock", f"cid={CID},path={work / 'v.sock'}"),
     ]
 

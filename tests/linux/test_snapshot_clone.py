@@ -128,7 +128,14 @@ def test_three_clones_have_their_own_cid_mac_random_numbers_and_disk(
     argv = [
         *("ip", "netns", "exec", netns),
         *evmm_run_argv(generic.vmlinux, generic.initramfs, memory="512M"),
-        *("--drive", f"path={disk}", "--net", f"tap=evcl,mac={MAC}", "--vsock", f"cid={CID},vhost=on"),
+        *(
+            "--drive",
+            f"path={disk}",
+            "--net",
+            f"tap=evcl,mac={MAC},vhost=off",
+            "--vsock",
+            f"cid={CID},vhost=on",
+        ),
         *("--api-sock", str(sock)),
     ]
     original = launch(argv, "evmm-clone-original")

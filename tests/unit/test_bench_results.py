@@ -9,7 +9,15 @@ from evmm.bench.density import count_before_doubling
 from evmm.bench.results import EVMM, QEMU, MetricSpec, Results, summarize
 
 BOOT = MetricSpec("boot.ready", "boot", "launch -> marker", "ms", "lower")
-NET = MetricSpec("net.g2h.vhost", "net", "TCP guest -> host", "Gbit/s", "higher", qemu_side="qemu-vhost")
+NET = MetricSpec(
+    "net.g2h.vhost",
+    "net",
+    "TCP guest -> host",
+    "Gbit/s",
+    "higher",
+    qemu_side="qemu-vhost",
+    evmm_side="evmm-vhost",
+)
 
 
 def test_summary_is_median_min_max() -> None:
@@ -19,7 +27,7 @@ def test_summary_is_median_min_max() -> None:
     assert summarize([]) is None
 
 
-def test_ratio_is_evmm_over_the_metrics_qemu_side() -> None:
+def test_ratio_is_the_metrics_evmm_side_over_its_qemu_side() -> None:
     res = Results()
     boot, net = res.declare(BOOT), res.declare(NET)
     for v in (100, 120, 110):
@@ -29,11 +37,14 @@ def test_ratio_is_evmm_over_the_metrics_qemu_side() -> None:
     assert boot.ratio() == 110 / 55
     assert boot.evmm_better() is False  # lower is better, and evmm is slower
     net.add(EVMM, 2.0)
-    net.add(QEMU, 1.0)  # the vhost=off side: not this row's column
+    net.add(QEMU, 1.0)  # the vhost=off sides: not this row's columns
     assert net.ratio() is None
     net.add("qemu-vhost", 4.0)
-    assert net.ratio() == 0.5
+    assert net.ratio() is None
+    net.add("evmm-vhost", 3.0)
+    assert net.ratio() == 0.75
     assert net.evmm_better() is False  # higher is better
+    assert "| 3 (n=1) | 4 (n=1) | 0.75" in report.markdown(res)  # the vhost sides fill the columns
 
 
 def test_a_failed_side_keeps_its_reason() -> None:
@@ -42,10 +53,15 @@ def test_a_failed_side_keeps_its_reason() -> None:
     res.declare(NET)
     res.fail_row("boot", QEMU, "exited (1) before 'ready'")
     res.fail_row("net", "qemu-vhost", "no /dev/vhost-net")
-    res.fail_row("net", QEMU, "unrelated side")  # net.g2h.vhost does not use the vhost=off side
+    res.fail_row("net", QEMU, "unrelated side")  # net.g2h.vhost does not use the vhost=off sides
+    res.fail_row("net", EVMM, "unrelated side")
+    res.fail_row("net", "evmm-vhost", "no vhost here")
     assert res["boot.ready"].why_missing(QEMU) == "failed: exited (1) before 'ready'"
     assert res["boot.ready"].why_missing(EVMM) == "not run"
-    assert res["net.g2h.vhost"].failures == {"qemu-vhost": ["no /dev/vhost-net"]}
+    assert res["net.g2h.vhost"].failures == {
+        "qemu-vhost": ["no /dev/vhost-net"],
+        "evmm-vhost": ["no vhost here"],
+    }
     assert res["boot.ready"].ratio() is None
 
 
@@ -69,21 +85,21 @@ def test_json_round_trip(tmp_path: Path) -> None:
     m.add(QEMU, 1.0)
     m.add_work(EVMM, 7)
     m.note(EVMM, "capped")
-    res.declare(NET).fail(EVMM, "boom")
+    res.declare(NET).fail("evmm-vhost", "boom")
     res.save(tmp_path / "r.json")
     back = Results.load(tmp_path / "r.json")
     assert back.meta == res.meta
     assert back["boot.ready"].samples == {EVMM: [1.5], QEMU: [1.0]}
     assert back["boot.ready"].work == {EVMM: [7.0]}
     assert back["boot.ready"].notes == ["evmm: capped"]
-    assert back["net.g2h.vhost"].failures == {EVMM: ["boom"]}
+    assert back["net.g2h.vhost"].failures == {"evmm-vhost": ["boom"]}
     assert back["net.g2h.vhost"].spec == NET
 
 
 def test_every_metric_is_a_table_row_even_without_numbers() -> None:
     res = Results(meta={"date": "d", "host": {}})
     res.declare(BOOT).add(EVMM, 3)
-    res.declare(NET).fail(EVMM, "tap refused")
+    res.declare(NET).fail("evmm-vhost", "tap refused")
     md = report.markdown(res)
     assert md.count("\n") == 4  # header, rule, two rows
     assert "failed: tap refused" in md

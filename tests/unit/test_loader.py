@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import pytest
 
 from evmm.arch.x86 import layout
 from evmm.arch.x86.bootparams import E820Entry, E820Type
-from evmm.arch.x86.loader import EntryKind, load_kernel, parse_kernel, place_initrd
+from evmm.arch.x86.loader import EntryKind, load_kernel, parse_kernel, place_initrd, read_image
 from evmm.arch.x86.pvh import HVM_START_MAGIC, PvhParams, build_start_info
 from evmm.errors import BootError
 from evmm.memory import GuestMemory
@@ -128,3 +129,28 @@ def test_pvh_start_info_layout() -> None:
     assert struct.unpack_from("<QQ", blob, modlist - layout.PVH_INFO_ADDR) == (0x7000000, 0x5000)
     assert memmap == modlist + 32
     assert struct.unpack_from("<QQI", blob, memmap - layout.PVH_INFO_ADDR + 24) == (0x100000, 0x1000000, 1)
+
+
+@pytest.mark.parametrize("kind", ["elf", "bzimage"])
+def test_loading_from_the_file_puts_the_same_bytes_where_the_view_does(kind: str, tmp_path: Path) -> None:
+    body = bytes(range(256)) * 4096 + b"tail"  # over a MiB, not a whole number of pages
+    if kind == "elf":
+        img = elf64([(0x1000000, body, len(body) + 0x2000), (0x2000000, b"second", 6)], entry=0x1000000)
+    else:
+        img = fake_bzimage(payload=body)
+    path = tmp_path / "kernel"
+    path.write_bytes(img)
+    k = parse_kernel(read_image(path, "kernel"))
+    by_view, by_file = GuestMemory.anonymous([(0, 64 << 20)]), GuestMemory.anonymous([(0, 64 << 20)])
+    by_file.write(0x1000000 + len(body), b"\x55" * 16)  # bss is zeroed either way
+    load_kernel(by_view, k, "k")
+    with path.open("rb") as f:
+        load_kernel(by_file, k, "k", f.fileno())
+    for seg in k.segments:
+        assert by_file.read(seg.paddr, seg.memsz) == by_view.read(seg.paddr, seg.memsz)
+        assert by_file.read(seg.paddr, len(seg.data)) == bytes(seg.data)
+    # A file cut short under us: one line naming it, not a half-loaded guest.
+    with path.open("r+b") as f:
+        f.truncate(len(img) - 100)
+        with pytest.raises(BootError, match=r"^k: the file ended \d+ bytes early"):
+            load_kernel(by_file, k, "k", f.fileno())

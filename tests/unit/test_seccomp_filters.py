@@ -8,21 +8,26 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from evmm.config.devspec import NetSpec, VsockSpec
 from evmm.confine.bpf import SECCOMP_RET_ALLOW, SECCOMP_RET_TRAP, Insn, compile_filter, run
 from evmm.confine.policy import ROLES, Features, rules
+from evmm.confine.seccomp import features as seccomp_features
 from evmm.confine.syscalls import number
 from evmm.exitcodes import EXIT_SECCOMP
+from evmm.machine.config import MachineConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
 # How many system calls each role allows (docs/security.md, "Per-role allow-lists").  A change here is a
 # change of evmm's attack surface: measure it (evmm.confine.trace) and say why in the commit.
 ALLOWED = {"main": 70, "vcpu": 21, "io": 25}
-# The main thread's extra ioctls with a tap and with vhost-vsock.
-MAIN_FEATURE_IOCTLS = {"tap": 5, "vhost": 12}
+# The main thread's extra ioctls with a tap, with vhost-vsock and with vhost-net (the shared vhost set-up, and
+# VHOST_NET_SET_BACKEND and TUNSETQUEUE), and with both vhost devices.
+MAIN_FEATURE_IOCTLS = {"tap": 5, "vhost": 12, "vhost_net": 12, "both_vhost": 14}
 
 
 NO_FEATURES = Features()
@@ -47,6 +52,35 @@ def test_tap_and_vhost_ioctls_only_where_the_machine_has_them() -> None:
     base = _ioctls(Features())
     assert _ioctls(Features(tap=True)) - base == MAIN_FEATURE_IOCTLS["tap"]
     assert _ioctls(Features(vhost=True)) - base == MAIN_FEATURE_IOCTLS["vhost"]
+    assert _ioctls(Features(vhost_net=True)) - base == MAIN_FEATURE_IOCTLS["vhost_net"]
+    assert _ioctls(Features(vhost=True, vhost_net=True)) - base == MAIN_FEATURE_IOCTLS["both_vhost"]
+
+
+@pytest.mark.parametrize(
+    ("args", "allowed"),
+    [
+        ({"nets": (NetSpec(tap="t0", vhost=True),)}, True),
+        ({"nets": (NetSpec(tap="t0", vhost=False),)}, False),
+        ({"hotplug_net": 1, "hotplug_vhost": True}, True),
+        ({"hotplug_net": 1, "hotplug_vhost": False}, False),
+        ({"vsock": VsockSpec(cid=3, vhost=True)}, False),  # vhost-vsock's ioctls, not vhost-net's
+        ({}, False),
+    ],
+)
+def test_vhost_net_set_backend_on_main_only_for_a_vhost_net_nic(args: dict[str, Any], allowed: bool) -> None:
+    """The guest's DRIVER_OK comes after the main thread's filter: vhost-net attaches the tap then."""
+    from evmm.vhost._vhost_ffi import lib
+
+    from evmm.devices.virtio.net.tap import TUNSETQUEUE
+
+    config = MachineConfig(kernel=Path("/vmlinux"), **args)
+    prog = _prog("main", seccomp_features(config))
+    want = SECCOMP_RET_ALLOW if allowed else SECCOMP_RET_TRAP
+    assert run(prog, number("ioctl"), [7, int(lib.VHOST_NET_SET_BACKEND)]) == want
+    assert run(prog, number("ioctl"), [7, TUNSETQUEUE]) == want
+    assert run(
+        _prog("vcpu", seccomp_features(config)), number("ioctl"), [7, int(lib.VHOST_NET_SET_BACKEND)]
+    ) == (SECCOMP_RET_TRAP)
 
 
 def test_kvm_run_only_on_vcpu_threads() -> None:

@@ -41,9 +41,22 @@ def through_msgpack(value: Any) -> Any:
 
 def test_the_configuration_goes_through_a_map_with_each_nics_mac() -> None:
     back = config_from_map(through_msgpack(config_to_map(CONFIG, ["52:54:00:aa:bb:cc"])), WHERE)
+    # A snapshot holds no vhost-net NIC (evmm.snapshot.devices.REFUSED): the restored ones are evmm's own.
     assert back == CONFIG.__class__(
-        **{**CONFIG.__dict__, "nets": (NetSpec(tap="tap0", mac="52:54:00:aa:bb:cc"),)}
+        **{
+            **CONFIG.__dict__,
+            "nets": (NetSpec(tap="tap0", mac="52:54:00:aa:bb:cc", vhost=False),),
+            "hotplug_vhost": False,
+        }
     )
+
+
+def test_a_restored_nic_cannot_move_to_vhost_net() -> None:
+    saved = config_from_map(through_msgpack(config_to_map(CONFIG, ["52:54:00:aa:bb:cc"])), WHERE)
+    with pytest.raises(SnapshotError, match="cannot move to vhost=on"):
+        apply_overrides(saved, Overrides(nets=(NetSpec(tap="clone0", vhost=True),)), WHERE)
+    out = apply_overrides(saved, Overrides(nets=(NetSpec(tap="clone0"),)), WHERE)
+    assert out.nets[0].vhost is False
 
 
 def test_host_resources_given_again_replace_the_snapshots_in_order() -> None:

@@ -21,14 +21,16 @@ from pathlib import Path
 import pytest
 
 from evmm.config.devspec import NetSpec
-from evmm.devices.virtio.net import VirtioNet, make_net
+from evmm.devices.virtio.net import VhostNet, VirtioNet, make_net
 from evmm.devices.virtio.net import header as h
 from evmm.devices.virtio.net.tap import (
+    IFF_MULTI_QUEUE,
     IFF_NO_PI,
     IFF_TAP,
     IFF_VNET_HDR,
     TUN_F_CSUM,
     TUN_F_TSO4,
+    TUNGETIFF,
     TUNSETIFF,
     open_tap,
     wrap_tap_fd,
@@ -36,7 +38,10 @@ from evmm.devices.virtio.net.tap import (
 from evmm.errors import ConfigError
 from evmm.netns import inet_checksum, inside, ip, unavailable
 from evmm.netns import netns as evmm_netns
+from tests.fakes.vhost import FakeVhostNet
 from tests.fakes.virtio_driver import MmioDriver, Used
+
+_IFREQ = struct.Struct("16sH22x")  # struct ifreq: the name, then ifr_flags
 
 HOST_IP = bytes([10, 77, 0, 1])
 GUEST_IP = bytes([10, 77, 0, 2])
@@ -90,6 +95,54 @@ def test_open_attaches_to_an_existing_tap(netns: str) -> None:
         assert tap.mtu() == 9000
     tap.close()
     assert "evt1" in ip("-n", netns, "link", "show")  # not evmm's to delete
+
+
+def test_a_multi_queue_tap_is_a_fd_per_queue_and_queues_leave_and_rejoin(netns: str) -> None:
+    with inside(netns):
+        tap = open_tap("evmq0", queues=3)
+    try:
+        assert len(tap.queues) == 3 and tap.fd == tap.queues[0] and len(set(tap.queues)) == 3
+        assert all(not os.get_blocking(fd) for fd in tap.queues)
+        # Every queue is the same tap: TUNGETIFF names it, with IFF_MULTI_QUEUE.
+        for fd in tap.queues:
+            name, flags = _IFREQ.unpack(fcntl.ioctl(fd, TUNGETIFF, _IFREQ.pack(b"", 0)))
+            assert name.rstrip(b"\0") == b"evmq0" and flags & IFF_MULTI_QUEUE
+        tap.set_queue_attached(2, False)
+        with pytest.raises(OSError):  # the kernel refuses to detach it twice: the call reached it
+            tap.set_queue_attached(2, False)
+        tap.set_queue_attached(2, True)
+    finally:
+        tap.close()
+    assert "evmq0" not in ip("-n", netns, "link", "show")
+
+
+def test_a_single_queue_tap_made_beforehand_is_attached_as_it_is(netns: str) -> None:
+    ip("-n", netns, "tuntap", "add", "evsq0", "mode", "tap")
+    with inside(netns):
+        tap = open_tap("evsq0", queues=4)
+    assert len(tap.queues) == 1
+    tap.close()
+
+
+def test_make_net_gives_a_vhost_nic_a_pair_per_vcpu(netns: str) -> None:
+    opened: list[FakeVhostNet] = []
+
+    def opener() -> FakeVhostNet:
+        opened.append(FakeVhostNet())
+        return opened[-1]
+
+    with inside(netns):
+        dev = make_net(NetSpec(tap="evmq1"), 0, cpus=2, open_vhost=opener)
+        one = make_net(NetSpec(tap="evmq2", vhost=True), 1, cpus=1, open_vhost=opener)
+        own = make_net(NetSpec(tap="evmq3", vhost=False), 2, cpus=2, open_vhost=opener)
+    try:
+        assert isinstance(dev, VhostNet) and dev.pairs == 2 and len(dev.tap.queues) == 2
+        assert isinstance(one, VhostNet) and one.pairs == 1
+        assert isinstance(own, VirtioNet) and len(opened) == 3
+    finally:
+        for d in (dev, one, own):
+            d.close()
+    assert all(f.closed for f in opened)
 
 
 def test_errors_are_one_line_and_say_what_to_do(netns: str) -> None:
@@ -242,7 +295,8 @@ LOOP_KINDS = ("uvloop",)  # evmm's reactor (the `loop` fixture, tests/conftest.p
 
 def _guest_on_a_tap(ns: str, loop: asyncio.AbstractEventLoop, **kw: bool) -> Guest:
     with inside(ns):
-        dev = make_net(NetSpec(tap="evt0"), 0)
+        dev = make_net(NetSpec(tap="evt0", vhost=False), 0)
+    assert isinstance(dev, VirtioNet)
     if kw:
         dev = VirtioNet(dev.tap, dev.mac, mtu=dev.mtu, **kw)
     ip("-n", ns, "addr", "add", "10.77.0.1/24", "dev", "evt0")

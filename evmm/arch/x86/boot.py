@@ -6,14 +6,15 @@ state.  Boot code only runs before the first KVM_RUN.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from evmm.arch.x86 import cpu, layout
 from evmm.arch.x86.bootparams import ZeroPageParams, build_zero_page
 from evmm.arch.x86.cpuid import vcpu_cpuid
 from evmm.arch.x86.e820 import e820_map
-from evmm.arch.x86.loader import EntryKind, load_kernel, parse_kernel, place_initrd, read_image
+from evmm.arch.x86.loader import EntryKind, load_file, load_kernel, parse_kernel, place_initrd, read_image
 from evmm.arch.x86.msrs import boot_msrs
 from evmm.arch.x86.pvh import PvhParams, build_start_info
 from evmm.errors import BootError
@@ -50,14 +51,18 @@ def load_linux(
         )
     mem_size = mem.size
     low_end = mem.regions[0].end
-    load_kernel(mem, image, name)
+    # The parser read the headers through a mapping; the bulk goes from the file into guest RAM.
+    with _open(kernel_path, "kernel") as f:
+        load_kernel(mem, image, name, f.fileno())
 
     initrd_addr = initrd_size = 0
     if initrd_path is not None:
-        initrd = read_image(initrd_path, "initrd")
-        initrd_size = len(initrd)
-        initrd_addr = place_initrd(low_end, initrd_size, image, mem_size, str(initrd_path))
-        mem.write(initrd_addr, initrd)
+        with _open(initrd_path, "initrd") as f:
+            initrd_size = os.fstat(f.fileno()).st_size
+            if initrd_size == 0:
+                raise BootError(f"initrd {initrd_path}: file is empty")
+            initrd_addr = place_initrd(low_end, initrd_size, image, mem_size, str(initrd_path))
+            load_file(mem, initrd_addr, f.fileno(), 0, initrd_size, str(initrd_path))
 
     e820 = e820_map(mem_size)
     mem.write(layout.CMDLINE_ADDR, cmd + b"\0")
@@ -74,6 +79,13 @@ def load_linux(
         zp = ZeroPageParams(layout.CMDLINE_ADDR, e820, initrd_addr, initrd_size, rsdp_addr)
         mem.write(layout.ZERO_PAGE_ADDR, build_zero_page(zp, image.header))
     return BootPlan(image.kind, image.entry, cmdline, initrd_addr, initrd_size)
+
+
+def _open(path: Path, what: str) -> BinaryIO:
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise BootError(f"{what} {path}: {e.strerror}") from None
 
 
 def setup_vcpu(vcpu: Vcpu, supported_cpuid: list[CpuidEntry], num_cpus: int) -> None:

@@ -6,6 +6,8 @@ interrupts leave through an irqfd.  Two registers are served on the vCPU thread 
 InterruptStatus and InterruptAck, which Linux's interrupt handler (vm_interrupt) reads and writes on every
 interrupt; they touch nothing but the interrupt status, under its own lock.  What every transport does alike
 (status, features, queues, activation, kicks, the device's interrupt object) is the ``TransportCore``'s.
+A device may hand a queue to a backend outside evmm (vhost): the queue's ioeventfd becomes the backend's
+kick, and the backend signals the driver through the device's irqfd itself (``_direct_call``).
 """
 
 from __future__ import annotations
@@ -99,7 +101,14 @@ class VirtioMmio:
         count = len(device.queue_sizes)
         eventfds = [notify.add(base + QUEUE_NOTIFY, i) for i in range(count)] if notify is not None else []
         self.core = TransportCore(
-            device, mem, reactor, self._signal, f"{device.name} at {base:#x}", eventfds, self._error
+            device,
+            mem,
+            reactor,
+            self._signal,
+            f"{device.name} at {base:#x}",
+            eventfds,
+            self._error,
+            direct_call=self._direct_call,
         )
         self._reset_state()
 
@@ -134,6 +143,16 @@ class VirtioMmio:
             self.interrupt_status |= INT_CONFIG if source == CONFIG_CHANGE else INT_VRING
         self._irq.trigger()
 
+    def _direct_call(self, queue: int) -> int | None:
+        """The device's irqfd, for a backend to interrupt the driver with (``TransportCore.call_fd``).
+
+        Linux's handler (vm_interrupt) then finds no bit set for the backend's signal, so InterruptStatus
+        reports INT_VRING whenever a backend holds a queue: the driver looks at its used rings on every
+        interrupt of this device, which for a config change costs a scan of queues with nothing new and is
+        otherwise what it would do anyway.  None without an irqfd (the tests' fakes): the reactor path."""
+        fd = getattr(self._irq, "fd", None)  # IrqfdInterrupt's eventfd, which KVM turns into the GSI
+        return fd if isinstance(fd, int) and fd >= 0 else None
+
     def _clear_interrupt(self, bits: int) -> None:
         with self._isr_lock:
             self.interrupt_status &= ~bits
@@ -145,7 +164,9 @@ class VirtioMmio:
             # On the vCPU thread (on_vcpu): nothing but the status word, which a reader sees whole.  A bit the
             # reactor sets just after this read comes with its own interrupt (it triggers the irqfd after
             # setting the bit), so the driver never misses one.
-            return self.interrupt_status if size == 4 else 0  # §4.2.2.2: 32-bit accesses only
+            if size != 4:
+                return 0  # §4.2.2.2: 32-bit accesses only
+            return self.interrupt_status | (INT_VRING if self.core.direct_calls else 0)
         core = self.core
         if offset >= CONFIG:
             return core.read_config(offset - CONFIG, size)

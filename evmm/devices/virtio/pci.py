@@ -121,6 +121,9 @@ class VirtioPci(PciFunction):
         self.region = Io(f"{device.name}-bar{BAR_INDEX}", BAR_SIZE, _BarRegisters(self))
         for i, fd in enumerate(self._eventfds):
             self.region.add_ioeventfd(NOTIFY_OFFSET + NOTIFY_MULTIPLIER * i, 2, fd)
+        # No ``direct_call``: a backend's (vhost's) interrupts come through the reactor (TransportCore.call_fd),
+        # because a vector's irqfd handed to the kernel would bypass the vector's mask and pending bit
+        # (PCI 3.0 §6.8.2.9) and its lazy re-routing, all of which live here (Msix).
         self.core = TransportCore(
             device, mem, reactor, self._signal, f"{device.name} (virtio-pci)", self._eventfds, on_error
         )

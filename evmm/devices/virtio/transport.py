@@ -5,7 +5,9 @@ configuration and the queues it becomes at DRIVER_OK, kicks, DEVICE_NEEDS_RESET,
 
 A transport decodes its own register layout onto a ``TransportCore`` and supplies one thing: ``signal(source)``,
 its way of interrupting the driver for a queue or a config change (virtio-mmio: an InterruptStatus bit and
-an irqfd; virtio-pci: an MSI-X vector, or the ISR and INTx).  Everything runs on the reactor.
+an irqfd; virtio-pci: an MSI-X vector, or the ISR and INTx).  It may also supply ``direct_call(queue)``: an
+eventfd that interrupts the driver for the queue with no help from evmm, which a backend outside evmm
+(vhost) then signals itself (virtio-mmio: the device's irqfd).  Everything runs on the reactor.
 """
 
 from __future__ import annotations
@@ -71,9 +73,11 @@ class TransportCore:
         where: str,
         kick_eventfds: Sequence[int] = (),
         on_error: Callable[[str], None] | None = None,
+        direct_call: Callable[[int], int | None] | None = None,
     ) -> None:
         """``signal(source)`` interrupts the driver for queue ``source`` or ``CONFIG_CHANGE``; ``where`` names
-        the device in messages ("virtio-blk at 0xd0000000"); ``kick_eventfds``: one ioeventfd per queue."""
+        the device in messages ("virtio-blk at 0xd0000000"); ``kick_eventfds``: one ioeventfd per queue;
+        ``direct_call(queue)``: the transport's own eventfd for the queue's interrupts, or None (``call_fd``)."""
         self.device = device
         self._mem = mem
         self._reactor = reactor
@@ -82,6 +86,8 @@ class TransportCore:
         self._on_error = on_error
         self._active_interrupt: _Interrupt | None = None
         self._call_fds: dict[int, int] = {}  # queue -> eventfd a backend writes to interrupt the driver
+        self._direct_call = direct_call
+        self._direct: set[int] = set()  # queues whose call fd is the transport's (not ours to read or close)
         self.kicks = Kicks(reactor, len(device.queue_sizes), self.kick, kick_eventfds)
         self.reset_state()
 
@@ -200,19 +206,31 @@ class TransportCore:
             self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF  # §2.5.1
         self._signal(source)
 
+    @property
+    def direct_calls(self) -> bool:
+        """Whether a backend holds a queue whose interrupts go straight to the driver (``direct_call``)."""
+        return bool(self._direct)
+
     def call_fd(self, index: int) -> int:
-        """An eventfd for a backend's used-buffer notifications of queue ``index`` (``notifier``): the reactor
-        reads it and interrupts the driver for the queue, unsuppressed (the backend applied the driver's
-        used_event itself, and the Virtqueue's record of what was signalled knows nothing of its entries).
-        One reactor wake per interrupt: the transport's interrupt may need state only the reactor has (the
-        mmio InterruptStatus, an MSI-X vector's mask)."""
+        """An eventfd for a backend's used-buffer notifications of queue ``index`` (``notifier``).
+
+        The transport's ``direct_call`` fd where it has one (virtio-mmio: KVM's irqfd of the device): the
+        backend's signal reaches the guest with no wake of evmm, as Firecracker does for vhost-user devices
+        on virtio-mmio.  Otherwise the reactor reads a fresh eventfd and interrupts the driver for the queue,
+        one wake per interrupt, because the transport's interrupt needs state only the reactor has (an MSI-X
+        vector's mask and pending bit).  Either way unsuppressed: the backend applied the driver's used_event
+        itself, and the Virtqueue's record of what was signalled knows nothing of its entries."""
         if not 0 <= index < self.queue_count:
             raise QueueBroken(f"queue {index} does not exist")
         fd = self._call_fds.get(index)
         if fd is None:
-            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            fd = self._direct_call(index) if self._direct_call is not None else None
+            if fd is not None:
+                self._direct.add(index)
+            else:
+                fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                self._reactor.add_reader(fd, self._on_call_fd, index, fd)
             self._call_fds[index] = fd
-            self._reactor.add_reader(fd, self._on_call_fd, index, fd)
         return fd
 
     def _on_call_fd(self, index: int, fd: int) -> None:
@@ -241,10 +259,12 @@ class TransportCore:
             self._active_interrupt.revoke()
             self._active_interrupt = None
         self.kicks.take_back()
-        for fd in self._call_fds.values():
-            self._reactor.remove_reader(fd)
-            os.close(fd)
+        for index, fd in self._call_fds.items():
+            if index not in self._direct:
+                self._reactor.remove_reader(fd)
+                os.close(fd)
         self._call_fds.clear()
+        self._direct.clear()
 
     def close(self) -> list[int]:
         """The VM is going away: the device released and closed; returns the kick ioeventfds to unregister."""

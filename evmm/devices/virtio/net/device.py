@@ -57,6 +57,28 @@ OFFLOAD_FEATURES = (
 )
 
 
+def net_features(*, mtu: int | None, mergeable: bool = True, offloads: bool = True) -> int:
+    """The feature bits a NIC offers whatever moves its frames (evmm's RX/TX or the kernel's vhost-net)."""
+    return (
+        COMMON_FEATURES
+        | h.VIRTIO_NET_F_MAC
+        | h.VIRTIO_NET_F_STATUS
+        | (h.VIRTIO_NET_F_MRG_RXBUF if mergeable else 0)
+        | (OFFLOAD_FEATURES if offloads else 0)
+        | (h.VIRTIO_NET_F_MTU if mtu is not None else 0)
+    )
+
+
+def net_config(mac: bytes, link_up: bool, mtu: int | None, max_pairs: int = 1) -> bytes:
+    """struct virtio_net_config up to mtu (§5.1.4): max_virtqueue_pairs counts only with VIRTIO_NET_F_MQ."""
+    return _CONFIG.pack(mac, VIRTIO_NET_S_LINK_UP if link_up else 0, max_pairs, mtu or 0)
+
+
+def valid_mtu(mtu: int | None) -> int | None:
+    """§5.1.4.1: an MTU outside 68..65535 cannot be offered."""
+    return mtu if mtu is not None and 68 <= mtu <= 65535 else None
+
+
 class TapBackend(Protocol):
     """What the device needs of its tap (tests use a socketpair, which keeps frame boundaries as a tap does)."""
 
@@ -66,6 +88,15 @@ class TapBackend(Protocol):
     def set_offload(self, flags: int) -> None: ...
 
     def close(self) -> None: ...
+
+
+def clear_offloads(tap: TapBackend) -> None:
+    """At reset: no driver takes offloaded frames any more (best effort: a tap gone bad is closed later)."""
+    if tap.fd >= 0:
+        try:
+            tap.set_offload(0)
+        except OSError:
+            pass
 
 
 class NoTap:
@@ -111,19 +142,10 @@ class VirtioNet(VirtioDevice):
         super().__init__((queue_size, queue_size))
         if len(mac) != 6:
             raise ValueError("a MAC address is 6 bytes")
-        if mtu is not None and not 68 <= mtu <= 65535:
-            mtu = None  # §5.1.4.1: an MTU outside 68..65535 cannot be offered
         self.tap = tap
         self.mac = mac
-        self.mtu = mtu
-        self._offered = (
-            COMMON_FEATURES
-            | h.VIRTIO_NET_F_MAC
-            | h.VIRTIO_NET_F_STATUS
-            | (h.VIRTIO_NET_F_MRG_RXBUF if mergeable else 0)
-            | (OFFLOAD_FEATURES if offloads else 0)
-            | (h.VIRTIO_NET_F_MTU if mtu is not None else 0)
-        )
+        self.mtu = valid_mtu(mtu)
+        self._offered = net_features(mtu=self.mtu, mergeable=mergeable, offloads=offloads)
         self.stats = NetStats()
         self._reactor: asyncio.AbstractEventLoop | None = None
         self._features = 0
@@ -182,8 +204,7 @@ class VirtioNet(VirtioDevice):
         return self._offered
 
     def config(self) -> bytes:
-        status = VIRTIO_NET_S_LINK_UP if self.link_up else 0
-        return _CONFIG.pack(self.mac, status, 1, self.mtu or 0)
+        return net_config(self.mac, self.link_up, self.mtu)
 
     @property
     def rx_paused(self) -> bool:
@@ -216,11 +237,7 @@ class VirtioNet(VirtioDevice):
         self._held.clear()
         self._held_bytes = self._held_descs = 0
         self._features = 0
-        if self.tap.fd >= 0:
-            try:
-                self.tap.set_offload(0)
-            except OSError:
-                pass
+        clear_offloads(self.tap)
         super().reset()
 
     def close(self) -> None:

@@ -8,6 +8,11 @@ setting: the tap takes checksum and segmentation requests from any header it is 
 
 The fd is non-blocking; the device registers it on the reactor.  Every failure to open or attach is a one-line
 ``ConfigError`` naming the tap and what to do.
+
+A multi-queue tap (IFF_MULTI_QUEUE, Documentation/networking/tuntap.rst §3.3) is one fd per queue, each
+attached with its own TUNSETIFF; the kernel spreads flows over the attached queues.  vhost-net serves one
+queue pair per tap queue; TUNSETQUEUE takes a queue out of the spread (IFF_DETACH_QUEUE) while the guest
+does not use its pair, and puts it back (IFF_ATTACH_QUEUE).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import fcntl
 import os
 import socket
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 from evmm.devices.virtio.net import header as h
@@ -29,9 +35,12 @@ TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
 TUNGETIFF = 0x800454D2
 TUNSETVNETHDRSZ = 0x400454D8
+TUNSETQUEUE = 0x400454D9
 IFF_TUN = 0x0001
 IFF_TAP = 0x0002
 IFF_MULTI_QUEUE = 0x0100
+IFF_ATTACH_QUEUE = 0x0200
+IFF_DETACH_QUEUE = 0x0400
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 TUN_F_CSUM = 0x01
@@ -112,16 +121,22 @@ def _attach_error(name: str, e: OSError) -> ConfigError:
 
 
 class Tap:
-    """An open, attached, non-blocking tap fd with 12-byte virtio-net headers."""
+    """An open, attached, non-blocking tap fd with 12-byte virtio-net headers (one per queue if multi-queue)."""
 
-    def __init__(self, fd: int, name: str) -> None:
+    def __init__(self, fd: int, name: str, more_queues: Sequence[int] = ()) -> None:
         self.fd = fd
         self.name = name
+        self.queues = [fd, *more_queues]  # the fd of each queue; a single-queue tap has just ``fd``
         self.offloads = -1  # unknown until set_offload
+
+    def set_queue_attached(self, index: int, attached: bool) -> None:
+        """Put queue ``index`` of a multi-queue tap in the kernel's spread of flows, or take it out."""
+        flags = IFF_ATTACH_QUEUE if attached else IFF_DETACH_QUEUE
+        fcntl.ioctl(self.queues[index], TUNSETQUEUE, _IFREQ_FLAGS.pack(b"", flags))
 
     def set_offload(self, flags: int) -> None:
         if flags != self.offloads:
-            fcntl.ioctl(self.fd, TUNSETOFFLOAD, flags)
+            fcntl.ioctl(self.fd, TUNSETOFFLOAD, flags)  # the device's setting, whichever queue sets it
             self.offloads = flags
 
     def mtu(self) -> int | None:
@@ -135,22 +150,67 @@ class Tap:
 
     def close(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)
+            for fd in self.queues:
+                os.close(fd)
             self.fd = -1
+            self.queues = []
 
     def _setup(self) -> None:
         """What both ways of getting a tap share: header size, no offloads yet, non-blocking."""
         fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", h.HDR_LEN))
         self.set_offload(0)  # until a driver says what it can take (tap_offloads)
-        os.set_blocking(self.fd, False)
+        for fd in self.queues:
+            os.set_blocking(fd, False)
 
 
-def open_tap(name: str, *, tun_path: str = TUN_PATH) -> Tap:
+def open_tap(name: str, *, queues: int = 1, tun_path: str = TUN_PATH) -> Tap:
     """Attach to the tap ``name`` in this network namespace, creating it if it does not exist.
 
-    A tap evmm creates disappears when evmm closes it; one created beforehand (``ip tuntap add``) stays.
+    A tap evmm creates disappears when evmm closes it; one created beforehand (``ip tuntap add``) stays.  With
+    ``queues`` > 1 it is a multi-queue tap with that many queues, unless ``name`` already exists as a
+    single-queue tap: that one is attached as it is (``len(tap.queues)`` says which).
     """
     raw = _check_name(name)
+    fds: list[int] = []
+    try:
+        try:
+            fds.append(_attach(name, raw, tun_path, IFF_MULTI_QUEUE if queues > 1 else 0))
+        except OSError as e:
+            if queues == 1 or e.errno != errno.EINVAL:
+                raise _attach_error(name, e) from None
+            # A single-queue tap made beforehand takes no queue with IFF_MULTI_QUEUE: attach it as it is.
+            queues = 1
+            try:
+                fds.append(_attach(name, raw, tun_path, 0))
+            except OSError as e2:
+                raise _attach_error(name, e2) from None
+        while len(fds) < queues:
+            try:
+                fds.append(_attach(name, raw, tun_path, IFF_MULTI_QUEUE))
+            except OSError as e:
+                raise _attach_error(name, e) from None
+        tap = Tap(fds[0], _attached_name(fds[0]), fds[1:])
+        try:
+            tap._setup()
+        except OSError as e:
+            raise ConfigError(f"--net tap={name}: cannot set up the tap: {e.strerror}") from None
+        return tap
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+def _attached_name(fd: int) -> str:
+    out = fcntl.ioctl(fd, TUNGETIFF, _IFREQ_FLAGS.pack(b"", 0))
+    return str(_IFREQ_FLAGS.unpack(out)[0].rstrip(b"\0").decode())
+
+
+def _attach(name: str, raw: bytes, tun_path: str, extra_flags: int) -> int:
+    """A /dev/net/tun fd attached to the tap (one queue of it, for a multi-queue tap).
+
+    Opening /dev/net/tun fails with a ConfigError naming it; attaching with the OSError, for the caller.
+    """
     try:
         fd = os.open(tun_path, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -166,20 +226,11 @@ def open_tap(name: str, *, tun_path: str = TUN_PATH) -> Tap:
             raise ConfigError(f"--net tap={name}: no tun driver behind {tun_path}: `modprobe tun`") from None
         raise ConfigError(f"--net tap={name}: cannot open {tun_path}: {e.strerror}") from None
     try:
-        try:
-            out = fcntl.ioctl(fd, TUNSETIFF, _IFREQ_FLAGS.pack(raw, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
-        except OSError as e:
-            raise _attach_error(name, e) from None
-        actual = _IFREQ_FLAGS.unpack(out)[0].rstrip(b"\0").decode()
-        tap = Tap(fd, actual)
-        try:
-            tap._setup()
-        except OSError as e:
-            raise ConfigError(f"--net tap={name}: cannot set up the tap: {e.strerror}") from None
-        return tap
-    except BaseException:
+        fcntl.ioctl(fd, TUNSETIFF, _IFREQ_FLAGS.pack(raw, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | extra_flags))
+    except OSError:
         os.close(fd)
         raise
+    return fd
 
 
 def wrap_tap_fd(fd: int) -> Tap:

@@ -10,12 +10,14 @@ from collections.abc import Callable
 
 from evmm.config.devspec import VsockSpec
 from evmm.devices.virtio.device import VirtioDevice
+from evmm.devices.virtio.vhost import open_error
 from evmm.devices.virtio.vsock.device import VirtioVsock
 from evmm.devices.virtio.vsock.muxer import VsockMuxer
 from evmm.devices.virtio.vsock.unix import HybridListener, listen_unix
 from evmm.devices.virtio.vsock.vhost import VhostVsock, VhostVsockBackend
 from evmm.errors import ConfigError
 
+VHOST_VSOCK_PATH = "/dev/vhost-vsock"  # evmm.vhost.vsock's, without loading the vhost bindings
 VhostOpener = Callable[[], VhostVsockBackend]
 
 
@@ -41,16 +43,7 @@ def _make_vhost(spec: VsockSpec, open_vhost: VhostOpener) -> VhostVsock:
     try:
         backend = open_vhost()
     except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ENODEV, errno.ENXIO):
-            raise ConfigError(
-                f"{what}: /dev/vhost-vsock does not exist: this host's kernel has no vhost-vsock "
-                "(modprobe vhost_vsock), or use path=SOCK for a Unix-socket host side"
-            ) from None
-        if e.errno in (errno.EACCES, errno.EPERM):
-            raise ConfigError(
-                f"{what}: /dev/vhost-vsock: permission denied (run as root or give this user access to it)"
-            ) from None
-        raise ConfigError(f"{what}: {e.strerror or e}") from None
+        raise open_error(what, VHOST_VSOCK_PATH, e, "use path=SOCK for a Unix-socket host side") from None
     try:
         device = VhostVsock(spec.cid, backend)
         backend.set_guest_cid(spec.cid)

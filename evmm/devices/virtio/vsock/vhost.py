@@ -18,11 +18,11 @@ The ioctls, in order:
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
 from typing import Protocol
 
 from evmm.devices.virtio.device import COMMON_FEATURES, VIRTIO_ID_VSOCK, Activation, VirtioDevice
 from evmm.devices.virtio.queue import QueueBroken
+from evmm.devices.virtio.vhost import VhostBackend, hand_over, take_back
 from evmm.devices.virtio.vsock.device import (
     EVENT_QUEUE,
     QUEUE_SIZE,
@@ -32,7 +32,6 @@ from evmm.devices.virtio.vsock.device import (
 )
 from evmm.devices.virtio.vsock.event import EventQueue
 from evmm.log import log
-from evmm.memory import MemoryRegion
 
 VIRTIO_VSOCK_F_SEQPACKET = 1 << 1  # §5.10.3
 # What evmm may pass on from vhost's features: the ring features its transport and Virtqueue implement, and
@@ -43,25 +42,11 @@ VHOST_OFFERABLE = COMMON_FEATURES | VIRTIO_VSOCK_F_STREAM | VIRTIO_VSOCK_F_SEQPA
 VHOST_QUEUES = (RX_QUEUE, TX_QUEUE)
 
 
-class VhostVsockBackend(Protocol):
-    """An open /dev/vhost-vsock (evmm.vhost.vsock.VhostVsockFd; tests pass a recording fake).
+class VhostVsockBackend(VhostBackend, Protocol):
+    """An open /dev/vhost-vsock (evmm.vhost.vsock.VhostVsockFd; tests pass a recording fake)."""
 
-    Ring addresses are guest-physical: the backend translates them through the memory table it was given.
-    Every method raises ``OSError`` (with the errno) when the kernel refuses.
-    """
-
-    def get_features(self) -> int: ...
-    def set_features(self, features: int) -> None: ...
-    def set_mem_table(self, regions: Sequence[MemoryRegion]) -> None: ...
-    def set_vring_num(self, index: int, num: int) -> None: ...
-    def set_vring_addr(self, index: int, desc: int, avail: int, used: int) -> None: ...
-    def set_vring_base(self, index: int, base: int) -> None: ...
-    def get_vring_base(self, index: int) -> int: ...
-    def set_vring_kick(self, index: int, fd: int | None) -> None: ...
-    def set_vring_call(self, index: int, fd: int | None) -> None: ...
     def set_guest_cid(self, cid: int) -> None: ...
     def set_running(self, running: bool) -> None: ...
-    def close(self) -> None: ...
 
 
 class VhostVsock(VirtioDevice):
@@ -103,14 +88,7 @@ class VhostVsock(VirtioDevice):
         b.set_mem_table(ctx.mem.regions)
         self._rings_set = True
         for i in VHOST_QUEUES:
-            q = ctx.queue(i)
-            b.set_vring_num(i, q.size)
-            b.set_vring_addr(i, q.desc_addr, q.avail_addr, q.used_addr)
-            b.set_vring_base(i, q.next_avail)
-            # Kick and call before RUNNING: buffers the driver posted before DRIVER_OK are found by the
-            # transport's look at every queue after activate, which now kicks the kernel.
-            b.set_vring_kick(i, ctx.kicks.take(i))
-            b.set_vring_call(i, ctx.interrupt.notifier(i))
+            hand_over(b, i, ctx.queue(i), ctx)  # the queues are the kernel's rings 0 and 1
         b.set_running(True)
         self._running = True
 
@@ -124,9 +102,7 @@ class VhostVsock(VirtioDevice):
             if self._rings_set:
                 self._rings_set = False
                 for i in VHOST_QUEUES:
-                    self.vring_bases[i] = b.get_vring_base(i)
-                    b.set_vring_kick(i, None)
-                    b.set_vring_call(i, None)
+                    self.vring_bases[i] = take_back(b, i)
         except OSError as e:
             log.warning("vhost-vsock: stopping the kernel's rings: %s", e.strerror or e)
 
