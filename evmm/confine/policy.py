@@ -57,6 +57,9 @@ class Features:
 # extended attributes through /proc/self/fd, and the FUSE operations' own calls.  No call takes a path the
 # guest wrote that is not below such an fd.
 _FS = (
+    # chmod and renameat: CPython's os.chmod on a /proc/self/fd/N path, glibc's renameat2 with no flags.
+    "chmod",
+    "renameat",
     "openat2",
     "openat",
     "newfstatat",
@@ -314,6 +317,9 @@ def main_rules(pid: int, features: Features) -> list[Rule]:
         # A worker stacks its own filter on this one.
         Rule("seccomp", ArgIn(0, (SECCOMP_SET_MODE_FILTER,))),
         *_SNAPSHOT_FILES,
+        # Python's import system lists a directory the first time it imports from it (FileFinder's cache):
+        # a module imported lazily (a control method's first call, a snapshot) after the filter is on.
+        "getdents64",
         *(_FS if features.fs else ()),
     )
 

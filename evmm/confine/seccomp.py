@@ -94,7 +94,11 @@ class Confinement:
             raise EvmmError(f"seccomp: cannot install the io_uring filter: {os.strerror(-ret)}")
 
     def unconfined_threads(self) -> list[str]:
-        """Threads of this process (``/proc/self/task``) without a filter of ours, as ``tid (name)``."""
+        """Threads of this process (``/proc/self/task``) without a filter of ours, as ``tid (name)``.
+
+        The kernel's own workers listed there are not ours to filter: they run no user code (vhost's
+        ``vhost-PID`` since Linux 6.4, KVM's ``kvm-nx-lpage-recovery`` since 6.13, both PF_USER_WORKER).
+        """
         out = []
         for tid in sorted(int(t) for t in os.listdir("/proc/self/task")):
             with self._lock:
@@ -102,10 +106,28 @@ class Confinement:
             if not known:
                 try:
                     name = open(f"/proc/self/task/{tid}/comm").read().strip()  # noqa: SIM115
+                    stat = open(f"/proc/self/task/{tid}/stat").read()  # noqa: SIM115
                 except OSError:
                     continue  # it has exited
+                if kernel_worker(stat):
+                    continue
                 out.append(f"{tid} ({name})")
         return out
+
+
+PF_USER_WORKER = 0x00004000  # include/linux/sched.h: a kernel worker living in a user process
+PF_KTHREAD = 0x00200000
+
+
+def kernel_worker(stat: str) -> bool:
+    """Whether a /proc/PID/task/TID/stat line is a kernel worker's (proc(5): flags, the ninth field, counted
+    after the parenthesised name, which may hold spaces)."""
+    fields = stat.rsplit(")", 1)[-1].split()
+    try:
+        flags = int(fields[6])
+    except (IndexError, ValueError):
+        return False
+    return bool(flags & (PF_USER_WORKER | PF_KTHREAD))
 
 
 def check_kernel(mode: Mode) -> None:

@@ -59,9 +59,12 @@ def test_boot_enumerates_the_host_bridge_and_virtio_pci_devices_with_msix(
             assert len(guest.check(f"ls /sys/bus/pci/devices/{bdf}/msi_irqs").split()) == vectors
         interrupts = guest.check("cat /proc/interrupts").splitlines()
         for bdf, queue in (("0000:00:01.0", "-req.0"), ("0000:00:02.0", "-input")):
-            lines = [line for line in interrupts if f"PCI-MSIX-{bdf}" in line]
-            # virtio_pci's names (vp_find_vqs_msix): virtioN-config, then virtioN-<queue name> per queue.
-            assert any("-config" in line for line in lines) and any(queue in line for line in lines), lines
+            # virtio_pci's names (vp_find_vqs_msix): virtioN-config, then virtioN-<queue name> per queue, on
+            # the PCI-MSI chip (Linux 6.1 names the chip, not the device: per-device MSI domains came later).
+            name = guest.check(f"ls /sys/bus/pci/devices/{bdf} | grep '^virtio'").strip()
+            lines = [line for line in interrupts if "PCI-MSI" in line and f" {name}-" in line]
+            assert any(f"{name}-config" in line for line in lines), interrupts
+            assert any(f"{name}{queue}" in line for line in lines), interrupts
         # The disk works over virtio-pci.
         assert guest.check("head -c 19 /dev/vda").strip() == "evmm-standard-board"
         assert guest.check("head -c 8 /dev/hwrng | wc -c").strip() == "8"
