@@ -242,6 +242,7 @@ def test_a_corrupt_guest_kernel_fails_the_test_within_its_timeout(
     assert time.monotonic() - started < 20 + 5
 
 
+@pytest.mark.slow  # 150 s of a third test host, beside the tier's two: run it when changing tests/tiers.py
 @host_side
 def test_the_tier_survives_lost_test_hosts(testhost_images: None) -> None:
     """The linux tier through two lost test hosts, end to end (tests/linux/tier_selftest/lossy.py).
