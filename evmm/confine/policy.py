@@ -241,6 +241,9 @@ def main_rules(pid: int, features: Features) -> list[Rule]:
     # A snapshot of the paused VM (evmm/snapshot/save.py, on the reactor): what KVM has of each vCPU and of
     # the VM, read only; restoring it happens in a new process, before its filter goes on.
     ioctls += _kvm_ioctls(*_SNAPSHOT_READS)
+    from evmm.snapshot.disks import FICLONE
+
+    ioctls += (FICLONE,)  # a snapshot's disk copy shares the image's extents where the file system can
     if features.pci:
         # A guest's MSI-X table or MSI capability write (served on the reactor) reroutes a vector: the whole
         # GSI table is set again (evmm.machine.msi).

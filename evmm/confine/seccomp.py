@@ -194,7 +194,8 @@ def features(config: MachineConfig) -> Features:
     """What of the machine widens the lists: taps (now or hot-replaced later), vhost-vsock, vhost-net, shared
     directories, PCI."""
     return Features(
-        tap=bool(config.nets) or config.hotplug_net > 0,
+        # The standard board adds NICs at run time (device-add), each on a tap it opens then.
+        tap=bool(config.nets) or config.hotplug_net > 0 or config.board == "standard",
         vhost=config.vsock is not None and config.vsock.vhost,
         vhost_net=_may_use_vhost_net(config),
         fs=bool(config.fss),

@@ -259,3 +259,13 @@ def test_the_kernels_workers_in_our_thread_list_are_not_ours_to_filter() -> None
     assert not kernel_worker(python)
     assert kernel_worker("9 (kvm-nx-lpage-re) S 1 9 9 0 -1 16448 0")  # PF_USER_WORKER | ...
     assert not kernel_worker("garbage")
+
+
+def test_the_standard_board_may_open_a_tap_for_a_nic_added_at_run_time() -> None:
+    from pathlib import Path
+
+    from evmm.confine.seccomp import features
+    from evmm.machine.config import MachineConfig
+
+    assert features(MachineConfig(kernel=Path("/k"), board="standard")).tap
+    assert not features(MachineConfig(kernel=Path("/k"))).tap
