@@ -22,6 +22,10 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+# tryfirst: ``board`` is always the first parameter, whatever order pytest loaded this conftest in (a whole
+# run finds it while collecting, an inner run in the test host from its node ids), so a test's node id is the
+# same in both: [microvm-evmm], never [evmm-microvm].
+@pytest.hookimpl(tryfirst=True)
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "board" not in metafunc.fixturenames:
         return

@@ -153,3 +153,25 @@ def test_deal_balances_the_seconds_with_a_costly_test() -> None:
     a, b = deal(tests, 2, {"net": 300})
     assert "net" in a and len(a) == 1 + 1 and len(b) == 11  # 300 + 30 against 330
     assert b == [t for t in tests if t in b]  # collection order kept
+
+
+def test_a_linux_tests_node_id_is_the_same_in_a_whole_run_and_in_the_test_hosts_run() -> None:
+    """The inner run in the test host is given the outer run's node ids; a parametrised test whose ids came
+    out in another order there ("[evmm-microvm]" for "[microvm-evmm]") is not found, and a shard holding
+    one ran nothing at all."""
+    import subprocess
+    import sys
+
+    def ids(*args: str) -> list[str]:
+        out = subprocess.run(
+            [sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider", *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=Path(__file__).resolve().parents[2],
+        ).stdout
+        return [line for line in out.splitlines() if line.startswith("tests/linux/test_virtio_net.py::")]
+
+    whole = ids()
+    assert whole and whole == ids("tests/linux/test_virtio_net.py")
+    assert ids(whole[1]) == [whole[1]]
