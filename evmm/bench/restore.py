@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import sys
 import time
 import uuid
@@ -70,9 +71,20 @@ def on_disk(path: Path) -> float:
     return sum(p.stat().st_blocks * 512 for p in files) / (1 << 20)
 
 
+def _listening(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:  # not there yet, or bound but not yet listening
+            return False
+    return True
+
+
 async def _until_socket(path: Path, vm: VmProcess) -> None:
+    """Wait until the VMM accepts connections on ``path`` (its existence is not enough: a bound socket refuses
+    connections until listen(2))."""
     deadline = time.monotonic() + SERVE_TIMEOUT
-    while not path.exists():
+    while not _listening(path):
         if not vm.alive():
             raise RestoreError(f"{vm.name} exited before its socket appeared\n{vm.tail()}")
         if time.monotonic() > deadline:
@@ -92,6 +104,7 @@ async def _evmm_call(sock: Path, method: str, **params: object) -> object:
 
 def _serve(ctx: Context, name: str, watch: Watch | None) -> tuple[VmProcess, Path]:
     sock = ctx.workdir / f"{name}.sock"
+    sock.unlink(missing_ok=True)  # an earlier run's VMM, killed, left it; waiting must see this run's
     vm = VmProcess([sys.executable, "-m", "evmm", "serve", "--api-sock", str(sock)], name)
     if watch is not None:
         watch(vm)
@@ -184,6 +197,7 @@ def _qemu_warm(ctx: Context, spec: VmSpec, image: Path, count: int, watch: Watch
     waiting = []
     for i in range(count):
         sock = ctx.workdir / f"qemu-warm{i}.sock"
+        sock.unlink(missing_ok=True)
         waiting.append(
             (_qemu(replace(spec, qmp_sock=sock), f"qemu-warm{i}", watch, "-incoming", "defer"), sock)
         )
