@@ -285,12 +285,23 @@ def nic_device(sock: Path) -> dict[str, Any]:
     return dict(nics[0])
 
 
-def test_multiqueue_a_pair_per_vcpu(netns: str, launch: GuestFactory, guest_assets: GuestAssets) -> None:
-    """vhost-net with two vCPUs: two queue pairs (VIRTIO_NET_F_MQ), both used once the driver asks for them."""
+def test_multiqueue_a_pair_per_vcpu(
+    board: str, netns: str, launch: GuestFactory, guest_assets: GuestAssets
+) -> None:
+    """vhost-net with two vCPUs: two queue pairs (VIRTIO_NET_F_MQ), both used once the driver asks for them
+    (on the standard board each queue with its own MSI-X vector)."""
     with tempfile.TemporaryDirectory(prefix="evmm-net-", dir="/tmp") as d:
         sock = Path(d) / "api.sock"
         guest = boot(
-            launch, guest_assets, netns, "evmq0", "evmm-net-mq", "on", cpus=2, extra=("--api-sock", str(sock))
+            launch,
+            guest_assets,
+            netns,
+            "evmq0",
+            "evmm-net-mq",
+            "on",
+            board=board,
+            cpus=2,
+            extra=("--api-sock", str(sock)),
         )
         host_side(netns, "evmq0")
         nic = guest_nic(guest)
