@@ -275,10 +275,12 @@ def wait_carrier(guest: Guest, nic: str, want: str, timeout: float = 30.0) -> No
 
 
 def nic_device(sock: Path) -> dict[str, Any]:
-    """The NIC's transport and device state in query-vm (there is one NIC)."""
+    """The NIC's transport and device state in query-vm (there is one NIC): a virtio-mmio device of
+    ``devices``, or on the standard board a function of ``pci``."""
+    vm = call(sock, "query-vm")
     nics = [
         d["virtio"]
-        for d in call(sock, "query-vm")["devices"]
+        for d in [*vm["devices"], *vm.get("pci", [])]
         if d.get("virtio", {}).get("device") in ("virtio-net", "vhost-net")
     ]
     assert len(nics) == 1, nics
