@@ -9,7 +9,8 @@ Roles:
             and the exit path.  Threads it starts after its filter (I/O workers) inherit this filter and
             stack their own on it, so it also holds what they need (filters stack: a call must pass both).
   ``vcpu``  a vCPU thread: KVM_RUN and the few ioctls an exit handled in place needs, eventfd writes.
-  ``io``    a block (later, file) I/O worker: positioned reads and writes, flush, fallocate, an eventfd.
+  ``io``    an I/O worker (virtio-blk's, virtio-fs's, a snapshot's memory writer): positioned reads and
+            writes, flush, fallocate, an eventfd.
 
 The KVM, vhost and tap ioctls a role may issue are named; a machine with no tap or no vhost device gets no
 such ioctl at all (``Features``).  ``socket`` is limited to the families evmm opens; ``clone`` to threads
@@ -224,7 +225,8 @@ _SNAPSHOT_READS = (
     "KVM_GET_CLOCK",
 )
 # Writing a snapshot's files: a state file and a sparse memory file written beside and renamed into place,
-# disks copied extent by extent (evmm/snapshot/format.py, memfile.py, disks.py).
+# disks copied extent by extent (evmm/snapshot/format.py, memfile.py, disks.py).  The memory file's pages are
+# written by an I/O worker (``_SNAPSHOT_WORKER``), whose filter stacks on this one, so these stay here too.
 _SNAPSHOT_FILES = ("mkdir", "ftruncate", "rename", "mincore", "copy_file_range")
 
 
@@ -333,6 +335,13 @@ def vcpu_rules(pid: int) -> list[Rule]:
     return _rules(pid, hot, (PR_SET_NAME, PR_GET_NAME))
 
 
+# A snapshot's memory file, written by an I/O worker (evmm/snapshot/memfile.py ``write_memory``; measured with
+# strace -f on evmm run + pause + snapshot): its size set, which pages are resident, the data extents of a
+# memory file a restored guest still maps (lseek SEEK_DATA/SEEK_HOLE, from the code: a restore does not run
+# on this host's PVM KVM), the pages written, fsync, and the fd closed by the worker that owns it.
+_SNAPSHOT_WORKER = ("ftruncate", "mincore", "lseek", "fsync", "close")
+
+
 def io_rules(pid: int, features: Features) -> list[Rule]:
     hot = ("futex", "clock_gettime", "write", "munmap", "gettid", "pwritev2", "preadv2")  # measured order
     return _rules(
@@ -342,6 +351,7 @@ def io_rules(pid: int, features: Features) -> list[Rule]:
         "fdatasync",
         "fallocate",
         "pwrite64",
+        *_SNAPSHOT_WORKER,
         *(_FS if features.fs else ()),
     )
 
