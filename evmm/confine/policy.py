@@ -25,6 +25,15 @@ import socket
 import termios
 
 from evmm.confine.bpf import ArgHasBits, ArgIn, Rule
+from evmm.confine.ioctls import (
+    FICLONE,
+    SIOCGIFMTU,
+    TUNGETIFF,
+    TUNSETIFF,
+    TUNSETOFFLOAD,
+    TUNSETQUEUE,
+    TUNSETVNETHDRSZ,
+)
 from evmm.record import record
 
 CLONE_THREAD = 0x00010000  # <linux/sched.h>
@@ -34,8 +43,6 @@ SECCOMP_SET_MODE_FILTER = 1  # <linux/seccomp.h>
 # nothing; only ever more restrictive).
 PR_SET_NAME, PR_GET_NAME, PR_SET_NO_NEW_PRIVS = 15, 16, 38
 
-# <linux/sockios.h>: the tap's MTU, read through an AF_INET datagram socket (evmm.devices.virtio.net.tap).
-SIOCGIFMTU = 0x8921
 # <asm-generic/ioctls.h>: what Python's os and asyncio ask of any fd.
 FIOCLEX, FIONCLEX, FIONBIO, FIONREAD = 0x5451, 0x5450, 0x5421, 0x541B
 
@@ -148,18 +155,12 @@ def _vhost_ioctls(features: Features) -> tuple[int, ...]:
         names += ("VHOST_VSOCK_SET_GUEST_CID", "VHOST_VSOCK_SET_RUNNING")
     if features.vhost_net:
         names += ("VHOST_NET_SET_BACKEND",)
-    extra: tuple[int, ...] = ()
-    if features.vhost_net:
-        from evmm.devices.virtio.net import tap
-
-        extra = (tap.TUNSETQUEUE,)
+    extra = (TUNSETQUEUE,) if features.vhost_net else ()
     return tuple(int(getattr(lib, n)) for n in names) + extra
 
 
 def _tap_ioctls() -> tuple[int, ...]:
-    from evmm.devices.virtio.net import tap
-
-    return (tap.TUNSETIFF, tap.TUNSETOFFLOAD, tap.TUNGETIFF, tap.TUNSETVNETHDRSZ, SIOCGIFMTU)
+    return (TUNSETIFF, TUNSETOFFLOAD, TUNGETIFF, TUNSETVNETHDRSZ, SIOCGIFMTU)
 
 
 _TERMINAL = (termios.TCGETS, termios.TCSETS, termios.TCSETSW, termios.TCSETSF, termios.TIOCGWINSZ)
@@ -243,8 +244,6 @@ def main_rules(pid: int, features: Features) -> list[Rule]:
     # A snapshot of the paused VM (evmm/snapshot/save.py, on the reactor): what KVM has of each vCPU and of
     # the VM, read only; restoring it happens in a new process, before its filter goes on.
     ioctls += _kvm_ioctls(*_SNAPSHOT_READS)
-    from evmm.snapshot.disks import FICLONE
-
     ioctls += (FICLONE,)  # a snapshot's disk copy shares the image's extents where the file system can
     if features.pci:
         # A guest's MSI-X table or MSI capability write (served on the reactor) reroutes a vector: the whole

@@ -71,7 +71,7 @@ def test_vhost_net_set_backend_on_main_only_for_a_vhost_net_nic(args: dict[str, 
     """The guest's DRIVER_OK comes after the main thread's filter: vhost-net attaches the tap then."""
     from evmm.vhost._vhost_ffi import lib
 
-    from evmm.devices.virtio.net.tap import TUNSETQUEUE
+    from evmm.confine.ioctls import TUNSETQUEUE
 
     config = MachineConfig(kernel=Path("/vmlinux"), **args)
     prog = _prog("main", seccomp_features(config))
@@ -269,3 +269,22 @@ def test_the_standard_board_may_open_a_tap_for_a_nic_added_at_run_time() -> None
 
     assert features(MachineConfig(kernel=Path("/k"), board="standard")).tap
     assert not features(MachineConfig(kernel=Path("/k"))).tap
+
+
+def test_building_the_lists_loads_no_device_or_snapshot_module() -> None:
+    """The ioctl numbers come from evmm.confine.ioctls, which imports nothing: building a filter must not load
+    the modules that issue them (the snapshot code cost ~21 ms of every evmm start for one constant)."""
+    import ast
+
+    from evmm.confine import ioctls
+
+    tree = ast.parse(Path(ioctls.__file__).read_text())
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)]
+    code = (
+        "import sys\n"
+        "from evmm.confine.policy import Features, rules\n"
+        "rules('main', 1, Features(tap=True, vhost=True, vhost_net=True, pci=True))\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('evmm.snapshot', 'evmm.devices'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
