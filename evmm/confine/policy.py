@@ -321,9 +321,8 @@ def main_rules(pid: int, features: Features) -> list[Rule]:
         # A worker stacks its own filter on this one.
         Rule("seccomp", ArgIn(0, (SECCOMP_SET_MODE_FILTER,))),
         *_SNAPSHOT_FILES,
-        # Python's import system lists a directory the first time it imports from it (FileFinder's cache):
-        # a module imported lazily (a control method's first call, a snapshot) after the filter is on.
-        "getdents64",
+        # No getdents64 (but with a shared directory, for its workers): what the control methods import on
+        # first use is imported before this filter goes on (evmm.confine.preload).
         *(_FS if features.fs else ()),
     )
 

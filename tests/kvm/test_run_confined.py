@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pty
 import re
+import select
 import subprocess
 import sys
 import time
@@ -165,3 +167,60 @@ def test_every_control_method_on_a_confined_standard_board(evmm: Callable[..., E
             ],
         )
     )
+
+
+def filtered(pid: int) -> None:
+    """Wait until the main thread wears its role's filter: its second (the first refuses io_uring)."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        status = Path(f"/proc/{pid}/status").read_text()
+        if int(status.split("Seccomp_filters:")[1].split()[0]) >= 2:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"evmm's main thread has no filter after {START_TIMEOUT:g} s")
+
+
+def test_the_escape_menu_on_a_confined_terminal(tmp_path: Path) -> None:
+    """With a person at the terminal, Ctrl-] opens the menu, whose status line rich draws (imported before
+    the filter goes on, evmm.confine.preload); then q quits."""
+    kernel = tmp_path / "halt.elf"
+    kernel.write_bytes(elf64([(KERNEL_AT, HALT, 0x1000)], KERNEL_AT))
+    env = {k: v for k, v in os.environ.items() if k not in ("EVMM_SECCOMP", "EVMM_TEST_HOOKS")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "evmm",
+        "run",
+        "--allow-slow-kvm",
+        "--kernel",
+        str(kernel),
+        "--memory",
+        "64M",
+    ]
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.chdir(ROOT)
+        os.execve(sys.executable, cmd, env)
+    out = bytearray()
+
+    def until(text: bytes, timeout: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in out and time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.1)[0]:
+                try:
+                    out.extend(os.read(fd, 4096))
+                except OSError:  # the child is gone
+                    break
+        assert text in out, f"no {text!r} on the terminal: {bytes(out)!r}"
+
+    try:
+        filtered(pid)  # the menu must open under the main filter, or it proves nothing
+        os.write(fd, b"\x1dm")
+        until(b"running")
+        os.write(fd, b"\x1dq")
+        until(b"the VM is stopping")
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+    assert KILLED.encode() not in out
+    assert os.waitstatus_to_exitcode(status) == 0, bytes(out)
