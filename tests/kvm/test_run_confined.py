@@ -91,6 +91,11 @@ async def drive(vm: Evmm, steps: list[Step]) -> None:
     """Each method in turn; after each, evmm must still run (a seccomp kill would have ended it)."""
     client = await vm.connect()
     try:
+        # The control socket listens before the vCPUs start (and the main filter goes on): wait for them.
+        deadline = time.monotonic() + START_TIMEOUT
+        while (await client.call("query-status"))["state"] == "created":
+            assert time.monotonic() < deadline, f"the VM did not start: {vm.errors()}"
+            await asyncio.sleep(0.02)
         for method, params, check in [("subscribe", {}, lambda r: r["state"] == "running"), *steps]:
             try:
                 result = await client.call(method, params)
