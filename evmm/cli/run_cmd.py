@@ -375,6 +375,11 @@ def run_machine(
                 start_control(m, console, api_sock=api_sock, qmp=qmp, commands=commands)
             )
             if confinement is not None:
+                # What the control methods and the escape menu import on first use, imported now: after the
+                # main filter a first import would list a directory (evmm.confine.preload).
+                from evmm.confine.preload import preload
+
+                preload(m, control=api_sock is not None or qmp is not None, interactive=term.active)
                 # The main thread's filter goes on as the machine starts its vCPUs, before the reactor
                 # serves a single exit (the vCPU threads, started unfiltered, put on their own first).
                 m.subscribe(confine.main_on_start(m))

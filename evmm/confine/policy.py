@@ -9,7 +9,8 @@ Roles:
             and the exit path.  Threads it starts after its filter (I/O workers) inherit this filter and
             stack their own on it, so it also holds what they need (filters stack: a call must pass both).
   ``vcpu``  a vCPU thread: KVM_RUN and the few ioctls an exit handled in place needs, eventfd writes.
-  ``io``    a block (later, file) I/O worker: positioned reads and writes, flush, fallocate, an eventfd.
+  ``io``    an I/O worker (virtio-blk's, virtio-fs's, a snapshot's memory writer): positioned reads and
+            writes, flush, fallocate, an eventfd.
 
 The KVM, vhost and tap ioctls a role may issue are named; a machine with no tap or no vhost device gets no
 such ioctl at all (``Features``).  ``socket`` is limited to the families evmm opens; ``clone`` to threads
@@ -24,6 +25,15 @@ import socket
 import termios
 
 from evmm.confine.bpf import ArgHasBits, ArgIn, Rule
+from evmm.confine.ioctls import (
+    FICLONE,
+    SIOCGIFMTU,
+    TUNGETIFF,
+    TUNSETIFF,
+    TUNSETOFFLOAD,
+    TUNSETQUEUE,
+    TUNSETVNETHDRSZ,
+)
 from evmm.record import record
 
 CLONE_THREAD = 0x00010000  # <linux/sched.h>
@@ -33,8 +43,6 @@ SECCOMP_SET_MODE_FILTER = 1  # <linux/seccomp.h>
 # nothing; only ever more restrictive).
 PR_SET_NAME, PR_GET_NAME, PR_SET_NO_NEW_PRIVS = 15, 16, 38
 
-# <linux/sockios.h>: the tap's MTU, read through an AF_INET datagram socket (evmm.devices.virtio.net.tap).
-SIOCGIFMTU = 0x8921
 # <asm-generic/ioctls.h>: what Python's os and asyncio ask of any fd.
 FIOCLEX, FIONCLEX, FIONBIO, FIONREAD = 0x5451, 0x5450, 0x5421, 0x541B
 
@@ -147,18 +155,12 @@ def _vhost_ioctls(features: Features) -> tuple[int, ...]:
         names += ("VHOST_VSOCK_SET_GUEST_CID", "VHOST_VSOCK_SET_RUNNING")
     if features.vhost_net:
         names += ("VHOST_NET_SET_BACKEND",)
-    extra: tuple[int, ...] = ()
-    if features.vhost_net:
-        from evmm.devices.virtio.net import tap
-
-        extra = (tap.TUNSETQUEUE,)
+    extra = (TUNSETQUEUE,) if features.vhost_net else ()
     return tuple(int(getattr(lib, n)) for n in names) + extra
 
 
 def _tap_ioctls() -> tuple[int, ...]:
-    from evmm.devices.virtio.net import tap
-
-    return (tap.TUNSETIFF, tap.TUNSETOFFLOAD, tap.TUNGETIFF, tap.TUNSETVNETHDRSZ, SIOCGIFMTU)
+    return (TUNSETIFF, TUNSETOFFLOAD, TUNGETIFF, TUNSETVNETHDRSZ, SIOCGIFMTU)
 
 
 _TERMINAL = (termios.TCGETS, termios.TCSETS, termios.TCSETSW, termios.TCSETSF, termios.TIOCGWINSZ)
@@ -224,7 +226,8 @@ _SNAPSHOT_READS = (
     "KVM_GET_CLOCK",
 )
 # Writing a snapshot's files: a state file and a sparse memory file written beside and renamed into place,
-# disks copied extent by extent (evmm/snapshot/format.py, memfile.py, disks.py).
+# disks copied extent by extent (evmm/snapshot/format.py, memfile.py, disks.py).  The memory file's pages are
+# written by an I/O worker (``_SNAPSHOT_WORKER``), whose filter stacks on this one, so these stay here too.
 _SNAPSHOT_FILES = ("mkdir", "ftruncate", "rename", "mincore", "copy_file_range")
 
 
@@ -241,8 +244,6 @@ def main_rules(pid: int, features: Features) -> list[Rule]:
     # A snapshot of the paused VM (evmm/snapshot/save.py, on the reactor): what KVM has of each vCPU and of
     # the VM, read only; restoring it happens in a new process, before its filter goes on.
     ioctls += _kvm_ioctls(*_SNAPSHOT_READS)
-    from evmm.snapshot.disks import FICLONE
-
     ioctls += (FICLONE,)  # a snapshot's disk copy shares the image's extents where the file system can
     if features.pci:
         # A guest's MSI-X table or MSI capability write (served on the reactor) reroutes a vector: the whole
@@ -320,9 +321,8 @@ def main_rules(pid: int, features: Features) -> list[Rule]:
         # A worker stacks its own filter on this one.
         Rule("seccomp", ArgIn(0, (SECCOMP_SET_MODE_FILTER,))),
         *_SNAPSHOT_FILES,
-        # Python's import system lists a directory the first time it imports from it (FileFinder's cache):
-        # a module imported lazily (a control method's first call, a snapshot) after the filter is on.
-        "getdents64",
+        # No getdents64 (but with a shared directory, for its workers): what the control methods import on
+        # first use is imported before this filter goes on (evmm.confine.preload).
         *(_FS if features.fs else ()),
     )
 
@@ -331,6 +331,13 @@ def vcpu_rules(pid: int) -> list[Rule]:
     ioctls = _kvm_ioctls("KVM_RUN", "KVM_IRQ_LINE", "KVM_SIGNAL_MSI", "KVM_GET_REGS", "KVM_GET_SREGS")
     hot = ("clock_gettime", Rule("ioctl", ArgIn(1, ioctls)), "futex", "write")  # measured order
     return _rules(pid, hot, (PR_SET_NAME, PR_GET_NAME))
+
+
+# A snapshot's memory file, written by an I/O worker (evmm/snapshot/memfile.py ``write_memory``; measured with
+# strace -f on evmm run + pause + snapshot): its size set, which pages are resident, the data extents of a
+# memory file a restored guest still maps (lseek SEEK_DATA/SEEK_HOLE, from the code: a restore does not run
+# on this host's PVM KVM), the pages written, fsync, and the fd closed by the worker that owns it.
+_SNAPSHOT_WORKER = ("ftruncate", "mincore", "lseek", "fsync", "close")
 
 
 def io_rules(pid: int, features: Features) -> list[Rule]:
@@ -342,6 +349,7 @@ def io_rules(pid: int, features: Features) -> list[Rule]:
         "fdatasync",
         "fallocate",
         "pwrite64",
+        *_SNAPSHOT_WORKER,
         *(_FS if features.fs else ()),
     )
 

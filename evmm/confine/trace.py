@@ -156,7 +156,7 @@ def ioctl_names() -> dict[int, str]:
     """Names for the ioctl requests evmm's lists know (for the report)."""
     import termios
 
-    from evmm.confine import policy
+    from evmm.confine import ioctls
 
     out: dict[int, str] = {}
     for module in (_kvm_lib(), _vhost_lib()):
@@ -167,11 +167,7 @@ def ioctl_names() -> dict[int, str]:
                     out.setdefault(value, attr)
     for attr in ("TCGETS", "TCSETS", "TCSETSW", "TCSETSF", "TIOCGWINSZ", "FIONBIO", "FIOCLEX", "FIONCLEX"):
         out[getattr(termios, attr)] = attr
-    out[policy.SIOCGIFMTU] = "SIOCGIFMTU"
-    from evmm.devices.virtio.net import tap
-
-    for attr in ("TUNSETIFF", "TUNSETOFFLOAD", "TUNGETIFF", "TUNSETVNETHDRSZ"):
-        out[getattr(tap, attr)] = attr
+    out.update({value: attr for attr, value in vars(ioctls).items() if attr.isupper()})
     return out
 
 

@@ -240,7 +240,9 @@ class Commands:
         self.table: dict[str, Command] = {}
         self.stop_cause: tuple[str, str] | None = None  # (method, client) of a quit or reset, for QMP
         self.console_size: tuple[int, int] | None = None  # (rows, cols) of the last console-resize
-        self._lifecycle = asyncio.Lock()  # pause and resume, one at a time
+        # Pause, resume, a snapshot and hot-replace, one at a time: a snapshot writes guest memory with the
+        # reactor running, and must find the same devices, frozen, from its start to its end.
+        self._lifecycle = asyncio.Lock()
         reg = self.register
         reg(Command("query-status", self._query_status, "the VM's state: created, running, paused, stopped"))
         reg(Command("query-vm", self._query_vm, "configuration and live state: vCPUs, memory, devices"))
@@ -395,15 +397,17 @@ class Commands:
     async def _device_replace(self, call: Call) -> dict[str, Any]:
         machine = self._hotplug(call.method)
         p = call.params
-        slot = self._slot(call.method, machine, p["slot"])
-        machine.replace_device(slot["id"], self._spec(slot, p))  # the machine announces device-changed
-        return self._slot(call.method, machine, slot["id"])
+        async with self._lifecycle:
+            slot = self._slot(call.method, machine, p["slot"])
+            machine.replace_device(slot["id"], self._spec(slot, p))  # the machine announces device-changed
+            return self._slot(call.method, machine, slot["id"])
 
     async def _device_remove(self, call: Call) -> dict[str, Any]:
         machine = self._hotplug(call.method)
-        slot = self._slot(call.method, machine, call.params["slot"])
-        machine.remove_device(slot["id"])
-        return self._slot(call.method, machine, slot["id"])
+        async with self._lifecycle:
+            slot = self._slot(call.method, machine, call.params["slot"])
+            machine.remove_device(slot["id"])
+            return self._slot(call.method, machine, slot["id"])
 
     @staticmethod
     def _spec(slot: dict[str, Any], p: dict[str, Any]) -> DriveSpec | NetSpec:

@@ -2,10 +2,11 @@
 
 Which persist module serves a device is decided here, by its type, so devices and the builder know nothing of
 snapshots.  The order of a save: ``quiesce`` (await: requests in flight finish), ``freeze`` (stop what
-writes guest RAM outside the reactor: vhost's rings) for the time the state and the memory are taken, then
-``thaw``.  The order of a restore: the legacy devices, then for each virtio slot the transport's registers,
-the device's state, the activation on the restored queues, and what a device does once running again
-(vsock's TRANSPORT_RESET).
+writes guest RAM without the paused guest asking: vhost's rings, and the reactor's handlers of host input,
+which go on running while an I/O worker writes the memory) for the time the state and the memory are taken,
+then ``thaw``.  The order of a restore: the legacy devices, then for each virtio slot the transport's
+registers, the device's state, the activation on the restored queues, and what a device does once running
+again (vsock's TRANSPORT_RESET).
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ Restorer = Callable[[Any, object, str], None]
 
 # The persist module of each kind of virtio device, imported only for the kinds a machine has.  Each defines
 # ``save`` and ``restore``, and may define ``held`` (buffers it keeps for later, per queue), ``quiesce``
-# (async: finish requests in flight), ``freeze`` (stop writing guest RAM off the reactor; returns a thaw) and
-# ``after_restore`` (once running on the restored queues).
+# (async: finish requests in flight), ``freeze`` (stop writing guest RAM until memory is saved; returns a
+# thaw) and ``after_restore`` (once running on the restored queues).
 PERSIST_MODULES = {
     "VirtioBlk": "evmm.devices.virtio.blk.persist",
     "VirtioNet": "evmm.devices.virtio.net.persist",
@@ -115,7 +116,8 @@ async def quiesce(machine: Machine, where: str) -> None:
 
 
 def freeze(machine: Machine) -> Callable[[], None]:
-    """Stop what writes guest RAM off the reactor until the returned ``thaw`` (vhost-vsock's kernel rings)."""
+    """Stop what writes guest RAM until the returned ``thaw``: vhost-vsock's kernel rings, and what a device
+    does on host input (a tap's frame, a vsock stream's data, console input)."""
     thaws = []
     for t in transports(machine):
         stop = getattr(virtio_persist(t.device), "freeze", None)

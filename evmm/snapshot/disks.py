@@ -12,10 +12,9 @@ import fcntl
 import os
 from pathlib import Path
 
+from evmm.confine.ioctls import FICLONE
 from evmm.snapshot.format import SnapshotError
 from evmm.snapshot.memfile import data_extents
-
-FICLONE = 0x40049409  # _IOW(0x94, 9, int), <linux/fs.h>
 
 
 def copy_image(src: Path, dst: Path) -> str:

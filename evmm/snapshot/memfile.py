@@ -6,6 +6,8 @@ of that file (``lseek(SEEK_DATA)``: a page never touched since the restore is st
 resident).  Of those, pages that are all zeroes are skipped too, so the file has a hole wherever the guest
 never wrote.  The file is written under a temporary name and renamed: a clone that maps the previous memory
 file of the same snapshot directory keeps its own (now unlinked) inode, whose pages must not change under it.
+The writing and its fsync run on an I/O worker (seconds for a large guest), so the reactor keeps serving the
+control channel and the consoles meanwhile.
 
 Loading maps the file MAP_PRIVATE (``GuestMemory.from_file``): no page is read until the guest touches it, and
 the guest's writes go to private copies, so any number of clones share one file in the page cache.
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from evmm.memory import GuestMemory
 from evmm.snapshot.format import MEMORY_FILE, SnapshotError
+from evmm.snapshot.offload import on_worker
 
 PAGE = mmap.PAGESIZE
 CHUNK = 2 << 20  # scanned at a time: one mincore call, one all-zero comparison for the common empty case
@@ -108,30 +111,53 @@ def _runs(buffer: mmap.mmap, maybe: bytearray) -> Iterator[tuple[int, int]]:
         yield run_start, size
 
 
-def save_memory(memory: GuestMemory, directory: Path) -> int:
-    """Write ``DIR/memory``; returns the bytes of data written (the file's apparent size is the RAM's)."""
-    tmp = directory / f".{MEMORY_FILE}.tmp"
+def write_memory(memory: GuestMemory, fd: int) -> int:
+    """Fill the open file ``fd`` with ``memory`` (sparse), then fsync it; returns the bytes of data written.
+
+    Blocking, for an I/O worker: it reads guest RAM while the reactor goes on (see ``save_memory``).
+    """
     written = 0
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    os.ftruncate(fd, memory.size)
+    for index, region in enumerate(memory.regions):
+        offset = memory.file_offset(index)
+        maybe = _candidates(memory, index, resident_pages(region.buffer))
+        with memoryview(region.buffer) as view:
+            for a, b in _runs(region.buffer, maybe):
+                n = b - a
+                done = 0
+                while done < n:
+                    done += os.pwrite(fd, view[a + done : b], offset + a + done)
+                written += n
+    os.fsync(fd)
+    return written
+
+
+def _write_and_close(memory: GuestMemory, fd: int) -> int:
     try:
-        os.ftruncate(fd, memory.size)
-        for index, region in enumerate(memory.regions):
-            offset = memory.file_offset(index)
-            maybe = _candidates(memory, index, resident_pages(region.buffer))
-            with memoryview(region.buffer) as view:
-                for a, b in _runs(region.buffer, maybe):
-                    n = b - a
-                    done = 0
-                    while done < n:
-                        done += os.pwrite(fd, view[a + done : b], offset + a + done)
-                    written += n
-        os.fsync(fd)
-    except OSError as e:
+        return write_memory(memory, fd)
+    finally:
         os.close(fd)
+
+
+async def save_memory(memory: GuestMemory, directory: Path) -> int:
+    """Write ``DIR/memory`` on an I/O worker; returns the bytes of data written (the file's apparent size is
+    the RAM's).
+
+    The caller keeps everything that writes guest RAM stopped until this returns (the vCPUs paused, the
+    devices frozen).  The worker owns the file descriptor and closes it: a caller cancelled meanwhile (the
+    VMM quitting) leaves the temporary file unrenamed, never a half-written memory file in place.
+    """
+    tmp = directory / f".{MEMORY_FILE}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise SnapshotError(f"snapshot {directory}: writing guest memory: {e.strerror or e}") from None
+    try:
+        written = await on_worker(lambda: _write_and_close(memory, fd), "snapshot")
+        os.replace(tmp, directory / MEMORY_FILE)
+    except OSError as e:
         tmp.unlink(missing_ok=True)
         raise SnapshotError(f"snapshot {directory}: writing guest memory: {e.strerror or e}") from None
-    os.close(fd)
-    os.replace(tmp, directory / MEMORY_FILE)
     return written
 
 
@@ -154,4 +180,4 @@ def load_memory(directory: Path, layout: list[tuple[int, int]]) -> GuestMemory:
         raise SnapshotError(f"snapshot {path}: cannot map it: {e.strerror or e}") from None
 
 
-__all__ = ["data_extents", "load_memory", "resident_pages", "save_memory"]
+__all__ = ["data_extents", "load_memory", "resident_pages", "save_memory", "write_memory"]

@@ -1,8 +1,11 @@
 """Saving a paused machine to a snapshot directory (``snapshot`` on the control channel).
 
-Runs on the reactor, which owns every device: once the devices' requests in flight have finished (awaited),
-the rest is one synchronous step, so no device callback can write guest RAM while it is saved, and the
-kernel's vhost rings are stopped for that step.  The machine stays paused; ``resume`` goes on as before.
+Runs on the reactor, which owns every device.  Once the devices' requests in flight have finished (awaited),
+the devices are frozen (``devices.freeze``: nothing of theirs writes guest RAM, neither the kernel's vhost
+rings nor the reactor's own handlers of host input: tap frames, vsock streams, console input), the vCPU, VM
+and device state is taken in one synchronous step, and guest memory is written by an I/O worker while the
+reactor goes on serving the control channel and the consoles; the devices thaw once it is on disk.  The
+machine stays paused throughout; ``resume`` goes on as before.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ async def save_snapshot(machine: Machine, directory: Path, *, copy_disks: bool =
         vm = kvm_state.save_vm(parts.vm)
         vcpus = [kvm_state.save_vcpu(v, msrs) for v in parts.vcpus]
         device_states = devices.save_devices(machine, where)
-        written = save_memory(parts.memory, directory)
+        written = await save_memory(parts.memory, directory)
         copied: dict[str, str] = {}
         if copy_disks:
             for drive, drive_id in zip(machine.config.drives, drive_ids(machine), strict=True):

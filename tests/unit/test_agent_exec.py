@@ -15,7 +15,6 @@ import signal
 from pathlib import Path
 
 import pytest
-import uvloop
 
 from evmm.errors import EvmmError
 from evmm.sandbox import AgentClient, AgentError, ExecSpec, Process
@@ -24,9 +23,8 @@ from tests.fakes.agent import HostAgent, host_agent_fixtures
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc builds evmm-agent")
 
 
-@pytest.fixture(params=["asyncio", "uvloop"])
-def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
-    return uvloop.EventLoopPolicy() if request.param == "uvloop" else asyncio.DefaultEventLoopPolicy()
+# Every async test runs on asyncio's loop and on uvloop (tests/unit/conftest.py).
+LOOP_KINDS = ("asyncio", "uvloop")
 
 
 host_agent, client = host_agent_fixtures()

@@ -30,9 +30,8 @@ from tests.fakes.agent import FakeAgent
 FAKE_EVMM = (sys.executable, "-m", "tests.fakes.agent")
 
 
-@pytest.fixture(params=["asyncio", "uvloop"])
-def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
-    return uvloop.EventLoopPolicy() if request.param == "uvloop" else asyncio.DefaultEventLoopPolicy()
+# Every async test runs on asyncio's loop and on uvloop (tests/unit/conftest.py).
+LOOP_KINDS = ("asyncio", "uvloop")
 
 
 @pytest.fixture
@@ -300,3 +299,8 @@ def test_evmm_sandbox_is_imported_only_when_used() -> None:
 
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
+
+
+async def test_each_async_test_runs_on_the_loop_its_id_names(request: pytest.FixtureRequest) -> None:
+    on_uvloop = isinstance(asyncio.get_running_loop(), uvloop.Loop)
+    assert request.node.name.endswith("[uvloop]" if on_uvloop else "[asyncio]")

@@ -8,17 +8,25 @@ saves again whole, including pages the guest never touched since.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import struct
+import threading
 from pathlib import Path
 
 import pytest
 
 from evmm.memory import GuestMemory
 from evmm.snapshot import format as fmt
+from evmm.snapshot import memfile
 from evmm.snapshot.format import Fields, SnapshotError
-from evmm.snapshot.memfile import PAGE, load_memory, save_memory
+from evmm.snapshot.memfile import PAGE, load_memory
+
+
+def save_memory(mem: GuestMemory, directory: Path) -> int:
+    return asyncio.run(memfile.save_memory(mem, directory))
+
 
 BODY = {"config": {"memory": 1 << 20, "name": "x"}, "blob": b"\x00\x01\xff", "list": [1, 2, [3]]}
 
@@ -161,3 +169,41 @@ def test_a_memory_file_of_the_wrong_size_is_one_line(tmp_path: Path) -> None:
     (tmp_path / fmt.MEMORY_FILE).unlink()
     with pytest.raises(SnapshotError, match=r"no memory file in it"):
         load_memory(tmp_path, LAYOUT)
+
+
+def test_memory_is_written_on_a_worker_while_the_reactor_runs_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loop: asyncio.AbstractEventLoop
+) -> None:
+    mem = GuestMemory.anonymous(LAYOUT)
+    mem.write(5 * PAGE, b"saved")
+    ticked = threading.Event()
+    real = memfile.write_memory
+
+    def slow_writer(memory: GuestMemory, fd: int) -> int:
+        # Goes on only once a timer of the event loop has run meanwhile: a write made on the reactor itself
+        # would wait here in vain, as the control channel and the consoles would while it ran.
+        if not ticked.wait(10):
+            raise AssertionError("the event loop ran no timer while guest memory was being written")
+        assert threading.current_thread() is not threading.main_thread()
+        return real(memory, fd)
+
+    monkeypatch.setattr(memfile, "write_memory", slow_writer)
+    loop.call_later(0.01, ticked.set)
+    assert loop.run_until_complete(memfile.save_memory(mem, tmp_path)) == PAGE
+    assert load_memory(tmp_path, LAYOUT).read(5 * PAGE, 5) == b"saved"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [fmt.MEMORY_FILE]
+    mem.close()
+
+
+def test_a_memory_write_that_fails_on_the_worker_is_one_line_and_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loop: asyncio.AbstractEventLoop
+) -> None:
+    def full(memory: GuestMemory, fd: int) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(memfile, "write_memory", full)
+    mem = GuestMemory.anonymous(LAYOUT)
+    with pytest.raises(SnapshotError, match=r"^snapshot .*: writing guest memory: No space left on device$"):
+        loop.run_until_complete(memfile.save_memory(mem, tmp_path))
+    assert list(tmp_path.iterdir()) == []
+    mem.close()

@@ -7,29 +7,32 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 import pytest
 
+from evmm.devices.virtio import console_persist, mmio_persist, rng_persist
 from evmm.devices.virtio import mmio as regs
-from evmm.devices.virtio import mmio_persist, rng_persist
 from evmm.devices.virtio.blk import persist as blk_persist
 from evmm.devices.virtio.blk.backend import FileBackend
 from evmm.devices.virtio.blk.device import VirtioBlk
+from evmm.devices.virtio.console import RECEIVEQ, VirtioConsole
+from evmm.devices.virtio.console_backend import FdBackend
 from evmm.devices.virtio.net import header as h
 from evmm.devices.virtio.net import persist as net_persist
 from evmm.devices.virtio.net.device import RX, VirtioNet
 from evmm.devices.virtio.rng import VirtioRng
 from evmm.devices.virtio.vsock import persist as vsock_persist
-from evmm.devices.virtio.vsock.device import EVENT_QUEUE, VirtioVsock
+from evmm.devices.virtio.vsock.device import EVENT_QUEUE, RX_QUEUE, VirtioVsock
 from evmm.devices.virtio.vsock.muxer import VsockMuxer
 from evmm.devices.virtio.vsock.unix import HybridListener, listen_unix
 from evmm.machine.config import MachineConfig
 from evmm.memory import GuestMemory
 from evmm.snapshot.format import Fields, SnapshotError
-from tests.fakes.virtio_driver import MEM_SIZE, MmioDriver
+from tests.fakes.virtio_driver import MEM_SIZE, DriverQueue, MmioDriver
 from tests.unit.test_virtio_net import FakeTap
 
 MAC = bytes.fromhex("525400123456")
@@ -133,15 +136,23 @@ def spin(loop: asyncio.AbstractEventLoop, seconds: float = 0.05) -> None:
     loop.run_until_complete(asyncio.sleep(seconds))
 
 
+def receiving(
+    device: Any, queue: int, size: int, loop: asyncio.AbstractEventLoop
+) -> tuple[MmioDriver, DriverQueue]:
+    """A driver that brought ``device`` up and posted one receive buffer of ``size`` bytes on ``queue``."""
+    d = MmioDriver(device, loop=loop)
+    d.bring_up(queue_size=16)
+    rx = d.queues[queue]
+    rx.add([], [size])
+    d.kick(queue)
+    return d, rx
+
+
 def test_net_receive_buffers_held_for_a_frame_are_given_back_and_taken_again(
     loop: asyncio.AbstractEventLoop,
 ) -> None:
     tap = FakeTap()
-    old = MmioDriver(VirtioNet(tap, MAC), loop=loop)
-    old.bring_up(queue_size=16)
-    rx = old.queues[RX]
-    rx.add([], [1024])
-    old.kick(RX)
+    old, rx = receiving(VirtioNet(tap, MAC), RX, 1024, loop)
     tap.send(bytes(3000))  # needs three 1 KiB buffers: the device holds one
     spin(loop)
     net = old.transport.device
@@ -189,6 +200,62 @@ def test_vsock_sends_transport_reset_after_a_restore(loop: asyncio.AbstractEvent
     (used,) = event.get_used()
     assert used.length == 4 and used.data == bytes(4)  # VIRTIO_VSOCK_EVENT_TRANSPORT_RESET
     device.close()
+    dev.close()
+
+
+# ---- freeze: nothing a device does on host input reaches guest RAM while memory is written -----------------
+
+
+def test_a_frozen_nic_leaves_a_tap_frame_on_the_tap_until_thawed(loop: asyncio.AbstractEventLoop) -> None:
+    tap = FakeTap()
+    d, rx = receiving(VirtioNet(tap, MAC), RX, 2048, loop)
+    thaw = net_persist.freeze(d.transport.device)  # type: ignore[arg-type]
+    tap.send(b"during the save")
+    spin(loop)
+    assert rx.get_used() == [] and tap.queued_for_device() is not None
+    thaw()
+    spin(loop)
+    (used,) = rx.get_used()
+    assert used.data[h.HDR_LEN :] == b"during the save"
+    tap.close()
+
+
+def test_a_frozen_console_leaves_input_with_the_host_until_thawed(loop: asyncio.AbstractEventLoop) -> None:
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    os.set_blocking(in_r, False)
+    console = VirtioConsole(FdBackend(in_r, out_w))
+    _, rx = receiving(console, RECEIVEQ, 64, loop)
+    thaw = console_persist.freeze(console)
+    os.write(in_w, b"typed meanwhile")
+    spin(loop)
+    assert rx.get_used() == []
+    thaw()
+    spin(loop)
+    (used,) = rx.get_used()
+    assert used.data == b"typed meanwhile"
+    console.close()
+    for fd in (in_w, out_r):
+        os.close(fd)
+
+
+def test_a_frozen_vsock_holds_a_host_connection_request_until_thawed(
+    loop: asyncio.AbstractEventLoop, tmp_path: Path
+) -> None:
+    path = tmp_path / "v.sock"
+    sock = listen_unix(path, "--vsock", port_suffix=True)
+    dev = VirtioVsock(VsockMuxer(3, path, HybridListener(sock, path)))
+    _, rx = receiving(dev, RX_QUEUE, 256, loop)
+    thaw = vsock_persist.freeze(dev)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.connect(str(path))
+        client.sendall(b"CONNECT 1234\n")
+        spin(loop)
+        assert rx.get_used() == []
+        thaw()
+        spin(loop)
+        (used,) = rx.get_used()
+        assert used.length >= 44  # struct virtio_vsock_hdr: the guest's REQUEST for port 1234
     dev.close()
 
 

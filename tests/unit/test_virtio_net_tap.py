@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from evmm.config.devspec import NetSpec
+from evmm.confine.ioctls import TUNGETIFF, TUNSETIFF
 from evmm.devices.virtio.net import VhostNet, VirtioNet, make_net
 from evmm.devices.virtio.net import header as h
 from evmm.devices.virtio.net.tap import (
@@ -30,8 +31,6 @@ from evmm.devices.virtio.net.tap import (
     IFF_VNET_HDR,
     TUN_F_CSUM,
     TUN_F_TSO4,
-    TUNGETIFF,
-    TUNSETIFF,
     open_tap,
     wrap_tap_fd,
 )

@@ -4,6 +4,7 @@ had not written yet is gone with it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from evmm.devices.virtio.console import VirtioConsole
@@ -11,6 +12,19 @@ from evmm.devices.virtio.device import CONFIG_CHANGE
 from evmm.snapshot.format import Fields
 
 VERSION = 1
+
+
+def freeze(console: VirtioConsole) -> Callable[[], None]:
+    """Leave the endpoint's input with the host while guest memory is saved (input placed meanwhile would change
+    RAM behind the saved ring indices); ``thaw`` watches it again if the device did."""
+    ctx, wanted = console.ctx, console.backend._want_input
+    console.backend.want_input(False)
+
+    def thaw() -> None:
+        if console.ctx is ctx:
+            console.backend.want_input(wanted)
+
+    return thaw
 
 
 def save(console: VirtioConsole) -> dict[str, Any]:

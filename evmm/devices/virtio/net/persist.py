@@ -9,6 +9,7 @@ until told (``ip link set dev eth0 address ...``), and the snapshot records whic
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from evmm.devices.virtio.net.device import RX, VirtioNet
@@ -19,6 +20,22 @@ VERSION = 1
 
 def held(net: VirtioNet) -> dict[int, list[int]]:
     return {RX: [chain.head for chain in net._held]}
+
+
+def freeze(net: VirtioNet) -> Callable[[], None]:
+    """Stop reading the tap and sending while guest memory is saved (a frame placed meanwhile would change RAM
+    behind the saved ring indices); ``thaw`` starts both again, as a backend change does."""
+    ctx = net.ctx
+    if ctx is None:
+        return lambda: None
+    net._stop_io()
+
+    def thaw() -> None:
+        if net.ctx is ctx:
+            net._rx_resume()
+            net._tx()
+
+    return thaw
 
 
 def save(net: VirtioNet) -> dict[str, Any]:

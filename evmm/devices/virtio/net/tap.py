@@ -25,17 +25,13 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
+from evmm.confine.ioctls import SIOCGIFMTU, TUNGETIFF, TUNSETIFF, TUNSETOFFLOAD, TUNSETQUEUE, TUNSETVNETHDRSZ
 from evmm.devices.virtio.net import header as h
 from evmm.errors import ConfigError
 
 TUN_PATH = "/dev/net/tun"
 
-# <linux/if_tun.h>
-TUNSETIFF = 0x400454CA
-TUNSETOFFLOAD = 0x400454D0
-TUNGETIFF = 0x800454D2
-TUNSETVNETHDRSZ = 0x400454D8
-TUNSETQUEUE = 0x400454D9
+# <linux/if_tun.h>; the ioctl numbers live with the seccomp lists that name them.
 IFF_TUN = 0x0001
 IFF_TAP = 0x0002
 IFF_MULTI_QUEUE = 0x0100
@@ -47,8 +43,6 @@ TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
 TUN_F_TSO_ECN = 0x08
-# <linux/sockios.h>
-SIOCGIFMTU = 0x8921
 
 IFNAMSIZ = 16
 _IFREQ_FLAGS = struct.Struct("16sH22x")  # struct ifreq: the name, then ifr_flags in the 24-byte union

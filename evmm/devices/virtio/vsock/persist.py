@@ -36,7 +36,14 @@ def after_restore(dev: VirtioVsock | VhostVsock) -> None:
 
 
 def freeze(dev: VirtioDevice) -> Callable[[], None]:
-    """Stop vhost's rings and move the queues' next available index to where the kernel stopped."""
+    """Stop everything that writes the RX ring while guest memory is saved; ``thaw`` starts it again.
+
+    With vhost: stop the kernel's rings and move the queues' next available index to where it stopped.
+    Without: the muxer's packets for the guest wait (it reads a host socket only into a guest buffer, so they
+    wait in the host's socket buffers), as if the device were filling the ring already.
+    """
+    if isinstance(dev, VirtioVsock):
+        return _hold_rx(dev)
     if not isinstance(dev, VhostVsock) or dev.ctx is None or not dev._running:
         return lambda: None
     ctx = dev.ctx
@@ -49,5 +56,19 @@ def freeze(dev: VirtioDevice) -> Callable[[], None]:
     def thaw() -> None:
         if dev.ctx is ctx:
             dev._start(ctx)
+
+    return thaw
+
+
+def _hold_rx(dev: VirtioVsock) -> Callable[[], None]:
+    ctx = dev.ctx
+    if ctx is None:
+        return lambda: None
+    dev._filling = True  # the device's own guard: a wake from the muxer then fills nothing
+
+    def thaw() -> None:
+        dev._filling = False
+        if dev.ctx is ctx:
+            dev._fill_rx()
 
     return thaw
