@@ -32,6 +32,7 @@ CALLS, QUICK_CALLS = 20, 5
 STDOUT, QUICK_STDOUT = 8 << 20, 2 << 20  # under qemu-ga's 16 MiB capture limit
 QGA_PORT = "org.qemu.guest_agent.0"
 READY_TIMEOUT = 300.0
+QGA_PATHS = {"true": "/bin/true", "head": "/usr/bin/head"}  # the commands _measure runs
 
 
 class ExecBenchError(Exception):
@@ -125,7 +126,8 @@ async def _qemu(vm: VmProcess, sock: Path, calls: int, size: int) -> dict[str, f
             raise ExecBenchError(f"qemu-ga: echo hi gave {code}, {out!r}")
 
         async def run(*argv: str) -> tuple[int | None, bytes]:
-            return await qga.run(f"/bin/{argv[0]}", *argv[1:])
+            # guest-exec takes a path; the tools initramfs has busybox's applets in /bin and /usr/bin.
+            return await qga.run(QGA_PATHS[argv[0]], *argv[1:])
 
         return {"first": first, **await _measure(run, calls, size)}
     finally:

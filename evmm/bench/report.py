@@ -27,6 +27,9 @@ ROW_TITLES = {
     "density": "6. density",
     "fs": "7. shared directory (virtio-fs vs virtio-9p)",
     "restore": "8. snapshot and restore",
+    "exec": "9. running programs (guest agent)",
+    "container": "10. containers (through podman)",
+    "seccomp": "11. seccomp filters (on vs off)",
 }
 
 

@@ -50,7 +50,10 @@ class RestoreError(Exception):
 def ask(vm: VmProcess) -> str:
     """Type a command on the console whose output is a fresh token; the token (``answer`` waits for it)."""
     token = uuid.uuid4().hex[:10]
-    vm.sendline(f"echo @@''{token}")  # the quotes keep the echoed line from matching
+    # The leading newline: typed while QEMU is still loading an incoming state, one byte goes into the
+    # UART's receive buffer and the loaded UART state replaces it (seen as "cho: not found"); the byte lost
+    # is then the newline, and the command arrives whole.
+    vm.sendline(f"\necho @@''{token}")  # the quotes keep the echoed line from matching
     return f"@@{token}"
 
 
@@ -169,7 +172,11 @@ async def _qmp(path: Path, command: str, **args: object) -> object:
     try:
         return await qmp.execute(command, args or None)
     finally:
-        await qmp.disconnect()
+        try:
+            await qmp.disconnect()
+        except EOFError:
+            if command != "quit":  # QEMU closing the socket is quit's answer
+                raise
 
 
 async def _qemu_save(qmp_sock: Path, image: Path) -> None:
