@@ -37,6 +37,9 @@ PR_SET_NAME, PR_GET_NAME, PR_SET_NO_NEW_PRIVS = 15, 16, 38
 SIOCGIFMTU = 0x8921
 # <asm-generic/ioctls.h>: what Python's os and asyncio ask of any fd.
 FIOCLEX, FIONCLEX, FIONBIO, FIONREAD = 0x5451, 0x5450, 0x5421, 0x541B
+# <linux/fs.h>, _IOW(0x94, 9, int): a snapshot's disk copy (evmm.snapshot.disks).  Not imported from there:
+# that would load the snapshot format's msgpack and hashlib (OpenSSL's libcrypto, 3.5 MiB) into every VMM.
+FICLONE = 0x40049409
 
 ROLES = ("main", "vcpu", "io")
 
@@ -241,8 +244,6 @@ def main_rules(pid: int, features: Features) -> list[Rule]:
     # A snapshot of the paused VM (evmm/snapshot/save.py, on the reactor): what KVM has of each vCPU and of
     # the VM, read only; restoring it happens in a new process, before its filter goes on.
     ioctls += _kvm_ioctls(*_SNAPSHOT_READS)
-    from evmm.snapshot.disks import FICLONE
-
     ioctls += (FICLONE,)  # a snapshot's disk copy shares the image's extents where the file system can
     if features.pci:
         # A guest's MSI-X table or MSI capability write (served on the reactor) reroutes a vector: the whole
