@@ -21,7 +21,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from evmm.assets import default_guest
 from evmm.bench.smaps import Mapping, guest_mappings, parse
@@ -44,7 +45,7 @@ def kind(m: Mapping, before: Mapping | None) -> str:
     if "libpython" in name:
         return "libpython (code and static data)"
     if any(k in name for k in OPENSSL):
-        return "OpenSSL (asyncio and uvloop import ssl)"
+        return "OpenSSL (absent unless something imports ssl or hashlib again: evmm/loop/nossl.py)"
     if any(k in name for k in CFFI):
         return "cffi: backend and evmm's compiled modules"
     if "uvloop" in m.path or name.startswith("loop.cpython"):
@@ -142,9 +143,21 @@ def main() -> None:
             ("python (this installation's site and .pth files)", [py]),
         ):
             print(f"| {label} | {interpreter(cmd):.2f} |")
-        code = "import uvloop; uvloop.new_event_loop(); import re; t = open('/proc/self/smaps_rollup').read(); print(re.search(r'Rss:\\s+(\\d+)', t)[1])"
-        out = subprocess.run([py, "-c", code], capture_output=True, text=True, check=True).stdout
-        print(f"| python + uvloop (asyncio, ssl) | {int(out) / 1024:.2f} |")
+        rss = (
+            "import re; t = open('/proc/self/smaps_rollup').read(); print(re.search(r'Rss:\\s+(\\d+)', t)[1])"
+        )
+        for label, setup in (
+            ("python + uvloop (asyncio, ssl)", ""),
+            (
+                "python + uvloop without OpenSSL (evmm's)",
+                "from evmm.loop.nossl import import_without_ssl; import_without_ssl(); ",
+            ),
+        ):
+            code = f"{setup}import uvloop; uvloop.new_event_loop(); {rss}"
+            out = subprocess.run(
+                [py, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+            ).stdout
+            print(f"| {label} | {int(out) / 1024:.2f} |")
     print(f"(load {os.getloadavg()[0]:.1f}; {re.sub(r'[^0-9.]', '', sys.version.split()[0])} Python)")
 
 

@@ -27,13 +27,19 @@ COMMANDS = {
     "exec": "evmm.cli.exec_cmd",
     "cp": "evmm.cli.cp_cmd",
 }
+# The commands that run a VMM on uvloop: they load it without OpenSSL, before their modules import asyncio.
+REACTOR_COMMANDS = ("run", "serve")
+
+
+def _command(argv: Sequence[str] | None) -> str | None:
+    return next((a for a in argv or () if not a.startswith("-")), None)
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser; given ``argv`` naming a sub-command, one that knows only that sub-command."""
     parser = argparse.ArgumentParser(prog="evmm", description="A virtual machine monitor for Linux KVM.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    first = next((a for a in argv or () if not a.startswith("-")), None)
+    first = _command(argv)
     names = [first] if first in COMMANDS else list(COMMANDS)
     for name in names:
         importlib.import_module(COMMANDS[name]).register(sub)
@@ -43,6 +49,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
+    if _command(argv) in REACTOR_COMMANDS:
+        from evmm.loop.nossl import import_without_ssl
+
+        import_without_ssl()
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:

@@ -11,7 +11,6 @@ overlap.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import enum
 import signal
 import threading
@@ -35,14 +34,12 @@ if TYPE_CHECKING:
 KICK_SIGNAL = signal.SIGUSR1
 
 
-_PR_SET_NAME = 15  # prctl(2)
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
 def name_os_thread(name: str) -> None:
     """Name the calling thread for the kernel (``top -H``, ``/proc/PID/task/TID/comm``; at most 15 bytes):
-    Python 3.11 names its threads only for itself, so every thread would otherwise show as the interpreter."""
-    _libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    Python 3.11 names its threads only for itself, so every thread would otherwise show as the interpreter.
+    Written to ``/proc/thread-self/comm`` (proc(5); what prctl(PR_SET_NAME) sets), which needs no ctypes."""
+    with open("/proc/thread-self/comm", "wb", buffering=0) as comm:
+        comm.write(name.encode()[:15])
 
 
 class VcpuState(enum.Enum):

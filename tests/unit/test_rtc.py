@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import calendar
+import datetime
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from evmm.devices.legacy import rtc
 from evmm.devices.legacy.rtc import (
     A_UIP,
     B_24H,
@@ -401,3 +403,23 @@ def test_no_access_sequence_raises(ops: list[tuple[str, int, int, int, float]], 
         else:
             rtc.poll()
         assert all(d is None or d >= 0 for d in timer.requests)
+
+
+def test_the_date_arithmetic_agrees_with_the_datetime_module() -> None:
+    """The RTC converts dates itself (datetime costs a VMM 0.2 MiB): every day of three spans of 300 years
+    (the clock's first and last, and one over 1900 and 2000, a century and a 400-year leap rule), every
+    month's length, and the ends of the clock's range, against datetime and calendar."""
+    epoch = datetime.datetime(1970, 1, 1)
+    for first, last in ((1, 300), (1800, 2100), (9700, 9999)):
+        day, end = datetime.date(first, 1, 1), datetime.date(last, 12, 31)
+        while True:
+            want = (datetime.datetime(day.year, day.month, day.day) - epoch).days
+            assert rtc._days_from_civil(day.year, day.month, day.day) == want, day
+            if day == end:
+                break
+            day += datetime.timedelta(days=1)
+    for year in range(1, 10000):
+        for month in range(1, 13):
+            assert rtc._days_in_month(year, month) == calendar.monthrange(year, month)[1], (year, month)
+    assert (datetime.datetime(1, 1, 1) - epoch).total_seconds() == rtc._MIN_TIME
+    assert (datetime.datetime(9999, 12, 31, 23, 59, 59) - epoch).total_seconds() == rtc._MAX_TIME

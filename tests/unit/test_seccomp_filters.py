@@ -249,6 +249,19 @@ def test_a_snapshot_reads_kvm_state_on_the_main_thread_only() -> None:
     assert run(_prog("io"), number("rename")) == SECCOMP_RET_TRAP
 
 
+def test_the_disk_copys_ficlone_is_allowed_without_loading_the_snapshot_format() -> None:
+    """Compiling the filters imports no snapshot module: its format's hashlib maps OpenSSL (3.5 MiB)."""
+    code = (
+        "import sys; from evmm.confine.policy import Features, rules; rules('main', 1, Features()); "
+        "print(sorted(m for m in sys.modules if m.startswith('evmm.snapshot') or m == 'hashlib'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout == "[]\n"
+    from evmm.snapshot.disks import FICLONE
+
+    assert run(_prog("main"), number("ioctl"), [0, FICLONE]) == SECCOMP_RET_ALLOW
+
+
 def test_the_kernels_workers_in_our_thread_list_are_not_ours_to_filter() -> None:
     from evmm.confine.seccomp import kernel_worker
 

@@ -34,7 +34,6 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
 
 from evmm.devices.bus import read_bytewise, write_bytewise
 from evmm.devices.irq import IrqLine
@@ -84,9 +83,27 @@ _RESET_B = B_24H
 _UIP_WINDOW = 244e-6  # t_BUC: UIP rises this long before an update
 _ALARM_DONT_CARE = 0xC0  # an alarm byte with both top bits set matches any value
 _FIRST_UPDATE_AFTER_RESET = 0.5  # datasheet: leaving divider reset, the first update is 500 ms later
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MIN_TIME = (datetime(1, 1, 1, tzinfo=UTC) - _EPOCH).total_seconds()
-_MAX_TIME = (datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC) - _EPOCH).total_seconds()
+_DAY = 86400
+
+
+def _days_from_civil(year: int, month: int, day: int) -> int:
+    """Days from 1970-01-01 to a proleptic Gregorian date (H. Hinnant's ``days_from_civil``), in plain
+    arithmetic: the datetime module would cost every VMM 0.2 MiB for these two conversions."""
+    year -= month <= 2
+    era = year // 400
+    yoe = year - era * 400
+    doy = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    return era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
+
+
+def _days_in_month(year: int, month: int) -> int:
+    if month == 2:
+        return 29 if year % 4 == 0 and (year % 100 != 0 or year % 400 == 0) else 28
+    return 30 if month in (4, 6, 9, 11) else 31
+
+
+_MIN_TIME = float(_days_from_civil(1, 1, 1) * _DAY)  # 0001-01-01 00:00:00 UTC
+_MAX_TIME = float(_days_from_civil(9999, 12, 31) * _DAY + _DAY - 1)  # 9999-12-31 23:59:59 UTC
 _DAY = 86400
 
 
@@ -249,16 +266,18 @@ class Rtc:
         return h12 % 12 + (12 if v & 0x80 else 0)
 
     def _encode_time(self, t: float) -> dict[int, int]:
-        d = _EPOCH + timedelta(seconds=math.floor(t))
+        d = time.gmtime(math.floor(t))  # years 1 to 9999 (t is clamped to them) with a 64-bit time_t
         return {
-            REG_SECONDS: self._to_reg(d.second),
-            REG_MINUTES: self._to_reg(d.minute),
-            REG_HOURS: self._hour_to_reg(d.hour),
-            REG_DAY_OF_WEEK: self._to_reg(d.isoweekday() % 7 + 1),  # 1 = Sunday
-            REG_DAY_OF_MONTH: self._to_reg(d.day),
-            REG_MONTH: self._to_reg(d.month),
-            REG_YEAR: self._to_reg(d.year % 100),
-            REG_CENTURY: self._to_reg(d.year // 100),
+            REG_SECONDS: self._to_reg(d.tm_sec),
+            REG_MINUTES: self._to_reg(d.tm_min),
+            REG_HOURS: self._hour_to_reg(d.tm_hour),
+            REG_DAY_OF_WEEK: self._to_reg(
+                (d.tm_wday + 1) % 7 + 1
+            ),  # tm_wday 0 = Monday; the RTC's 1 = Sunday
+            REG_DAY_OF_MONTH: self._to_reg(d.tm_mday),
+            REG_MONTH: self._to_reg(d.tm_mon),
+            REG_YEAR: self._to_reg(d.tm_year % 100),
+            REG_CENTURY: self._to_reg(d.tm_year // 100),
         }
 
     def _decode_time(self) -> float | None:
@@ -277,11 +296,12 @@ class Rtc:
             return None
         if hour is None or minute is None or second is None:
             return None
-        try:
-            d = datetime(century * 100 + year, month, day, hour, minute, second, tzinfo=UTC)
-        except ValueError:
+        year += century * 100
+        if not (1 <= year <= 9999 and 1 <= month <= 12 and 1 <= day <= _days_in_month(year, month)):
             return None
-        return (d - _EPOCH).total_seconds()
+        if not (hour < 24 and minute < 60 and second < 60):
+            return None
+        return float(_days_from_civil(year, month, day) * _DAY + hour * 3600 + minute * 60 + second)
 
     def _hold_time(self) -> None:
         """Copy the running time into the time registers, which then hold it while the clock is stopped."""
