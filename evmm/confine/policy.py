@@ -45,9 +45,6 @@ PR_SET_NAME, PR_GET_NAME, PR_SET_NO_NEW_PRIVS = 15, 16, 38
 
 # <asm-generic/ioctls.h>: what Python's os and asyncio ask of any fd.
 FIOCLEX, FIONCLEX, FIONBIO, FIONREAD = 0x5451, 0x5450, 0x5421, 0x541B
-# <linux/fs.h>, _IOW(0x94, 9, int): a snapshot's disk copy (evmm.snapshot.disks).  Not imported from there:
-# that would load the snapshot format's msgpack and hashlib (OpenSSL's libcrypto, 3.5 MiB) into every VMM.
-FICLONE = 0x40049409
 
 ROLES = ("main", "vcpu", "io")
 
