@@ -22,12 +22,15 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import pytest
+from _pytest.mark.structures import Mark
+from _pytest.nodes import Node
 
 from evmm.hostkvm import HostKvm, probe
 from evmm.testhost.runner import EXIT_NO_STATUS, EXIT_TIMEOUT
@@ -285,6 +288,14 @@ class RemoteItem(pytest.Item):
             pytest.skip(f"(in the KVM test host) {result['text']}")
         if result["outcome"] == "failed":
             raise InnerFailure(result["text"])
+
+    def iter_markers_with_node(self, name: str | None = None) -> Iterator[tuple[Node, Mark]]:
+        # A skipif's condition was evaluated here, on the host, where the test does not run (e.g. the engines'
+        # "no cgroup v2" on a cgroup v1 host): it would report the test skipped whatever happened inside.
+        # The inner run evaluates it where the test runs and reports a skip, with its reason, if it holds.
+        for node, mark in super().iter_markers_with_node(name):
+            if mark.name != "skipif":
+                yield node, mark
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
         if isinstance(excinfo.value, InnerFailure):
