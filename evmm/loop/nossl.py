@@ -47,7 +47,8 @@ def _standin() -> types.ModuleType:
 
 
 def import_without_ssl() -> bool:
-    """Import asyncio and uvloop without OpenSSL; False (and nothing done) where any of them is loaded already."""
+    """Import asyncio and uvloop without OpenSSL; False where any of them is loaded already (nothing done), or
+    where this uvloop needs more of ssl than the stand-in offers (then loaded with the real one)."""
     if any(name in sys.modules for name in ("ssl", "asyncio", "uvloop")):
         return False
     sys.modules["ssl"] = None  # type: ignore[assignment]  # import ssl raises ImportError (the import system's rule)
@@ -57,9 +58,17 @@ def import_without_ssl() -> bool:
         del sys.modules["ssl"]
     sys.modules["ssl"] = _standin()
     try:
-        import uvloop  # noqa: F401
-    finally:
+        import uvloop
+    except (AttributeError, ImportError):
+        # A uvloop that reads more of ssl at import than the stand-in holds (pyproject allows >= 0.19): load
+        # it with the real ssl, costing the 4 MiB, rather than not at all.
+        for name in [m for m in sys.modules if m == "uvloop" or m.startswith("uvloop.")]:
+            del sys.modules[name]
         del sys.modules["ssl"]
+        import uvloop  # noqa: F401
+
+        return False
+    del sys.modules["ssl"]
     return True
 
 

@@ -72,6 +72,42 @@ def test_nothing_is_done_where_asyncio_is_loaded_already() -> None:
     assert "imported False True" in out
 
 
+def test_a_uvloop_needing_more_of_ssl_is_loaded_with_the_real_one() -> None:
+    """A later uvloop that reads a name the stand-in lacks still loads (with OpenSSL), never breaks evmm run."""
+    out = _python(
+        """
+        import evmm.loop.nossl as nossl
+        real = nossl._standin
+        def lacking():
+            ssl = real()
+            del ssl.SSL_ERROR_SYSCALL  # as a uvloop reading it at import would find
+            return ssl
+        nossl._standin = lacking
+        import sys
+        # uvloop's import reads the name: a stand-in uvloop module doing just that, found first.
+        import importlib.abc, importlib.machinery
+        class Finder(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name != "uvloop":
+                    return None
+                return importlib.machinery.ModuleSpec(name, Loader())
+        class Loader(importlib.abc.Loader):
+            def create_module(self, spec):
+                return None
+            def exec_module(self, module):
+                import ssl
+                module.code = ssl.SSL_ERROR_SYSCALL
+        sys.meta_path.insert(0, Finder())
+        print("imported", nossl.import_without_ssl())
+        import uvloop
+        print("code", uvloop.code, "ssl left", "ssl" in sys.modules and sys.modules["ssl"].__name__)
+        """
+    )
+    assert "imported False" in out
+    assert "code 5" in out  # read from the real ssl module
+    assert "ssl left ssl" in out
+
+
 def test_evmm_runs_path_loads_no_openssl() -> None:
     """Every module ``evmm run`` imports on its way to the first KVM_RUN, and the seccomp filters compiled."""
     out = _python(
