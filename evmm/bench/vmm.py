@@ -121,12 +121,12 @@ def qemu_argv(spec: VmSpec, *, vhost: bool = False) -> list[str]:
             f"virtio-net-{transport},netdev=net0,mac={spec.mac}",
         ]
     if spec.share is not None:
-        # -virtfs would add a PCI device; microvm's virtio transport is MMIO, hence -fsdev and -device.
+        # -fsdev and -device rather than -virtfs, which always adds a PCI device: on either board's transport.
         argv += [
             "-fsdev",
             f"local,id=share,path={spec.share},security_model=passthrough",
             "-device",
-            f"virtio-9p-device,fsdev=share,mount_tag={SHARE_TAG}",
+            f"virtio-9p-{transport},fsdev=share,mount_tag={SHARE_TAG}",
         ]
     if spec.qmp_sock is not None:
         argv += ["-qmp", f"unix:{spec.qmp_sock},server=on,wait=off"]
