@@ -79,18 +79,28 @@ GuestFactory = Callable[[Sequence[str], str], Guest]
 
 @pytest.fixture
 def launch(request: pytest.FixtureRequest) -> Iterator[GuestFactory]:
-    """``launch(argv, name)`` starts a VMM with its console on pipes; all are killed when the test ends."""
+    """``launch(argv, name)`` starts a VMM with its console on pipes; all are killed when the test ends.
+    With EVMM_JAIL=1 each ``evmm run`` runs under ``evmm jail`` (tests/linux/jail_mode.py)."""
+    from tests.linux import jail_mode
+
     guests: list[Guest] = []
+    jails = jail_mode.Jails() if jail_mode.enabled() else None
 
     def start(argv: Sequence[str], name: str = "guest") -> Guest:
+        if jails is not None:
+            argv = jails.wrap(argv, name)
         guest = Guest(argv, name)
         guests.append(guest)
         return guest
 
     request.node.evmm_guests = guests
     yield start
-    for guest in guests:
-        guest.close()
+    try:
+        for guest in guests:
+            guest.close()
+    finally:
+        if jails is not None:
+            jails.close()
 
 
 @pytest.hookimpl(wrapper=True)

@@ -8,14 +8,15 @@ uses, each at the path the VMM is given, so no argument needs rewriting:
   packages come from (uvloop, msgpack, cffi) and evmm's own package, and the host libraries the interpreter
   has mapped (read from ``/proc/self/maps`` after importing what ``evmm run`` imports): evmm is Python, so
   the interpreter has to be reachable inside, and this is the least of the host that runs it;
-- read-write: writable drives; an empty directory, owned by the jail's user, for each socket the VMM listens
+- read-write: writable drives and shared directories (``--fs``; read-only with ``readonly=on``); an empty directory, owned by the jail's user, for each socket the VMM listens
   on (``--api-sock``, ``--qmp``, ``--vsock path=``, ``--virtio-console PATH``), reached from the host at
   ``outside(spec, path)``;
-- ``/dev``: a fresh tmpfs with only the nodes the VM needs (``kvm``; ``net/tun`` with a tap; ``vhost-vsock``
-  with vhost; ``null``, ``zero``, ``urandom``), owned by the jail's user; ``/proc`` of the jail's own PID
+- ``/dev``: a fresh tmpfs with only the nodes the VM needs (``kvm``; ``net/tun`` with a tap, and ``vhost-net``
+  where its NICs use it; ``vhost-vsock`` with vhost; ``null``, ``zero``, ``urandom``), owned by the jail's user; ``/proc`` of the jail's own PID
   namespace (it shows only the jail's processes).
 
-Nothing else of the host is there: no /etc, /home, /root, /tmp, /var, no other checkout.
+Nothing else of the host is there: no /etc, /home, /root, /tmp, /var, no other checkout.  So no ``/dev/pts``
+either: ``--virtio-console pty`` is refused (a pty made in there would be out of the host's reach).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class Plan:
     """What the jail's root holds (all paths absolute, as the VMM sees them, and as they are on the host)."""
 
     readonly: tuple[Path, ...]  # files and directories bound read-only
-    writable: tuple[Path, ...]  # files bound read-write (writable drives)
+    writable: tuple[Path, ...]  # files and directories bound read-write (writable drives, shared directories)
     socket_dirs: tuple[Path, ...]  # empty directories, owned by the jail's user
     devices: tuple[str, ...]  # nodes under /dev
     argv: tuple[str, ...]  # the command executed inside
@@ -121,6 +122,11 @@ def _run_config(run_args: Sequence[str]) -> tuple[MachineConfig, argparse.Namesp
     except SystemExit:
         raise ConfigError(f"jail: bad evmm run arguments: {' '.join(run_args)}") from None
     config = run_cmd.config_from_args(args)
+    if config.console is not None and config.console.kind == "pty":
+        raise ConfigError(
+            "jail: --virtio-console pty: the jail has no /dev/pts, and a pty made in there would be out of the "
+            "host's reach; give it a socket PATH (reached at BASE/ID/root/PATH) or stdio"
+        )
     out = list(run_args)
     if args.kernel is None:
         out += ["--kernel", str(config.kernel)]
@@ -204,19 +210,19 @@ def plan(spec: JailSpec, cwd: Path | None = None) -> Plan:
     writable: list[Path] = []
     for d in config.drives:
         (readonly if d.readonly else writable).append(absolute(d.path))
-    sockets = [
-        p
-        for p in (
-            getattr(args, "api_sock", None),
-            _qmp_path(getattr(args, "qmp", None)),
-            config.vsock.path if config.vsock is not None else None,
-            config.console.path if config.console is not None else None,
-        )
-        if p is not None
-    ]
+    for fs in config.fss:
+        (readonly if fs.readonly else writable).append(absolute(fs.path))
+    sockets = _sockets(config, args)
     devices = ["kvm", "null", "zero", "urandom"]
     if config.nets or config.hotplug_net:
         devices.append("net/tun")
+    wants_vhost_net = [n.vhost for n in config.nets if n.tap is not None]
+    if config.hotplug_net:
+        wants_vhost_net.append(config.hotplug_vhost)
+    # vhost unset means "where /dev/vhost-net opens" (evmm.devices.virtio.net): the jail offers it where the
+    # host has it, so a jailed VMM picks the same data path as an unjailed one.
+    if True in wants_vhost_net or (None in wants_vhost_net and host_has_device("vhost-net")):
+        devices.append("vhost-net")
     if config.vsock is not None and config.vsock.vhost:
         devices.append("vhost-vsock")
     import evmm
@@ -241,6 +247,35 @@ def plan(spec: JailSpec, cwd: Path | None = None) -> Plan:
         env=tuple(sorted(env.items())),
         cwd=cwd,
     )
+
+
+def host_has_device(name: str) -> bool:
+    return (Path("/dev") / name).exists()
+
+
+def run_config(run_args: Sequence[str]) -> MachineConfig:
+    """The machine ``run_args`` describe (``evmm run``'s parse): for a caller preparing what the jail's user
+    must be able to open (drives, shared directories, taps)."""
+    return _run_config(run_args)[0]
+
+
+def sockets(run_args: Sequence[str]) -> list[Path]:
+    """The Unix sockets the VMM will listen on, as given (each is at ``outside(spec, path)`` on the host)."""
+    config, args, _ = _run_config(run_args)
+    return _sockets(config, args)
+
+
+def _sockets(config: MachineConfig, args: argparse.Namespace) -> list[Path]:
+    return [
+        p
+        for p in (
+            getattr(args, "api_sock", None),
+            _qmp_path(getattr(args, "qmp", None)),
+            config.vsock.path if config.vsock is not None else None,
+            config.console.path if config.console is not None else None,
+        )
+        if p is not None
+    ]
 
 
 def _qmp_path(spec: str | None) -> Path | None:

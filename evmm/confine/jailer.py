@@ -4,7 +4,7 @@
         unshare(CLONE_NEWPID); fork; forward SIGTERM/SIGINT/SIGHUP/SIGUSR2; wait; remove cgroup and directory;
         exit with the VMM's status (128+N for a signal, as a shell shows it)
     child (PID 1 of the new PID namespace):  join the cgroup; join or make the network namespace; new mount,
-        IPC and UTS namespaces; every mount private; bind what the plan lists; a tmpfs /dev with its nodes;
+        IPC and UTS namespaces; every mount private; bind what the plan lists (drives, shared directories); a tmpfs /dev with its nodes;
         /proc; pivot_root into the root, the old root detached; hostname = ID; close inherited fds but the
         kept ones; rlimits; drop to UID:GID with no supplementary groups; no_new_privs; die with the
         supervisor (PR_SET_PDEATHSIG); exec ``python -m evmm run ...``
@@ -32,6 +32,7 @@ from evmm.exitcodes import EXIT_ERROR
 DEVICE_MODES = {
     "kvm": 0o600,
     "net/tun": 0o600,
+    "vhost-net": 0o600,
     "vhost-vsock": 0o600,
     "null": 0o666,
     "zero": 0o666,

@@ -68,6 +68,7 @@ def test_shell_on_hvc0_over_a_socket(launch: GuestFactory, guest_assets: GuestAs
     assert guest.wait_exit(60) == EXIT_GUEST_POWEROFF
 
 
+@pytest.mark.no_jail("a pty endpoint: evmm jail refuses it (the jail has no /dev/pts the host could reach)")
 def test_hvc0_on_a_pty(launch: GuestFactory, guest_assets: GuestAssets, board: str) -> None:
     argv = [
         *evmm_run_argv(guest_assets.vmlinux, guest_assets.initramfs, board=board),

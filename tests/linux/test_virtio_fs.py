@@ -107,6 +107,7 @@ def host_ls(path: Path) -> dict[str, tuple[str, int, int, int, int]]:
 
 
 @pytest.mark.cost(240)
+@pytest.mark.no_jail("the guest chowns files to other users: CAP_CHOWN, which the jail's user has not")
 def test_files_links_attributes_and_trees(
     launch: GuestFactory, guest_assets: GuestAssets, workdir: Path, board: str
 ) -> None:

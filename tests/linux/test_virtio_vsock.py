@@ -26,6 +26,7 @@ from evmm.assets import GuestAssets
 from evmm.exitcodes import EXIT_GUEST_POWEROFF
 from tests.conftest import GuestFactory
 from tests.linux.harness import READY, Guest, evmm_run_argv
+from tests.linux.jail_mode import unix_listener
 
 BOOT_TIMEOUT = 120.0
 CID = 42
@@ -144,9 +145,7 @@ def test_16mib_each_way(
     assert sha_in(guest.check("sha256sum /tmp/blob", timeout=120)) == want
 
     # guest -> host: the guest connects to CID 2 port 5001, which is the Unix socket <path>_5001.
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(f"{path}_5001")
-    listener.listen(1)
+    listener = unix_listener(f"{path}_5001", 1)
     got = bytearray()
 
     def serve() -> None:
@@ -192,9 +191,7 @@ def test_eight_concurrent_streams_and_rst(
         echoes[i] = send_all_then_drain(hybrid_connect(path, 6000), payloads[i])
 
     # ... and four guest -> host streams, all at once.
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(f"{path}_6001")
-    listener.listen(8)
+    listener = unix_listener(f"{path}_6001", 8)
     uploads: list[bytearray] = [bytearray() for _ in range(4)]
 
     def accept(i: int) -> None:

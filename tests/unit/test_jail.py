@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from evmm.cli import jail_cmd
+from evmm.config.devspec import VsockSpec
+from evmm.confine import jail
 from evmm.confine.cgroup import Limits, cgroup2_mount, check_limits
-from evmm.confine.jail import JailSpec, check_id, jail_argv, outside, plan
+from evmm.confine.jail import JailSpec, check_id, jail_argv, outside, plan, run_config, sockets
 from evmm.confine.jailer import _mirror, _remove_tree
 from evmm.errors import ConfigError, EvmmError
 
@@ -115,8 +117,53 @@ def test_the_plan_holds_the_vms_files_the_interpreter_and_nothing_else(tmp_path:
 
 
 def test_a_tap_and_vhost_bring_their_device_nodes(kernel: Path) -> None:
-    spec = JailSpec("p", 1, 1, ("--kernel", str(kernel), "--hotplug", "net=1", "--vsock", "cid=3,vhost=on"))
+    spec = JailSpec(
+        "p", 1, 1, ("--kernel", str(kernel), "--hotplug", "net=1,vhost=off", "--vsock", "cid=3,vhost=on")
+    )
     assert plan(spec).devices[-2:] == ("net/tun", "vhost-vsock")
+
+
+@pytest.mark.parametrize(
+    ("net", "host_has_it", "wanted"),
+    [
+        ("tap=t0,vhost=on", False, True),  # asked for: the jail fails to make it, with a line naming it
+        ("tap=t0,vhost=off", True, False),
+        ("tap=t0", True, True),  # unset: where the host has it, as evmm run outside a jail
+        ("tap=t0", False, False),
+    ],
+)
+def test_a_vhost_net_nic_brings_dev_vhost_net(
+    kernel: Path, monkeypatch: pytest.MonkeyPatch, net: str, host_has_it: bool, wanted: bool
+) -> None:
+    monkeypatch.setattr(jail, "host_has_device", lambda name: host_has_it and name == "vhost-net")
+    devices = plan(JailSpec("p", 1, 1, ("--kernel", str(kernel), "--net", net))).devices
+    assert devices[:5] == ("kvm", "null", "zero", "urandom", "net/tun")
+    assert ("vhost-net" in devices) == wanted
+
+
+def test_shared_directories_are_bound_writable_or_read_only(tmp_path: Path, kernel: Path) -> None:
+    rw, ro = tmp_path / "rw", tmp_path / "ro"
+    rw.mkdir()
+    ro.mkdir()
+    args = ("--kernel", str(kernel), "--fs", f"path={rw},tag=a", "--fs", f"path={ro},tag=b,readonly=on")
+    p = plan(JailSpec("p", 1, 1, args), cwd=tmp_path)
+    assert p.writable == (rw,)
+    assert ro in p.readonly and rw not in p.readonly
+
+
+def test_a_pty_console_is_refused_in_one_line(kernel: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^jail: --virtio-console pty: the jail has no /dev/pts"):
+        plan(JailSpec("p", 1, 1, ("--kernel", str(kernel), "--virtio-console", "pty")))
+
+
+def test_the_sockets_the_vmm_listens_on_are_named(tmp_path: Path, kernel: Path) -> None:
+    args = ("--kernel", str(kernel), "--api-sock", "/r/api.sock", "--vsock", "cid=3,path=/v/v.sock")
+    assert sockets([*args, "--virtio-console", "/c/hvc.sock"]) == [
+        Path("/r/api.sock"),
+        Path("/v/v.sock"),
+        Path("/c/hvc.sock"),
+    ]
+    assert run_config(args).vsock == VsockSpec(cid=3, path=Path("/v/v.sock"))
 
 
 def test_bad_run_arguments_are_refused_before_anything_is_made(tmp_path: Path) -> None:
