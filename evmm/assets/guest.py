@@ -51,7 +51,9 @@ TOOL_PROGRAMS = (
 )
 MANIFEST = "guest.json"
 TOOLS_INITRAMFS = "initramfs-tools.cpio.gz"
-HOSTILE_SOURCE = "hostile.c"  # built into the tools initramfs as /usr/bin/evmm-hostile
+# Static programs of evmm's own in the tools initramfs, each from one C source in evmm/assets: the linux
+# tier's hostile virtio driver (tests/linux/test_confine.py) and the bench's MMIO exit timer (seccomp row).
+STATIC_PROGRAMS = {"evmm-hostile": "hostile.c", "evmm-mmio-reads": "mmio_reads.c"}
 READY_LINE = "evmm-guest: ready"
 BOOT_MARKER_ADDRESS = 0xFEB01000
 BOOT_MARKER_VALUE = 123
@@ -110,16 +112,17 @@ def recipe_id() -> str:
     ):
         h.update(part)
     h.update(repr((MODULES, TOOL_PACKAGES, TOOL_PROGRAMS)).encode())
-    h.update(files.joinpath(HOSTILE_SOURCE).read_bytes())
+    for source in STATIC_PROGRAMS.values():
+        h.update(files.joinpath(source).read_bytes())
     h.update(agent.digest("guest").encode())
     return h.hexdigest()[:16]
 
 
-def build_hostile() -> bytes:
-    """evmm-hostile (hostile.c), a static program for the tools initramfs: a guest-side hostile
-    virtio-mmio driver for the linux tier (tests/linux/test_confine.py)."""
-    source = resources.files("evmm.assets").joinpath(HOSTILE_SOURCE).read_bytes()
-    return compile_c("evmm-hostile", {HOSTILE_SOURCE: source}, [HOSTILE_SOURCE], ["-static", "-O2"])
+def build_static(name: str) -> bytes:
+    """One of STATIC_PROGRAMS, built with the host's gcc for the tools initramfs."""
+    source_name = STATIC_PROGRAMS[name]
+    source = resources.files("evmm.assets").joinpath(source_name).read_bytes()
+    return compile_c(name, {source_name: source}, [source_name], ["-static", "-O2"])
 
 
 def _init_files(archive: Archive, agent_binary: Path) -> None:
@@ -180,8 +183,9 @@ def build_default_guest(
             step("writing initramfs-tools.cpio.gz")
             for program in TOOL_PROGRAMS:
                 bundle.add_program(archive, tools_root, program)
-            step("building evmm-hostile (gcc -static)")
-            archive.file("usr/bin/evmm-hostile", build_hostile(), 0o755)
+            for name in STATIC_PROGRAMS:
+                step(f"building {name} (gcc -static)")
+                archive.file(f"usr/bin/{name}", build_static(name), 0o755)
             write_atomic(out / TOOLS_INITRAMFS, archive.to_gzip())
         write_manifest(root / MANIFEST, manifest)
     return default_guest(root)
