@@ -21,6 +21,8 @@ CONTROL_MODULES = (
     "msgpack",  # the control channel's codec: evmm.rpc.protocol imports it on the first message
     "evmm.snapshot.save",  # snapshot (evmm/snapshot/commands.py): the snapshot code, the legacy devices' state
 )
+# With a control socket on a board with PCI (--machine standard): what device-add imports to build the device.
+HOTPLUG_MODULES = ("evmm.devices.virtio.blk", "evmm.devices.virtio.net")
 # With a person at the terminal: the escape menu's status line (evmm.control.prompt.render imports rich; the
 # menu's methods, query-vm, pause, resume and quit, import nothing).
 INTERACTIVE_MODULES = ("rich.console", "rich.text")
@@ -28,7 +30,12 @@ INTERACTIVE_MODULES = ("rich.console", "rich.text")
 
 def preload(machine: Machine, *, control: bool, interactive: bool) -> None:
     """Import what a control socket's methods (``control``) and the escape menu (``interactive``) need."""
-    for name in (*(CONTROL_MODULES if control else ()), *(INTERACTIVE_MODULES if interactive else ())):
+    hotplug = control and machine.devices.pci is not None
+    for name in (
+        *(CONTROL_MODULES if control else ()),
+        *(HOTPLUG_MODULES if hotplug else ()),
+        *(INTERACTIVE_MODULES if interactive else ()),
+    ):
         importlib.import_module(name)
     if control:
         from evmm.snapshot import devices
@@ -46,4 +53,4 @@ def preload(machine: Machine, *, control: bool, interactive: bool) -> None:
         render(Status("running", 1, 0.0), "", detach=False)  # rich loads more on its first render
 
 
-__all__ = ["CONTROL_MODULES", "INTERACTIVE_MODULES", "preload"]
+__all__ = ["CONTROL_MODULES", "HOTPLUG_MODULES", "INTERACTIVE_MODULES", "preload"]
