@@ -3,23 +3,11 @@ nothing on ``evmm run``'s path loads libssl or libcrypto (4 MiB of a VMM's 20)."
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.unit.test_seccomp_runtime import _python as run_python
 
 
 def _python(code: str) -> str:
-    r = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    r = run_python(code)
     assert r.returncode == 0, r.stderr
     return r.stdout
 
